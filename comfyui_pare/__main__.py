@@ -1,0 +1,63 @@
+"""Command line: ``python -m comfyui_pare {prune,inspect} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import PareError
+from .pruned import describe, load_checkpoint, read_meta, save_checkpoint
+from .surgery import PrunePlan, prune_state_dict
+
+logger = logging.getLogger("comfyui_pare")
+
+
+def _prune(args: argparse.Namespace) -> int:
+    plan = PrunePlan.load(args.plan)
+    sd, meta = load_checkpoint(args.teacher)
+    student, student_meta = prune_state_dict(sd, meta, plan)
+    save_checkpoint(args.out, student, student_meta)
+    summary = describe(student_meta)
+    logger.info(
+        "wrote %s: %.1f%% of heads, %.1f%% of FFN neurons kept",
+        args.out, 100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    meta, _ = read_meta(args.file)
+    json.dump(describe(meta), sys.stdout, indent=2 if args.pretty else None)
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m comfyui_pare", description="PARE tools for Wan2.1 checkpoints")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prune", help="narrow a Wan checkpoint to the heads / FFN neurons a plan keeps")
+    p.add_argument("--teacher", required=True, help="input Wan2.1 safetensors (plain or already pruned)")
+    p.add_argument("--plan", required=True, help='plan.json: {"blocks": [{"heads": [...], "ffn": [...]}, ...]}')
+    p.add_argument("--out", required=True, help="output safetensors (written atomically)")
+    p.set_defaults(func=_prune)
+    p = sub.add_parser("inspect", help="print a checkpoint's per-block widths and metadata as JSON")
+    p.add_argument("file")
+    p.add_argument("--pretty", action="store_true", help="indent the JSON")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # CLI entry point only, never on import
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

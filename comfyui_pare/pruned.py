@@ -1,0 +1,226 @@
+"""The pruned-Wan checkpoint format.
+
+A pruned checkpoint is a safetensors file in the original Wan2.1 key layout whose per-block self-attention
+and FFN tensors are narrowed to the kept heads / neurons. Its header metadata (key ``pare``, a JSON object)
+makes it self-describing:
+
+    {"format_version": 1, "variant": "t2v",
+     "teacher": {"dim", "num_heads", "head_dim", "ffn_dim", "num_layers", "text_dim", "in_dim", "out_dim"},
+     "blocks": [{"heads": [kept head indices], "ffn": [kept neuron indices]}, ...]}
+
+Indices are in the teacher's numbering, sorted. A plain Wan2.1 file (no ``pare`` key) is read as a 0%-pruned
+teacher with head dim 128, ComfyUI's own assumption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .errors import PareFormatError, shape_error
+from .safetensors_io import load_tensors, read_header, save_atomic
+from .wan import DEFAULT_HEAD_DIM, BlockWidth, WanDims, model_shapes, strip_prefix
+
+FORMAT_VERSION = 1
+METADATA_KEY = "pare"
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class PrunedWanMeta:
+    """Teacher dims plus the kept heads / FFN neurons of every block."""
+
+    dims: WanDims
+    blocks: tuple[BlockWidth, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.blocks) != self.dims.num_layers:
+            raise PareFormatError(f"metadata lists {len(self.blocks)} blocks but the teacher has {self.dims.num_layers}")
+        for i, b in enumerate(self.blocks):
+            _check_indices(b.heads, self.dims.num_heads, f"block {i} heads")
+            _check_indices(b.ffn, self.dims.ffn_dim, f"block {i} ffn")
+
+    @classmethod
+    def teacher(cls, dims: WanDims) -> "PrunedWanMeta":
+        return cls(dims, tuple(BlockWidth.full(dims) for _ in range(dims.num_layers)))
+
+    @property
+    def is_pruned(self) -> bool:
+        return any(b != BlockWidth.full(self.dims) for b in self.blocks)
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "variant": self.dims.variant,
+            "teacher": {k: v for k, v in self.dims.to_dict().items() if k != "variant"},
+            "blocks": [{"heads": list(b.heads), "ffn": list(b.ffn)} for b in self.blocks],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping, source: str = "metadata") -> "PrunedWanMeta":
+        try:
+            version = int(obj["format_version"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise PareFormatError(f"{source}: PARE metadata has no valid 'format_version'") from e
+        if version > FORMAT_VERSION:
+            raise PareFormatError(
+                f"{source}: PARE format version {version} is newer than this pack supports ({FORMAT_VERSION}); "
+                "update comfyui-pare"
+            )
+        try:
+            dims = WanDims.from_dict({**obj["teacher"], "variant": obj["variant"]})
+            blocks = tuple(BlockWidth(tuple(int(h) for h in b["heads"]), tuple(int(f) for f in b["ffn"]))
+                           for b in obj["blocks"])
+        except PareFormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise PareFormatError(f"{source}: PARE metadata is malformed ({type(e).__name__}: {e})") from e
+        try:
+            return cls(dims, blocks)
+        except PareFormatError as e:
+            raise PareFormatError(f"{source}: {e}") from None
+
+    def to_header(self) -> dict[str, str]:
+        return {METADATA_KEY: json.dumps(self.to_json(), separators=(",", ":")), "format": "pt"}
+
+    def fingerprint(self) -> str:
+        """A short hash of the architecture (teacher dims and kept indices): routers name the model they fit."""
+        blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return model_shapes(self.dims, list(self.blocks))
+
+
+def _check_indices(idx: tuple[int, ...], total: int, what: str) -> None:
+    if not idx:
+        raise PareFormatError(f"{what}: keeps nothing; at least one must be kept (skip whole blocks with a router)")
+    for j in idx:
+        if not 0 <= j < total:
+            raise PareFormatError(f"{what}: index {j} is out of range [0, {total - 1}]")
+    if any(b <= a for a, b in zip(idx, idx[1:])):
+        raise PareFormatError(f"{what}: indices must be sorted and unique, got {list(idx)[:12]}...")
+
+
+def _infer_plain_meta(shapes: Mapping[str, tuple[int, ...]], path: str) -> PrunedWanMeta:
+    """Read a plain (unpruned) Wan2.1 file as a teacher, the way ComfyUI detects it."""
+    if "head.modulation" not in shapes or "patch_embedding.weight" not in shapes:
+        sample = ", ".join(list(shapes)[:3]) or "no tensors"
+        raise PareFormatError(
+            f"{path}: not a Wan2.1 diffusion model (no 'head.modulation' / 'patch_embedding.weight'; "
+            f"first keys: {sample})"
+        )
+    dim = shapes["head.modulation"][-1]
+    layers = 0
+    while f"blocks.{layers}.modulation" in shapes:
+        layers += 1
+    if layers == 0 or "blocks.0.ffn.0.weight" not in shapes:
+        raise PareFormatError(f"{path}: Wan file has no transformer blocks ('blocks.0.*' missing)")
+    if dim % DEFAULT_HEAD_DIM:
+        raise PareFormatError(
+            f"{path}: dim {dim} is not a multiple of {DEFAULT_HEAD_DIM} and the file has no PARE metadata, "
+            "so its head count is unknown; write it with `python -m comfyui_pare prune` to record the dims"
+        )
+    if "vace_patch_embedding.weight" in shapes or "control_adapter.conv.weight" in shapes:
+        raise PareFormatError(f"{path}: only Wan2.1 T2V and I2V models are supported (this looks like VACE/camera)")
+    variant = "i2v" if "img_emb.proj.0.bias" in shapes else "t2v"
+    try:
+        dims = WanDims(
+            dim=dim,
+            num_heads=dim // DEFAULT_HEAD_DIM,
+            ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
+            num_layers=layers,
+            text_dim=shapes.get("text_embedding.0.weight", (0, 4096))[1],
+            in_dim=shapes["patch_embedding.weight"][1],
+            out_dim=shapes.get("head.head.weight", (16 * 4,))[0] // 4,
+            variant=variant,
+        )
+    except ValueError as e:
+        raise PareFormatError(f"{path}: {e}") from None
+    return PrunedWanMeta.teacher(dims)
+
+
+def read_meta(path: str | os.PathLike) -> tuple[PrunedWanMeta, str]:
+    """Validate a Wan checkpoint's header (keys, shapes, dtypes, metadata) without loading tensors.
+
+    Returns the metadata and the key prefix the file uses ('' or e.g. 'model.diffusion_model.').
+    """
+    path = str(path)
+    entries, metadata = read_header(path)
+    prefix = strip_prefix(list(entries))
+    shapes = {k[len(prefix):]: tuple(v.get("shape", ())) for k, v in entries.items() if k.startswith(prefix)}
+    others = [k for k in entries if not k.startswith(prefix)]
+    if METADATA_KEY in metadata:
+        try:
+            obj = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError as e:
+            raise PareFormatError(f"{path}: PARE metadata is not valid JSON ({e})") from e
+        meta = PrunedWanMeta.from_json(obj, source=path)
+    else:
+        meta = _infer_plain_meta(shapes, path)
+    expected = meta.expected_shapes()
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise PareFormatError(
+            f"{path}: {len(missing)} tensor(s) missing for a {meta.dims.variant} Wan with {meta.dims.num_layers} "
+            f"blocks, e.g. '{prefix}{missing[0]}' (expected shape {list(expected[missing[0]])})"
+        )
+    extra = [k for k in shapes if k not in expected] + others
+    if extra:
+        raise PareFormatError(
+            f"{path}: {len(extra)} unexpected tensor(s) for a {meta.dims.variant} Wan2.1 with "
+            f"{meta.dims.num_layers} blocks, e.g. '{extra[0]}'"
+        )
+    for key, want in expected.items():
+        if shapes[key] != want:
+            raise shape_error(path, prefix + key, want, shapes[key], "shape disagrees with the PARE metadata"
+                              if METADATA_KEY in metadata else "")
+        dtype = entries[prefix + key].get("dtype")
+        if dtype not in _FLOAT_DTYPES:
+            raise PareFormatError(f"{path}: tensor '{prefix}{key}' has dtype {dtype}; Wan weights are floating point")
+    return meta, prefix
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
+    """Load and validate a (pruned or plain) Wan2.1 checkpoint; keys come back without any tool prefix."""
+    meta, prefix = read_meta(path)
+    tensors, _ = load_tensors(path)
+    return {k[len(prefix):]: v for k, v in tensors.items()}, meta
+
+
+def save_checkpoint(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], meta: PrunedWanMeta) -> None:
+    """Check shapes against the metadata, then write atomically."""
+    expected = meta.expected_shapes()
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    if missing or extra:
+        raise PareFormatError(f"{path}: state dict does not match its metadata (missing {missing[:3]}, extra {extra[:3]})")
+    for key, want in expected.items():
+        if tuple(sd[key].shape) != want:
+            raise shape_error(str(path), key, want, tuple(sd[key].shape))
+    save_atomic(path, sd, meta.to_header())
+
+
+def describe(meta: PrunedWanMeta) -> dict:
+    """A JSON-friendly summary: teacher dims, per-block widths and the overall kept fractions."""
+    dims = meta.dims
+    heads = [b.num_heads for b in meta.blocks]
+    ffn = [b.ffn_dim for b in meta.blocks]
+    return {
+        "format_version": FORMAT_VERSION,
+        "variant": dims.variant,
+        "teacher": {k: v for k, v in dims.to_dict().items() if k != "variant"},
+        "pruned": meta.is_pruned,
+        "fingerprint": meta.fingerprint(),
+        "kept_heads_fraction": sum(heads) / (dims.num_heads * dims.num_layers),
+        "kept_ffn_fraction": sum(ffn) / (dims.ffn_dim * dims.num_layers),
+        "blocks": [
+            {"index": i, "heads": b.num_heads, "ffn": b.ffn_dim, "kept_heads": list(b.heads)}
+            for i, b in enumerate(meta.blocks)
+        ],
+    }

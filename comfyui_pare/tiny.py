@@ -1,0 +1,36 @@
+"""Small random Wan2.1 checkpoints with the real architecture, for tests, demos and benchmarks.
+
+Weights are drawn with fan-in scaling so activations stay O(1) through every block; norms start at 1 and
+the modulation tables are small, like a trained Wan. Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pruned import PrunedWanMeta
+from .wan import WanDims
+
+# The project's tiny default: several heads per block (head dim 32) so head pruning has something to choose.
+TINY_T2V = WanDims(dim=256, num_heads=8, ffn_dim=512, num_layers=6, text_dim=64, in_dim=16, out_dim=16)
+TINY_I2V = WanDims(dim=256, num_heads=8, ffn_dim=512, num_layers=6, text_dim=64, in_dim=36, out_dim=16, variant="i2v")
+
+
+def random_wan_state_dict(dims: WanDims, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A full-width random Wan2.1 state dict in the original key layout."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in PrunedWanMeta.teacher(dims).expected_shapes().items():
+        if key.endswith("modulation"):
+            t = torch.randn(shape, generator=gen) * 0.1
+        elif ".norm" in key or key.startswith("img_emb.proj.0") or key.startswith("img_emb.proj.4"):
+            t = (1.0 + 0.1 * torch.randn(shape, generator=gen)) if key.endswith("weight") else 0.05 * torch.randn(shape, generator=gen)
+        elif key.endswith("bias"):
+            t = 0.02 * torch.randn(shape, generator=gen)
+        else:
+            fan_in = 1
+            for s in shape[1:]:
+                fan_in *= s
+            t = torch.randn(shape, generator=gen) / fan_in**0.5
+        out[key] = t.to(dtype)
+    return out

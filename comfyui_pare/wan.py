@@ -1,0 +1,164 @@
+"""Wan2.1 transformer facts: dimensions, variants and the original checkpoint key layout.
+
+Everything here is plain data about the architecture (no torch modules), so the checkpoint format, the
+surgery, the compute accounting and the ComfyUI model builder all agree on one description of a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterator, Mapping
+
+VARIANTS = ("t2v", "i2v")
+PATCH_SIZE = (1, 2, 2)
+FREQ_DIM = 256
+CLIP_DIM = 1280  # I2V image tokens come from CLIP ViT-H (257 tokens x 1280)
+CLIP_TOKENS = 257
+TEXT_TOKENS = 512
+DEFAULT_HEAD_DIM = 128  # what ComfyUI assumes for a file without PARE metadata
+
+# Prefixes other tools put in front of the diffusion model's keys.
+KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+@dataclass(frozen=True)
+class WanDims:
+    """The shape of a full-width (teacher) Wan2.1 transformer."""
+
+    dim: int
+    num_heads: int
+    ffn_dim: int
+    num_layers: int
+    text_dim: int = 4096
+    in_dim: int = 16
+    out_dim: int = 16
+    variant: str = "t2v"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"Wan variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("dim", "num_heads", "ffn_dim", "num_layers", "text_dim", "in_dim", "out_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"Wan dimension {name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even (3-axis RoPE)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["head_dim"] = self.head_dim
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "WanDims":
+        fields = ("dim", "num_heads", "ffn_dim", "num_layers", "text_dim", "in_dim", "out_dim", "variant")
+        missing = [f for f in fields if f not in d]
+        if missing:
+            raise ValueError(f"teacher dims lack {missing}")
+        dims = cls(**{f: d[f] for f in fields})
+        if "head_dim" in d and int(d["head_dim"]) != dims.head_dim:
+            raise ValueError(f"head_dim {d['head_dim']} disagrees with dim/num_heads = {dims.head_dim}")
+        return dims
+
+
+# The two public Wan2.1 sizes (../shared/PARE.md).
+WAN21_1_3B = WanDims(dim=1536, num_heads=12, ffn_dim=8960, num_layers=30)
+WAN21_14B = WanDims(dim=5120, num_heads=40, ffn_dim=13824, num_layers=40)
+WAN21_14B_I2V = WanDims(dim=5120, num_heads=40, ffn_dim=13824, num_layers=40, in_dim=36, variant="i2v")
+
+
+@dataclass(frozen=True)
+class BlockWidth:
+    """Widths of one block, in teacher numbering: which self-attention heads and FFN neurons are kept."""
+
+    heads: tuple[int, ...]
+    ffn: tuple[int, ...]
+
+    @classmethod
+    def full(cls, dims: WanDims) -> "BlockWidth":
+        return cls(tuple(range(dims.num_heads)), tuple(range(dims.ffn_dim)))
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    @property
+    def ffn_dim(self) -> int:
+        return len(self.ffn)
+
+
+def block_prefix(i: int) -> str:
+    return f"blocks.{i}."
+
+
+def _linear(key: str, out_f: int, in_f: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    yield f"{key}.weight", (out_f, in_f)
+    yield f"{key}.bias", (out_f,)
+
+
+def block_shapes(dims: WanDims, i: int, width: BlockWidth) -> dict[str, tuple[int, ...]]:
+    """Every key of block ``i`` with its expected shape, for the given (possibly pruned) widths."""
+    d, inner, ffn = dims.dim, width.num_heads * dims.head_dim, width.ffn_dim
+    p = block_prefix(i)
+    shapes: dict[str, tuple[int, ...]] = {f"{p}modulation": (1, 6, d)}
+    for name in ("q", "k", "v"):
+        shapes.update(_linear(f"{p}self_attn.{name}", inner, d))
+    shapes.update(_linear(f"{p}self_attn.o", d, inner))
+    shapes[f"{p}self_attn.norm_q.weight"] = (inner,)
+    shapes[f"{p}self_attn.norm_k.weight"] = (inner,)
+    shapes[f"{p}norm3.weight"] = (d,)
+    shapes[f"{p}norm3.bias"] = (d,)
+    cross = ("q", "k", "v", "o") + (("k_img", "v_img") if dims.variant == "i2v" else ())
+    for name in cross:
+        shapes.update(_linear(f"{p}cross_attn.{name}", d, d))
+    norms = ("norm_q", "norm_k") + (("norm_k_img",) if dims.variant == "i2v" else ())
+    for name in norms:
+        shapes[f"{p}cross_attn.{name}.weight"] = (d,)
+    shapes.update(_linear(f"{p}ffn.0", ffn, d))
+    shapes.update(_linear(f"{p}ffn.2", d, ffn))
+    return shapes
+
+
+def global_shapes(dims: WanDims) -> dict[str, tuple[int, ...]]:
+    """Keys outside the blocks (embeddings, head, I2V image projection) with their shapes."""
+    d = dims.dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embedding.weight": (d, dims.in_dim, *PATCH_SIZE),
+        "patch_embedding.bias": (d,),
+        "head.modulation": (1, 2, d),
+    }
+    shapes.update(_linear("text_embedding.0", d, dims.text_dim))
+    shapes.update(_linear("text_embedding.2", d, d))
+    shapes.update(_linear("time_embedding.0", d, FREQ_DIM))
+    shapes.update(_linear("time_embedding.2", d, d))
+    shapes.update(_linear("time_projection.1", 6 * d, d))
+    shapes.update(_linear("head.head", dims.out_dim * PATCH_SIZE[0] * PATCH_SIZE[1] * PATCH_SIZE[2], d))
+    if dims.variant == "i2v":
+        shapes["img_emb.proj.0.weight"] = (CLIP_DIM,)
+        shapes["img_emb.proj.0.bias"] = (CLIP_DIM,)
+        shapes.update(_linear("img_emb.proj.1", CLIP_DIM, CLIP_DIM))
+        shapes.update(_linear("img_emb.proj.3", d, CLIP_DIM))
+        shapes["img_emb.proj.4.weight"] = (d,)
+        shapes["img_emb.proj.4.bias"] = (d,)
+    return shapes
+
+
+def model_shapes(dims: WanDims, widths: list[BlockWidth]) -> dict[str, tuple[int, ...]]:
+    """The full expected key -> shape map of a checkpoint with these per-block widths."""
+    shapes = global_shapes(dims)
+    for i, width in enumerate(widths):
+        shapes.update(block_shapes(dims, i, width))
+    return shapes
+
+
+def strip_prefix(keys: list[str]) -> str:
+    """The common tool prefix of a Wan state dict's keys ('' if none)."""
+    for prefix in KNOWN_PREFIXES:
+        if f"{prefix}head.modulation" in keys:
+            return prefix
+    return ""
