@@ -8,6 +8,7 @@ import logging
 import sys
 
 from .errors import PareError
+from .lora_cli import add_lora_slice_parser
 from .pruned import describe, load_checkpoint, read_meta, save_checkpoint
 from .surgery import PrunePlan, prune_state_dict
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.set_defaults(func=_inspect)
+    add_lora_slice_parser(sub)
     return parser
 
 

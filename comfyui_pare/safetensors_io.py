@@ -92,6 +92,9 @@ def save_atomic(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], me
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file should be as readable as any other
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
         os.replace(tmp, path)

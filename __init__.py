@@ -1,0 +1,12 @@
+"""comfyui-pare: PARE (Pruning and Adaptive Routing) for Wan2.1 in ComfyUI.
+
+The core (``comfyui_pare``) is plain torch and imports without ComfyUI; nodes register only when this
+package is loaded by ComfyUI. V3 only: exporting NODE_CLASS_MAPPINGS too would make ComfyUI skip the V3 nodes.
+"""
+
+try:
+    import comfy.utils  # noqa: F401  (present only inside ComfyUI)
+except ImportError:
+    pass
+else:
+    from .nodes import comfy_entrypoint  # noqa: F401

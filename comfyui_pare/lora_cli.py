@@ -1,0 +1,57 @@
+"""CLI verb ``lora-slice``: cut a teacher LoRA to a pruned student's widths, in the layout stock ComfyUI loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from .errors import PareError
+from .lora import check_lora_base, load_lora_file, slice_lora, to_standard_state_dict
+from .pruned import read_meta
+from .safetensors_io import save_atomic
+
+logger = logging.getLogger(__name__)
+
+METADATA_KEY = "pare_lora"  # header entry naming the architecture a sliced LoRA fits
+_SHOW_UNMATCHED = 3
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.exists(b) and os.path.exists(a) and os.path.samefile(a, b)
+
+
+def run_lora_slice(args: argparse.Namespace) -> int:
+    for other in (args.model, args.lora):
+        if _same_file(args.out, other):
+            raise PareError(f"--out {args.out} is the same file as an input ({other}); write to a new file")
+    meta, _ = read_meta(args.model)  # header only: the model's tensors are never loaded
+    parsed = load_lora_file(args.lora)
+    check_lora_base(parsed, meta.dims, args.lora)
+    if parsed.unmatched:
+        shown = ", ".join(f"'{k}'" for k in parsed.unmatched[:_SHOW_UNMATCHED])
+        more = ", ..." if len(parsed.unmatched) > _SHOW_UNMATCHED else ""
+        logger.warning("%s: %d key(s) match no Wan2.1 module and are left out: %s%s",
+                       args.lora, len(parsed.unmatched), shown, more)
+    sliced = slice_lora(parsed, meta)
+    narrowed = sum(1 for m, p in sliced.patches.items() if p is not parsed.patches[m])
+    header = {"format": "pt", METADATA_KEY: json.dumps(
+        {"sliced_for": meta.fingerprint(), "source": os.path.basename(args.lora)}, separators=(",", ":"))}
+    sd = to_standard_state_dict(sliced)
+    save_atomic(args.out, sd, header)
+    logger.info("wrote %s: %d module patch(es), %d narrowed to the kept heads / FFN neurons, %d tensor(s)",
+                args.out, len(sliced.patches), narrowed, len(sd))
+    return 0
+
+
+def add_lora_slice_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "lora-slice",
+        help="slice a LoRA trained on the full Wan2.1 teacher to a pruned student's kept heads / FFN neurons",
+    )
+    p.add_argument("--model", required=True, help="the pruned student safetensors (only its header is read)")
+    p.add_argument("--lora", required=True, help="LoRA safetensors for the teacher, in any common key style")
+    p.add_argument("--out", required=True, help="output LoRA safetensors (diffusion_model.* keys, written atomically)")
+    p.set_defaults(func=run_lora_slice)
+    return p

@@ -1,0 +1,23 @@
+"""ComfyUI nodes of the PARE pack (V3 schema). Registered once, from the pack's root __init__.py."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .conditioning import PARELoadConditioning
+from .loaders import PARELoadPrunedWan
+
+# Node IDs are stable forever: deprecate, never rename or delete.
+NODES: list[type[io.ComfyNode]] = [
+    PARELoadPrunedWan,
+    PARELoadConditioning,
+]
+
+
+class PareExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> PareExtension:
+    return PareExtension()

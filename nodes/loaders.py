@@ -1,0 +1,66 @@
+"""PARE Load Pruned Wan: a width-pruned (or plain) Wan2.1 checkpoint into ComfyUI's own sampler."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..comfyui_pare.pruned import describe, load_checkpoint
+from .folders import DIFFUSION_MODELS
+from .model_info import attach_meta
+from .wan_model import WEIGHT_DTYPES, build_wan_patcher
+
+logger = logging.getLogger(__name__)
+
+
+class PARELoadPrunedWan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PARELoadPrunedWan",
+            display_name="PARE Load Pruned Wan",
+            category="PARE/loaders",
+            description=(
+                "Loads a width-pruned Wan2.1 checkpoint (or a plain Wan2.1 file, read as 0% pruned) from "
+                "models/diffusion_models, building ComfyUI's own Wan model with the per-block widths recorded "
+                "in the file. Works with every stock sampler, scheduler, CFG, LoRA patch and memory setting."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "unet_name", options=folder_paths.get_filename_list(DIFFUSION_MODELS),
+                    tooltip="A .safetensors Wan2.1 checkpoint in models/diffusion_models: a PARE student "
+                            "(pruned widths in its metadata) or a plain Wan2.1 T2V/I2V file.",
+                ),
+                io.Combo.Input(
+                    "weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                    tooltip="Storage dtype of the weights, as in the stock Load Diffusion Model node: fp8 "
+                            "halves memory; fp8_e4m3fn_fast also uses fp8 matrix multiplies where supported.",
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="The Wan model, ready for KSampler and the other PARE nodes.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, unet_name: str, weight_dtype: str) -> str:
+        # Reload when the file on disk changes (e.g. a new export with the same name).
+        path = folder_paths.get_full_path(DIFFUSION_MODELS, unet_name)
+        if path is None or not os.path.exists(path):
+            return f"{unet_name}:missing"
+        st = os.stat(path)
+        return f"{path}:{st.st_mtime_ns}:{st.st_size}:{weight_dtype}"
+
+    @classmethod
+    def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, unet_name)
+        sd, meta = load_checkpoint(path)
+        patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=path)
+        attach_meta(patcher, meta)
+        summary = describe(meta)
+        logger.info(
+            "PARE: loaded %s (%s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, meta.dims.variant,
+            meta.dims.num_layers, 100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
+        )
+        return io.NodeOutput(patcher)
