@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_harness import PromptError
 from conftest import REPO, run_latent
 from graphs import pare_loader, sample_graph, stock_loader
 from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, write_teacher
 
-from comfy_harness import PromptError
 from comfyui_pare.pruned import load_checkpoint, read_meta
 from comfyui_pare.safetensors_io import save_atomic
 
