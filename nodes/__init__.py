@@ -5,12 +5,20 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import PARELoadConditioning
+from .folders import register_folders
 from .loaders import PARELoadPrunedWan
+from .lora import PARELoraLoader
+from .routing_nodes import PAREApplyRouter, PARELoadRouter, PARERoutingReport, PAREStaticSchedule
 
 # Node IDs are stable forever: deprecate, never rename or delete.
 NODES: list[type[io.ComfyNode]] = [
     PARELoadPrunedWan,
     PARELoadConditioning,
+    PARELoraLoader,
+    PARELoadRouter,
+    PAREApplyRouter,
+    PAREStaticSchedule,
+    PARERoutingReport,
 ]
 
 
@@ -20,4 +28,5 @@ class PareExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> PareExtension:
+    register_folders()
     return PareExtension()

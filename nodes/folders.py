@@ -10,7 +10,25 @@ import folder_paths
 logger = logging.getLogger(__name__)
 
 DIFFUSION_MODELS = "diffusion_models"  # ComfyUI's own folder: pruned students live beside other Wan models
+ROUTERS = "pare_routers"  # models/pare_routers: PARE router files
+LORAS = "loras"
 INPUT_SUFFIX = ".safetensors"
+_registered = False
+
+
+def register_folders() -> None:
+    """Register models/pare_routers once, .safetensors only (routers are never pickles)."""
+    global _registered
+    if _registered:
+        return
+    path = os.path.join(folder_paths.models_dir, ROUTERS)
+    os.makedirs(path, exist_ok=True)
+    folder_paths.add_model_folder_path(ROUTERS, path, is_default=True)
+    paths, _ = folder_paths.folder_names_and_paths[ROUTERS]
+    folder_paths.folder_names_and_paths[ROUTERS] = (paths, {INPUT_SUFFIX})
+    _registered = True
+    if not folder_paths.get_filename_list(ROUTERS):
+        logger.info("PARE: no router files yet; put PARE router .safetensors files in %s", " or ".join(paths))
 
 
 def safetensors_in_input() -> list[str]:

@@ -41,7 +41,8 @@ def _free_port() -> int:
 
 class ComfyServer:
     def __init__(self, base_dir: str | os.PathLike | None = None, comfy_dir: Path = COMFY_DIR,
-                 python: str = sys.executable, extra_args: tuple[str, ...] = ()):
+                 python: str = sys.executable, extra_args: tuple[str, ...] = (),
+                 extra_custom_nodes: tuple[Path, ...] = ()):
         self.comfy_dir = Path(comfy_dir)
         if not (self.comfy_dir / "main.py").exists():
             raise FileNotFoundError(f"no ComfyUI at {self.comfy_dir}; run `make test` or scripts/setup_env.sh first")
@@ -55,9 +56,10 @@ class ComfyServer:
         for sub in ("models/diffusion_models", "models/vae", "models/loras", "models/pare_routers",
                     "custom_nodes", "input", "output", "user", "temp"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        link = self.base / "custom_nodes" / "comfyui-pare"
-        if not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
+        for name, target in (("comfyui-pare", REPO), *((p.name, p) for p in extra_custom_nodes)):
+            link = self.base / "custom_nodes" / name
+            if not link.exists():
+                link.symlink_to(Path(target).resolve(), target_is_directory=True)
         self.log_path = self.base / "comfyui.log"
 
     # -- lifecycle -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"  # test-only nodes (block call counter)
 sys.path.insert(0, str(REPO / "scripts"))
 
 import tiny_assets  # noqa: E402
@@ -26,7 +27,7 @@ def comfy(assets_dir, tmp_path_factory):
     """A real ComfyUI 0.3.75 with this pack in custom_nodes and the tiny assets in its folders."""
     base = tmp_path_factory.mktemp("comfy-base")
     tiny_assets.install_assets(base)
-    server = ComfyServer(base_dir=base)
+    server = ComfyServer(base_dir=base, extra_custom_nodes=(TEST_NODES,))
     server.start()
     yield server
     server.stop()

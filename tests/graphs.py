@@ -22,6 +22,11 @@ class Graph:
     def to_json(self) -> dict:
         return self.nodes
 
+    def find(self, class_type: str) -> str:
+        ids = [k for k, v in self.nodes.items() if v["class_type"] == class_type]
+        assert len(ids) == 1, f"{len(ids)} {class_type} nodes"
+        return ids[0]
+
 
 def out(node_id: str, index: int = 0) -> list:
     return [node_id, index]
@@ -43,13 +48,17 @@ def sample_graph(
     prefix: str = "pare_test",
     positive: str = assets.POSITIVE,
     negative: str = assets.NEGATIVE,
+    patch_model=None,
 ) -> tuple[Graph, str]:
     """Loader -> optional model patches -> ModelSamplingSD3 -> KSampler -> SaveLatent. Returns (graph, save node)."""
+    # The KSampler's node id is available afterwards as graph.find("KSampler").
     g = Graph()
     cls, kwargs = model_loader
     model = g.add(cls, **kwargs)
     for patch_cls, patch_kwargs in model_patches:
         model = g.add(patch_cls, model=out(model), **patch_kwargs)
+    if patch_model is not None:  # a callable (graph, model node id) -> new model node id, for multi-node patches
+        model = patch_model(g, model)
     model = g.add("ModelSamplingSD3", model=out(model), shift=shift)
     pos = g.add("PARELoadConditioning", file=positive)
     neg = g.add("PARELoadConditioning", file=negative)

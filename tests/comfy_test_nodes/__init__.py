@@ -1,0 +1,60 @@
+"""Test-only ComfyUI nodes (never shipped): count how often each Wan block really executes.
+
+PARETestCountBlocks object-patches every block's ``forward`` with a counter, so the count is taken inside
+the block itself, independently of PARE's own bookkeeping. PARETestReadCounts returns the counts as JSON
+(after sampling, because it takes the sampled LATENT).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+from comfy_api.latest import ComfyExtension, io
+
+COUNTS: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+
+
+class _Counting:
+    def __init__(self, tag: str, index: int, forward):
+        self.tag, self.index, self.forward = tag, index, forward
+
+    def __call__(self, *args, **kwargs):
+        COUNTS[self.tag][self.index] += 1
+        return self.forward(*args, **kwargs)
+
+
+class PARETestCountBlocks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="PARETestCountBlocks", category="testing", inputs=[
+            io.Model.Input("model"), io.String.Input("tag")], outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, tag):
+        m = model.clone()
+        COUNTS.pop(tag, None)
+        for i, block in enumerate(m.get_model_object("diffusion_model").blocks):
+            m.add_object_patch(f"diffusion_model.blocks.{i}.forward", _Counting(tag, i, block.forward))
+        return io.NodeOutput(m)
+
+
+class PARETestReadCounts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="PARETestReadCounts", category="testing", is_output_node=True, inputs=[
+            io.Latent.Input("samples"), io.String.Input("tag")], outputs=[io.String.Output()], not_idempotent=True)
+
+    @classmethod
+    def execute(cls, samples, tag):
+        text = json.dumps({str(k): v for k, v in sorted(COUNTS.get(tag, {}).items())})
+        return io.NodeOutput(text, ui={"text": [text]})
+
+
+class _Ext(ComfyExtension):
+    async def get_node_list(self):
+        return [PARETestCountBlocks, PARETestReadCounts]
+
+
+async def comfy_entrypoint():
+    return _Ext()
