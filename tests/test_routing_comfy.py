@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import tiny_assets
 import torch
+from comfy_harness import ComfyServer, PromptError
 from conftest import TEST_NODES, read_latent
 from graphs import out, pare_loader, sample_graph
 from PIL import Image
 
-import tiny_assets
-from comfy_harness import ComfyServer, PromptError
 from comfyui_pare import report
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router
 from comfyui_pare.safetensors_io import save_atomic
@@ -246,3 +246,76 @@ def test_static_schedule_skips_by_sigma_range(routers):
     assert 0 < active < steps
     assert counts == {0: steps, 1: steps, 2: steps - active, 3: steps - active, 4: steps, 5: steps}
     assert math.isfinite(read_latent(routers.output_files(entry, save, "latents")[0]).sum().item())
+
+
+# -- a hand-set router with known per-step, per-branch decisions vs a reference outside ComfyUI --------------
+
+def branch_router(assets_dir) -> tuple[BlockRouter, np.ndarray]:
+    """The timestep switch, plus a text-reading unit that makes cond skip block 5 (uncond still runs it).
+
+    Returns the router and delta [N] added to the cond branch's logits.
+    """
+    from safetensors.torch import load_file
+
+    spec = RouterSpec(num_blocks=N, dim=SPEC.dim, text_dim=tiny_assets.TINY_T2V.text_dim, hidden=4)
+    router = BlockRouter.timestep_switch(spec, BOUNDARY, EARLY, LATE)
+    pos = load_file(str(assets_dir / tiny_assets.POSITIVE))["context"].mean(0)
+    neg = load_file(str(assets_dir / tiny_assets.NEGATIVE))["context"].mean(0)
+    k = int(torch.argmax(pos - neg))
+    mid, gap = float(pos[k] + neg[k]) / 2, float(pos[k] - neg[k]) / 2
+    delta = np.zeros(N)
+    delta[5] = -10.0
+    with torch.no_grad():
+        f = spec.freq_dim + 2 * spec.dim + k  # the pooled-text feature k
+        router.fc1.weight[2, f] = 20.0 / gap
+        router.fc1.bias[2] = -20.0 / gap * mid  # cond: +20 -> SiLU 20; uncond: -20 -> SiLU ~0
+        router.fc2.weight[:, 2] = torch.tensor(delta / 20.0, dtype=torch.float32)
+    return router, delta
+
+
+def test_hand_set_router_matches_core_model_reference(routers, assets_dir):
+    from safetensors.torch import load_file
+
+    from comfyui_pare.model import WanTransformer
+    from comfyui_pare.sampling import Conditioning, flow_sigmas, initial_noise, ksampler_euler
+
+    router, delta = branch_router(assets_dir)
+    save_router(routers.base / "models" / "pare_routers" / "r_branch.safetensors", router)
+    steps, shift, cfg, seed = 5, 5.0, 4.0, 13
+    g, save = sample_graph(pare_loader(tiny_assets.TEACHER_T2V), cfg=cfg, steps=steps, shift=shift, seed=seed,
+                           patch_model=route("r_branch.safetensors", threshold=0.5))
+    img_node, txt_node = with_report(g, routed_model_id(g))
+    entry = routers.run(g.to_json())
+    ours = read_latent(routers.output_files(entry, save, "latents")[0])
+
+    def runs(t: float, is_cond: bool) -> np.ndarray:
+        return (np.array(EARLY if t > BOUNDARY else LATE) + (delta if is_cond else 0)) > 0
+
+    sigmas = flow_sigmas(steps, shift)
+    expected = {(s, br): runs(float(sigmas[s]) * 1000, br == 0) for s in range(steps) for br in (0, 1)}
+    assert any((expected[s, 0] != expected[s, 1]).any() for s in range(steps)), "branches must disagree somewhere"
+
+    # The heat map shows each branch's own decisions.
+    pixels = np.asarray(Image.open(routers.output_files(entry, img_node, "images")[0]).convert("RGB"))
+    for (s, br), run in expected.items():
+        for b in range(N):
+            x, y = report.cell_center(s, br, b, 2)
+            assert tuple(pixels[y, x]) == (report.EXECUTED if run[b] else report.SKIPPED), (s, br, b)
+
+    # Reference: the core model with the same blocks replaced by identity at those steps and branches.
+    model = WanTransformer.from_checkpoint(assets_dir / tiny_assets.TEACHER_T2V)
+    pos = load_file(str(assets_dir / tiny_assets.POSITIVE))["context"][None]
+
+    def velocity(x, timestep, context, clip_fea=None):
+        is_cond = [bool(torch.equal(c, pos[0])) for c in context]
+        mask = torch.tensor(np.stack([runs(float(timestep[r]), is_cond[r]) for r in range(x.shape[0])]))
+        with torch.no_grad():
+            return model(x, timestep, context, block_mask=mask)
+
+    neg = load_file(str(assets_dir / tiny_assets.NEGATIVE))["context"][None]
+    noise = initial_noise(ours.shape, seed)
+    ref = ksampler_euler(velocity, noise, sigmas, Conditioning(pos), Conditioning(neg), cfg=cfg)
+    full = ksampler_euler(lambda x, t, c, f=None: model(x, t, c), noise, sigmas, Conditioning(pos),
+                          Conditioning(neg), cfg=cfg)
+    assert (ref - full).abs().max() > 1e-2, "skipping must matter for this comparison to mean anything"
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
