@@ -6,10 +6,12 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import fields
 
+from .compute import embed_head_macs, model_block_macs, sum_macs, tokens_for
 from .errors import PareError
 from .lora_cli import add_lora_slice_parser
-from .pruned import describe, load_checkpoint, read_meta, save_checkpoint
+from .pruned import PrunedWanMeta, describe, load_checkpoint, read_meta, save_checkpoint
 from .surgery import PrunePlan, prune_state_dict
 
 logger = logging.getLogger("comfyui_pare")
@@ -35,6 +37,25 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compute(args: argparse.Namespace) -> int:
+    meta, _ = read_meta(args.file)
+    tokens = tokens_for(args.frames, args.height, args.width)
+    student = sum_macs(model_block_macs(meta, tokens))
+    teacher = sum_macs(model_block_macs(PrunedWanMeta.teacher(meta.dims), tokens))
+    parts = {f.name: {"student_gmacs": getattr(student, f.name) / 1e9, "teacher_gmacs": getattr(teacher, f.name) / 1e9,
+                      "ratio": getattr(student, f.name) / max(1, getattr(teacher, f.name))} for f in fields(student)}
+    report = {
+        "tokens": tokens, "video": [args.frames, args.height, args.width],
+        "per_step_block_gmacs": {"student": student.total / 1e9, "teacher": teacher.total / 1e9,
+                                 "ratio": student.total / max(1, teacher.total)},
+        "embed_and_head_gmacs": embed_head_macs(meta.dims, tokens) / 1e9,
+        "parts": parts,
+    }
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m comfyui_pare", description="PARE tools for Wan2.1 checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser("compute", help="per-step block compute (MACs per part) of a checkpoint vs its teacher")
+    p.add_argument("file")
+    p.add_argument("--frames", type=int, default=81, help="video frames (default 81)")
+    p.add_argument("--height", type=int, default=480, help="video height in pixels (default 480)")
+    p.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")
+    p.set_defaults(func=_compute)
     add_lora_slice_parser(sub)
     return parser
 

@@ -39,18 +39,19 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
         head = f.read(8)
         if len(head) < 8:
             raise PareFileError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        raw = f.read(n) if 0 < n <= _MAX_HEADER and 8 + n <= size else b""
+    if not raw.startswith(b"{"):
+        # Only now look at the magic bytes: a safetensors header length can start with 0x80 or "PK" too.
         if head[:2] == b"PK" or head[:1] == b"\x80":
             raise PareFileError(
                 f"{path}: this is a pickle/zip PyTorch checkpoint, not safetensors; it was not loaded "
                 "(unpickling runs code). Convert it to safetensors with a trusted tool first."
             )
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > _MAX_HEADER or 8 + n > size:
-            raise PareFileError(
-                f"{path}: not a valid safetensors file (header length {n} does not fit the file size {size}); "
-                "it may be truncated or of another format"
-            )
-        raw = f.read(n)
+        raise PareFileError(
+            f"{path}: not a valid safetensors file (header length {n} does not fit the file size {size}, or the "
+            "header is not JSON); it may be truncated or of another format"
+        )
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

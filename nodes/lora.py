@@ -37,11 +37,11 @@ from ..comfyui_pare.lora import (
     to_standard_state_dict,
     weight_key,
 )
+from .folders import LORAS
 from .model_info import model_meta
 
 logger = logging.getLogger(__name__)
 
-LORAS = "loras"  # ComfyUI's own folder: the same files the stock LoRA loaders list
 PREFIX = "diffusion_model."  # where ComfyUI's BaseModel keeps the Wan weights in its state dict
 BARE_PARAMETER_CALLBACK = "pare_lora_bare_parameters"
 _SHOW_KEYS = 3

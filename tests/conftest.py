@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"  # test-only nodes (block call counter)
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))  # this checkout's core, whatever an editable install elsewhere points to
 
 import tiny_assets  # noqa: E402
 from comfy_harness import ComfyServer  # noqa: E402

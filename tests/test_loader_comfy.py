@@ -182,9 +182,14 @@ def test_bad_inputs_fail_clearly_and_server_keeps_serving(comfy, models, tmp_pat
     assert not marker.exists(), "a pickle file was unpickled"
 
 
+PACK_NODES = ("PARELoadPrunedWan", "PARELoadConditioning", "PARELoraLoader", "PARELoadRouter", "PAREApplyRouter",
+              "PAREStaticSchedule", "PARERoutingReport")
+
+
 def test_nodes_listed_with_tooltips(comfy):
     info = comfy.object_info()
-    for node_id in ("PARELoadPrunedWan", "PARELoadConditioning"):
+    assert sorted(k for k, v in info.items() if v["category"].startswith("PARE")) == sorted(PACK_NODES)
+    for node_id in PACK_NODES:
         assert node_id in info, f"{node_id} missing; log:\n{comfy.log_tail()}"
         node = info[node_id]
         assert node["category"].startswith("PARE") and node["description"]

@@ -191,3 +191,35 @@ def test_cli_prune_and_inspect(tmp_path, teacher):
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "plan has 2 block entries but the model has 6" in bad.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_cli_compute_reports_ratios_against_the_teacher(tmp_path, teacher):
+    sd, meta = teacher
+    n = TINY_T2V.num_layers
+    student, smeta = prune_state_dict(sd, meta, plan_of([{"heads": [0, 1, 2, 3], "ffn": list(range(128))}] * n))
+    save_checkpoint(tmp_path / "s.safetensors", student, smeta)
+    proc = subprocess.run([sys.executable, "-m", "comfyui_pare", "compute", str(tmp_path / "s.safetensors"),
+                           "--frames", "81", "--height", "480", "--width", "832"],
+                          capture_output=True, text=True, cwd=REPO, check=True)
+    info = json.loads(proc.stdout)
+    assert info["tokens"] == 32760
+    parts = info["parts"]
+    assert parts["attn_core"]["ratio"] == pytest.approx(0.5) and parts["self_attn_proj"]["ratio"] == pytest.approx(0.5)
+    assert parts["ffn"]["ratio"] == pytest.approx(0.25) and parts["cross_attn"]["ratio"] == pytest.approx(1.0)
+    assert 0.25 < info["per_step_block_gmacs"]["ratio"] < 1.0
+
+
+@pytest.mark.parametrize("magic", [b"\x80", b"PK"])
+def test_safetensors_whose_header_length_looks_like_a_pickle_magic_still_loads(tmp_path, magic):
+    """The first 8 bytes are the header length; 0x80 or 'PK' there is a coincidence, not a pickle."""
+    path = tmp_path / "m.safetensors"
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    for pad in range(0, 40000, 8):
+        save_atomic(path, tensors, {"pad": "x" * pad})
+        if path.read_bytes()[: len(magic)] == magic:
+            break
+    else:
+        pytest.fail("could not construct the header length")
+    entries, metadata = safetensors_io.read_header(path)
+    assert entries["w"]["shape"] == [2, 3] and len(metadata["pad"]) == pad
+    assert torch.equal(safetensors_io.load_tensors(path)[0]["w"], tensors["w"])

@@ -319,3 +319,36 @@ def test_hand_set_router_matches_core_model_reference(routers, assets_dir):
                           Conditioning(neg), cfg=cfg)
     assert (ref - full).abs().max() > 1e-2, "skipping must matter for this comparison to mean anything"
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_coexists_with_other_block_patches_and_guidance(routers):
+    """Another pack's double_block patch is chained (either order), and stock Skip Layer Guidance still works."""
+    kw = dict(cfg=3.0, steps=4, seed=21)
+
+    def offset(g, model):
+        return g.add("PARETestOffsetBlock", model=out(model), block=2, offset=0.05)
+
+    def slg(g, model):
+        return g.add("SkipLayerGuidanceDiT", model=out(model), double_layers="3", single_layers="", scale=2.0,
+                     start_percent=0.0, end_percent=1.0, rescaling_scale=0.0)
+
+    def chain(*hooks):
+        def patch(g, model):
+            for hook in hooks:
+                model = hook(g, model)
+            return model
+        return patch
+
+    keep_all = route(KEEP_ALL, threshold=0.5)
+    for hook in (offset, slg):
+        alone = latent_of(routers, *sample_graph(pare_loader(tiny_assets.TEACHER_T2V), patch_model=hook, **kw))
+        plain = latent_of(routers, *sample_graph(pare_loader(tiny_assets.TEACHER_T2V), **kw))
+        assert not torch.equal(alone, plain), f"{hook.__name__} must change the output"
+        for order in ((hook, keep_all), (keep_all, hook)):
+            both = latent_of(routers, *sample_graph(pare_loader(tiny_assets.TEACHER_T2V), patch_model=chain(*order), **kw))
+            assert torch.equal(both, alone), f"{[h.__name__ for h in order]}"
+    # A router that skips block 2 also skips the chained patch on it (the block's work is not done).
+    skip2 = route(schedule="2@0-1")
+    a = latent_of(routers, *sample_graph(pare_loader(tiny_assets.TEACHER_T2V), patch_model=chain(offset, skip2), **kw))
+    b = latent_of(routers, *sample_graph(pare_loader(tiny_assets.TEACHER_T2V), patch_model=skip2, **kw))
+    assert torch.equal(a, b)

@@ -51,9 +51,32 @@ class PARETestReadCounts(io.ComfyNode):
         return io.NodeOutput(text, ui={"text": [text]})
 
 
+class _Offset:
+    """A persistent double_block patch from 'another pack': run the block, then add a constant."""
+
+    def __init__(self, offset: float):
+        self.offset = offset
+
+    def __call__(self, args, extra):
+        return {"img": extra["original_block"](args)["img"] + self.offset}
+
+
+class PARETestOffsetBlock(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="PARETestOffsetBlock", category="testing", inputs=[
+            io.Model.Input("model"), io.Int.Input("block"), io.Float.Input("offset")], outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, block, offset):
+        m = model.clone()
+        m.set_model_patch_replace(_Offset(offset), "dit", "double_block", block)
+        return io.NodeOutput(m)
+
+
 class _Ext(ComfyExtension):
     async def get_node_list(self):
-        return [PARETestCountBlocks, PARETestReadCounts]
+        return [PARETestCountBlocks, PARETestReadCounts, PARETestOffsetBlock]
 
 
 async def comfy_entrypoint():
