@@ -37,3 +37,12 @@ def safetensors_in_input() -> list[str]:
     if not os.path.isdir(root):
         return []
     return sorted(f for f in os.listdir(root) if f.endswith(INPUT_SUFFIX))
+
+
+def file_fingerprint(folder: str, name: str) -> str:
+    """Path, mtime and size of a model file: a node reloads when the file on disk changes under the same name."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None or not os.path.exists(path):
+        return f"{folder}/{name}:missing"
+    st = os.stat(path)
+    return f"{path}:{st.st_mtime_ns}:{st.st_size}"

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import folder_paths
 from comfy_api.latest import io
 
 from ..comfyui_pare.pruned import describe, load_checkpoint
-from .folders import DIFFUSION_MODELS
+from .folders import DIFFUSION_MODELS, file_fingerprint
 from .model_info import attach_meta
 from .wan_model import WEIGHT_DTYPES, build_wan_patcher
 
@@ -46,11 +45,7 @@ class PARELoadPrunedWan(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, unet_name: str, weight_dtype: str) -> str:
         # Reload when the file on disk changes (e.g. a new export with the same name).
-        path = folder_paths.get_full_path(DIFFUSION_MODELS, unet_name)
-        if path is None or not os.path.exists(path):
-            return f"{unet_name}:missing"
-        st = os.stat(path)
-        return f"{path}:{st.st_mtime_ns}:{st.st_size}:{weight_dtype}"
+        return f"{file_fingerprint(DIFFUSION_MODELS, unet_name)}:{weight_dtype}"
 
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:

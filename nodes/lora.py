@@ -15,7 +15,6 @@ are never merged. An ``ON_LOAD`` callback patches such parameters with ComfyUI's
 from __future__ import annotations
 
 import logging
-import os
 from math import prod
 from typing import Any, Mapping
 
@@ -37,7 +36,7 @@ from ..comfyui_pare.lora import (
     to_standard_state_dict,
     weight_key,
 )
-from .folders import LORAS
+from .folders import LORAS, file_fingerprint
 from .model_info import model_meta
 
 logger = logging.getLogger(__name__)
@@ -185,11 +184,7 @@ class PARELoraLoader(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, lora_name: str, strength_model: float, **_: Any) -> str:
         # Re-apply when the LoRA file on disk changes (e.g. a new training checkpoint with the same name).
-        path = folder_paths.get_full_path(LORAS, lora_name)
-        if path is None or not os.path.exists(path):
-            return f"{lora_name}:missing:{strength_model}"
-        st = os.stat(path)
-        return f"{path}:{st.st_mtime_ns}:{st.st_size}:{strength_model}"
+        return f"{file_fingerprint(LORAS, lora_name)}:{strength_model}"
 
     @classmethod
     def execute(cls, model: comfy.model_patcher.ModelPatcher, lora_name: str, strength_model: float) -> io.NodeOutput:

@@ -12,7 +12,7 @@ from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.report import heatmap
 from ..comfyui_pare.router import BlockRouter, RoutingPolicy, check_router_fits, load_router
 from ..comfyui_pare.schedule import parse_schedule
-from .folders import ROUTERS
+from .folders import ROUTERS, file_fingerprint
 from .model_info import model_meta
 from .routing import RouterDecider, RoutingTemplate, ScheduleDecider, apply_routing, routing_template
 
@@ -48,6 +48,10 @@ class PARELoadRouter(io.ComfyNode):
                                    tooltip="A PARE router file in models/pare_routers, trained for the model you route.")],
             outputs=[PareRouter.Output(tooltip="The router, for PARE Apply Router.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, router_name: str) -> str:
+        return file_fingerprint(ROUTERS, router_name)  # reload when a new router is exported under the same name
 
     @classmethod
     def execute(cls, router_name: str) -> io.NodeOutput:
