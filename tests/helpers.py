@@ -33,3 +33,36 @@ def write_conditioning(path: Path, text_dim: int, seed: int) -> None:
 def write_plan(path: Path, blocks: list[dict]) -> Path:
     path.write_text(json.dumps({"blocks": blocks}))
     return path
+
+
+# Original Wan2.1 module names -> diffusers' WanTransformer3DModel names (../shared/COMFYUI.md), written out by
+# hand rather than taken from comfyui_pare.lora, so the parser and the model are checked against an independent table.
+DIFFUSERS_BLOCK_NAMES = {
+    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0", "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",
+    "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
+    "cross_attn.norm_k_img": "attn2.norm_added_k", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
+    "norm3": "norm2", "modulation": "scale_shift_table",
+}
+DIFFUSERS_GLOBAL_NAMES = {
+    "patch_embedding": "patch_embedding", "head.head": "proj_out", "head.modulation": "scale_shift_table",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+}
+
+
+def diffusers_module(module: str) -> str:
+    """'blocks.3.self_attn.q' -> 'blocks.3.attn1.to_q'; 'head.head' -> 'proj_out'."""
+    if module.startswith("blocks."):
+        _, i, local = module.split(".", 2)
+        return f"blocks.{i}.{DIFFUSERS_BLOCK_NAMES[local]}"
+    return DIFFUSERS_GLOBAL_NAMES[module]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import diffusers_module
 
 from comfyui_pare import sampling
 from comfyui_pare.model import WanTransformer
@@ -162,33 +163,13 @@ def test_pruned_student_equals_zeroed_teacher(comfy_lib, record_property, dims):
 
 def to_diffusers(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """Original Wan keys -> diffusers WanTransformer3DModel keys (../shared/COMFYUI.md)."""
-    glob = {"text_embedding.0": "condition_embedder.text_embedder.linear_1",
-            "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-            "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-            "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-            "time_projection.1": "condition_embedder.time_proj", "head.head": "proj_out",
-            "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
-            "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
-            "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
-            "img_emb.proj.4": "condition_embedder.image_embedder.norm2"}
-    block = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-             "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
-             "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
-             "cross_attn.o": "attn2.to_out.0", "cross_attn.norm_q": "attn2.norm_q",
-             "cross_attn.norm_k": "attn2.norm_k", "cross_attn.k_img": "attn2.add_k_proj",
-             "cross_attn.v_img": "attn2.add_v_proj", "cross_attn.norm_k_img": "attn2.norm_added_k",
-             "norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
-    for i in range(num_layers):
-        glob.update({f"blocks.{i}.{k}": f"blocks.{i}.{v}" for k, v in block.items()})
     out = {}
     for key, t in sd.items():
-        if key == "head.modulation":
-            out["scale_shift_table"] = t
-        elif key.endswith(".modulation"):
-            out[key.replace(".modulation", ".scale_shift_table")] = t
+        if key.endswith("modulation"):  # a bare parameter, not a module's weight
+            out[diffusers_module(key)] = t
         else:
             module, param = key.rsplit(".", 1)
-            out[f"{glob.get(module, module)}.{param}"] = t
+            out[f"{diffusers_module(module)}.{param}"] = t
     return out
 
 

@@ -24,7 +24,7 @@ import torch
 from comfy_harness import PromptError
 from conftest import REPO, run_latent
 from graphs import pare_loader, sample_graph, stock_loader
-from helpers import STOCK_T2V, write_conditioning, write_plan, write_teacher
+from helpers import STOCK_T2V, diffusers_module, write_conditioning, write_plan, write_teacher
 from safetensors.torch import load_file
 
 from comfyui_pare.lora import LoraPatch
@@ -42,18 +42,6 @@ PLAN = [  # tiny T2V: 6 blocks of 8 heads (head dim 32) and 512 FFN neurons; blo
     {"heads": [1, 6]}, {"ffn": [j for j in range(512) if j % 5]},
     {}, {"heads": [0, 1, 2, 3, 4, 5, 6], "ffn": [3, 17, 100, 511]},
 ]
-# diffusers' names for the modules the test LoRAs patch, written out independently of the core's table.
-DIFFUSERS = {
-    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
-    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
-    "modulation": "scale_shift_table", "head.head": "proj_out", "head.modulation": "scale_shift_table",
-    "patch_embedding": "patch_embedding", "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "time_projection.1": "condition_embedder.time_proj",
-}
-
-
 # -- LoRA files ------------------------------------------------------------------------------------------
 
 def make_lora(dims: WanDims, seed: int, modulation: bool = True, low_rank: bool = True) -> list[LoraPatch]:
@@ -95,10 +83,7 @@ def make_lora(dims: WanDims, seed: int, modulation: bool = True, low_rank: bool 
 
 
 def _diffusers(module: str) -> str:
-    if module.startswith("blocks."):
-        _, i, local = module.split(".", 2)
-        return f"transformer.blocks.{i}.{DIFFUSERS[local]}"
-    return f"transformer.{DIFFUSERS[module]}"
+    return f"transformer.{diffusers_module(module)}"
 
 
 STYLES = {  # style -> (module -> key prefix, down suffix, up suffix)

@@ -18,6 +18,7 @@ import logging
 
 import pytest
 import torch
+from helpers import diffusers_module
 from safetensors.torch import save_file
 
 from comfyui_pare.__main__ import main
@@ -37,23 +38,6 @@ from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
 from comfyui_pare.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 from comfyui_pare.wan import WAN21_1_3B, WAN21_14B
 
-# Written out by hand (not taken from comfyui_pare.lora) so the parser is checked against an independent table.
-DIFFUSERS_NAMES = {
-    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
-    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0", "cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",
-    "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
-    "cross_attn.norm_k_img": "attn2.norm_added_k", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
-    "norm3": "norm2", "modulation": "scale_shift_table",
-    "head.head": "proj_out", "head.modulation": "scale_shift_table", "patch_embedding": "patch_embedding",
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "time_projection.1": "condition_embedder.time_proj",
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
-}
 PLAN_BLOCKS = {  # block -> (kept heads, kept FFN neurons); None keeps all. Blocks 1 and 4 stay whole.
     0: ((0, 2, 3, 5, 7), tuple(range(0, 512, 2))),
     2: ((1, 6), None),
@@ -62,11 +46,7 @@ PLAN_BLOCKS = {  # block -> (kept heads, kept FFN neurons); None keeps all. Bloc
 }
 
 
-def diffusers_name(module: str) -> str:
-    parts = module.split(".", 2)
-    if parts[0] == "blocks":
-        return f"blocks.{parts[1]}.{DIFFUSERS_NAMES[parts[2]]}"
-    return DIFFUSERS_NAMES[module]
+diffusers_name = diffusers_module
 
 
 STYLES = {  # style -> (module name writer, down suffix, up suffix)
