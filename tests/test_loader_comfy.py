@@ -198,3 +198,16 @@ def test_nodes_listed_with_tooltips(comfy):
                 assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     failed = [ln for ln in comfy.log_text().splitlines() if "IMPORT FAILED" in ln and "comfyui-pare" in ln]
     assert not failed, failed
+
+
+@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast"])
+def test_bf16_prefixed_plain_file_matches_stock_for_every_weight_dtype(comfy, models, weight_dtype):
+    """A plain bf16 Wan file with ComfyUI's 'model.diffusion_model.' prefix, as checkpoints in the wild."""
+    name = "plain_bf16_prefixed.safetensors"
+    if not (models["dm"] / name).exists():
+        sd = {f"model.diffusion_model.{k}": v.to(torch.bfloat16) for k, v in models["teacher"].items()}
+        save_atomic(models["dm"] / name, sd, {})
+    kw = dict(cfg=4.0, steps=2, seed=41)
+    ours = latent(comfy, pare_loader(name, weight_dtype), **kw)
+    stock = latent(comfy, stock_loader(name, weight_dtype), **kw)
+    assert torch.equal(ours, stock)
