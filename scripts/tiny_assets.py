@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint  # noqa: E402
 from comfyui_pare.safetensors_io import save_atomic  # noqa: E402
-from comfyui_pare.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict  # noqa: E402
+from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict  # noqa: E402
 
 ASSET_VERSION = "1"
 CACHE = Path(os.environ.get("PARE_CACHE", Path.home() / ".cache" / "comfyui-pare"))

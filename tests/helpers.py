@@ -9,7 +9,7 @@ import torch
 
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
-from comfyui_pare.tiny import random_wan_state_dict
+from training.tiny import random_wan_state_dict
 from comfyui_pare.wan import WanDims
 
 # Head dim 128 and text dim 4096: what ComfyUI's stock detection assumes, so UNETLoader can load these.

@@ -16,7 +16,7 @@ from comfyui_pare.compute import (
     tokens_for,
 )
 from comfyui_pare.pruned import PrunedWanMeta
-from comfyui_pare.tiny import TINY_T2V
+from training.tiny import TINY_T2V
 from comfyui_pare.wan import WAN21_1_3B, WAN21_14B, BlockWidth, WanDims
 
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from comfyui_pare.lora import LoraPatch
 from comfyui_pare.pruned import PrunedWanMeta, load_checkpoint, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
-from comfyui_pare.tiny import TINY_T2V
+from training.tiny import TINY_T2V
 from comfyui_pare.wan import WanDims
 
 pytestmark = pytest.mark.comfy

@@ -46,7 +46,7 @@ def test_pack_imports_outside_comfyui(tmp_path):
     """The root package registers nodes only inside ComfyUI; the core never imports comfy."""
     link = tmp_path / "comfyui_pare_pack"
     link.symlink_to(REPO, target_is_directory=True)
-    code = ("import sys, comfyui_pare_pack as p, comfyui_pare.router, comfyui_pare.lora, comfyui_pare.model;"
+    code = ("import sys, comfyui_pare_pack as p, comfyui_pare.router, comfyui_pare.lora, comfyui_pare.pruned;"
             "assert not hasattr(p, 'comfy_entrypoint'); assert not any(m == 'comfy' or m.startswith('comfy.') "
             "for m in sys.modules), sorted(m for m in sys.modules if m.startswith('comfy'))")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}

@@ -276,8 +276,8 @@ def branch_router(assets_dir) -> tuple[BlockRouter, np.ndarray]:
 def test_hand_set_router_matches_core_model_reference(routers, assets_dir):
     from safetensors.torch import load_file
 
-    from comfyui_pare.model import WanTransformer
-    from comfyui_pare.sampling import Conditioning, flow_sigmas, initial_noise, ksampler_euler
+    from training.model import WanTransformer
+    from training.sampling import Conditioning, flow_sigmas, initial_noise, ksampler_euler
 
     router, delta = branch_router(assets_dir)
     save_router(routers.base / "models" / "pare_routers" / "r_branch.safetensors", router)

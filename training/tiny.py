@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .pruned import PrunedWanMeta
-from .wan import WanDims
+from comfyui_pare.pruned import PrunedWanMeta
+from comfyui_pare.wan import WanDims
 
 # The project's tiny default: several heads per block (head dim 32) so head pruning has something to choose.
 TINY_T2V = WanDims(dim=256, num_heads=8, ffn_dim=512, num_layers=6, text_dim=64, in_dim=16, out_dim=16)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pruned import PrunedWanMeta, load_checkpoint
-from .wan import CLIP_DIM, FREQ_DIM, PATCH_SIZE, BlockWidth, WanDims
+from comfyui_pare.pruned import PrunedWanMeta, load_checkpoint
+from comfyui_pare.wan import CLIP_DIM, FREQ_DIM, PATCH_SIZE, BlockWidth, WanDims
 
 logger = logging.getLogger(__name__)
 
