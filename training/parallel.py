@@ -1,0 +1,174 @@
+"""torch.distributed for training: one code path from a single CPU process to 8 GPUs x N nodes under ``torchrun``.
+
+* ``init_distributed`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the run is one
+  process and nothing is initialised. NCCL on CUDA, gloo on the CPU.
+* ``wrap_trainable``: ``ddp`` (DistributedDataParallel, every rank holds the whole student: small students) or
+  ``fsdp`` (FSDP2 ``fully_shard`` on every transformer block, then the root: parameters, gradients and optimizer
+  state sharded across ranks). ``none`` for one process.
+* ``shard_frozen``: the frozen teacher, ``fully_shard`` per block with ``reshard_after_forward`` so only one
+  block's full weights exist at a time on each rank; replicated (plain module) otherwise.
+
+The training step draws the *global* batch's randomness from one generator on every rank and each rank takes
+its slice, so a run gives the same result, within float tolerance, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Strategy = Literal["auto", "none", "ddp", "fsdp"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def local_slice(self, global_batch: int) -> slice:
+        """This rank's rows of a global batch (which must divide evenly)."""
+        if global_batch % self.world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by the {self.world_size} ranks")
+        n = global_batch // self.world_size
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        logger.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
+    return DistInfo(rank, world, local, dev)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_strategy(strategy: Strategy, info: DistInfo) -> Strategy:
+    if strategy == "auto":
+        return "ddp" if info.distributed else "none"
+    if strategy in ("ddp", "fsdp") and not info.distributed:
+        return "none"  # the same config runs as one process
+    return strategy
+
+
+def _mesh(info: DistInfo):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(info.device.type, (info.world_size,))
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The units to shard one by one: transformer blocks (``model.blocks``), else the direct children."""
+    blocks = getattr(model, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else list(model.children())
+
+
+def _fully_shard(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None, reshard: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = _mesh(info)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    # Training code may call the pieces of WanTransformer.forward directly (prepare / finish, as stage 2 does):
+    # register them so FSDP gathers the root's parameters for them too.
+    for name in ("prepare", "finish", "patch_embed"):
+        if callable(getattr(model, name, None)):
+            register_fsdp_forward_method(model, name)
+
+
+def wrap_trainable(model: nn.Module, strategy: Strategy, info: DistInfo,
+                   param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Move to the device and wrap for data parallelism. Returns the module to call in the training step.
+
+    ``model`` itself stays the owner of the parameters (FSDP2 shards it in place; DDP wraps it), so state
+    dicts and the optimizer use ``model``. ``param_dtype`` is FSDP2's compute dtype (mixed precision).
+    """
+    strategy = resolve_strategy(strategy, info)
+    model.to(info.device)
+    if strategy == "none":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        _fully_shard(model, info, param_dtype, reshard=True)
+        return model
+    raise ValueError(f"unknown parallel strategy {strategy!r}; use auto, none, ddp or fsdp")
+
+
+def shard_frozen(model: nn.Module, strategy: Strategy, info: DistInfo,
+                 param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Freeze a model (the teacher) and place it: FSDP2-sharded per block under ``fsdp``, else replicated."""
+    model.requires_grad_(False).eval()
+    strategy = resolve_strategy(strategy, info)
+    model.to(info.device)
+    if strategy == "fsdp":
+        _fully_shard(model, info, param_dtype, reshard=True)
+    return model
+
+
+def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Average scalar metrics over the ranks (for logging)."""
+    if not info.distributed or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return {k: float(v) / info.world_size for k, v in zip(values, t.tolist())}
+
+
+def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """The whole model's state on the CPU (gathered from the shards under FSDP2); empty on ranks other than 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=info.distributed)
+    sd = get_model_state_dict(model, options=opts)
+    if not info.is_main:
+        return {}
+    return {k: v.detach().cpu() for k, v in sd.items()}
