@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 PareRouter = io.Custom("PARE_ROUTER")
 CFG_MODES = ["subset", "union"]
+ROUTE_MODES = ["budget", "threshold"]
 # Expert knobs are optional inputs with defaults (ComfyUI 0.3.75's V3 inputs have no advanced= flag yet).
 ADVANCED = {"optional": True}
 CFG_TOOLTIP = ("Under CFG, cond and uncond are batched. When their decisions differ for a block: 'subset' runs the "
@@ -74,12 +75,16 @@ class PAREApplyRouter(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The Wan model to route (pruned or not)."),
                 PareRouter.Input("router", tooltip="From PARE Load Router; must match the model's block count."),
+                io.Combo.Input("mode", options=ROUTE_MODES, default="budget",
+                               tooltip="'budget': spend a fixed fraction of the block compute per step. "
+                                       "'threshold': run each block whose router probability exceeds the "
+                                       "threshold, so the compute follows the router."),
                 io.Float.Input("budget", default=0.75, min=0.0, max=1.0, step=0.01,
-                               tooltip="Fraction of the block compute to spend per step: the router keeps its "
-                                       "highest-scoring blocks within it. 1.0 runs every block."),
-                io.Float.Input("threshold", default=-1.0, min=-1.0, max=1.0, step=0.01, **ADVANCED,
-                               tooltip="-1: decide by budget. 0..1: run a block when the router's probability "
-                                       "exceeds this (the budget is then ignored)."),
+                               tooltip="mode 'budget': fraction of the block compute to spend per step; the router "
+                                       "keeps its highest-scoring blocks within it. 1.0 runs every block."),
+                io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01, **ADVANCED,
+                               tooltip="mode 'threshold': run a block when the router's probability exceeds this. "
+                                       "Ignored in mode 'budget'."),
                 io.Int.Input("pin_first", default=1, min=0, max=64, **ADVANCED,
                              tooltip="Number of first blocks that always run."),
                 io.Int.Input("pin_last", default=1, min=0, max=64, **ADVANCED,
@@ -90,17 +95,20 @@ class PAREApplyRouter(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, router: BlockRouter, budget: float, threshold: float = -1.0, pin_first: int = 1,
+    def execute(cls, model, router: BlockRouter, mode: str, budget: float, threshold: float = 0.5, pin_first: int = 1,
                 pin_last: int = 1, start_percent: float = 0.0, end_percent: float = 1.0,
                 cfg_disagreement: str = "subset") -> io.NodeOutput:
         meta = model_meta(model)
         name = getattr(router, "pare_name", "router")
         check_router_fits(router.spec, meta.dims.num_layers, meta.dims.dim, meta.fingerprint(), source=name,
                           text_dim=meta.dims.text_dim if router.spec.text_dim else None)
-        policy = RoutingPolicy(budget=budget, threshold=None if threshold < 0 else threshold,
+        if mode not in ROUTE_MODES:
+            raise PareError(f"PARE Apply Router: mode must be one of {ROUTE_MODES}, got {mode!r}")
+        by_threshold = mode == "threshold"
+        policy = RoutingPolicy(budget=budget, threshold=threshold if by_threshold else None,
                                pin_first=pin_first, pin_last=pin_last)
         _check_range(start_percent, end_percent, cfg_disagreement)
-        label = f"PARE router {name} (budget {budget:g})" if threshold < 0 else f"PARE router {name} (threshold {threshold:g})"
+        label = f"PARE router {name} ({mode} {threshold if by_threshold else budget:g})"
         template = RoutingTemplate(RouterDecider(router, policy), meta, start_percent, end_percent,
                                    cfg_disagreement, label)
         return io.NodeOutput(apply_routing(model, template))

@@ -51,7 +51,8 @@ def route(router: str | None = None, schedule: str | None = None, count_tag: str
             model = g.add("PARETestCountBlocks", model=out(model), tag=count_tag)
         if router:
             r = g.add("PARELoadRouter", router_name=router)
-            kw = {"budget": 1.0, "threshold": -1.0, "pin_first": 0, "pin_last": 0, **apply}
+            mode = "threshold" if "threshold" in apply else "budget"
+            kw = {"mode": mode, "budget": 1.0, "pin_first": 0, "pin_last": 0, **apply}
             model = g.add("PAREApplyRouter", model=out(model), router=out(r), **kw)
         if schedule:
             model = g.add("PAREStaticSchedule", model=out(model), schedule=schedule, **apply)
