@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .conditioning import PARELoadConditioning
+from .comfy_compat import check_seams
 from .folders import register_folders
 from .loaders import PARELoadPrunedWan
 from .lora import PARELoraLoader
@@ -13,7 +13,6 @@ from .routing_nodes import PAREApplyRouter, PARELoadRouter, PARERoutingReport, P
 # Node IDs are stable forever: deprecate, never rename or delete.
 NODES: list[type[io.ComfyNode]] = [
     PARELoadPrunedWan,
-    PARELoadConditioning,
     PARELoraLoader,
     PARELoadRouter,
     PAREApplyRouter,
@@ -28,5 +27,6 @@ class PareExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> PareExtension:
+    check_seams()  # logs what this ComfyUI lacks; the nodes that need it refuse to run, naming the version
     register_folders()
     return PareExtension()

@@ -31,14 +31,6 @@ def register_folders() -> None:
         logger.info("PARE: no router files yet; put PARE router .safetensors files in %s", " or ".join(paths))
 
 
-def safetensors_in_input() -> list[str]:
-    """Files of the input folder that may hold conditioning tensors."""
-    root = folder_paths.get_input_directory()
-    if not os.path.isdir(root):
-        return []
-    return sorted(f for f in os.listdir(root) if f.endswith(INPUT_SUFFIX))
-
-
 def file_fingerprint(folder: str, name: str) -> str:
     """Path, mtime and size of a model file: a node reloads when the file on disk changes under the same name."""
     path = folder_paths.get_full_path(folder, name)

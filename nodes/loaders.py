@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..comfyui_pare.pruned import describe, load_checkpoint
+from .comfy_compat import require
 from .folders import DIFFUSION_MODELS, file_fingerprint
 from .model_info import attach_meta
 from .wan_model import WEIGHT_DTYPES, build_wan_patcher
@@ -49,6 +50,7 @@ class PARELoadPrunedWan(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:
+        require("PARE Load Pruned Wan")
         path = folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, unet_name)
         sd, meta = load_checkpoint(path)
         patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=path)

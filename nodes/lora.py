@@ -36,6 +36,7 @@ from ..comfyui_pare.lora import (
     to_standard_state_dict,
     weight_key,
 )
+from .comfy_compat import require
 from .folders import LORAS, file_fingerprint
 from .model_info import model_meta
 
@@ -190,6 +191,7 @@ class PARELoraLoader(io.ComfyNode):
     def execute(cls, model: comfy.model_patcher.ModelPatcher, lora_name: str, strength_model: float) -> io.NodeOutput:
         if strength_model == 0:  # as the stock loader: nothing to apply, the input passes through
             return io.NodeOutput(model)
+        require("PARE LoRA Loader")
         path = folder_paths.get_full_path_or_raise(LORAS, lora_name)
         patched, applied, narrowed = apply_lora(model, path, strength_model)
         logger.info("PARE LoRA: applied %d patches from %s (sliced %d modules to the pruned widths)",

@@ -42,7 +42,7 @@ def _free_port() -> int:
 class ComfyServer:
     def __init__(self, base_dir: str | os.PathLike | None = None, comfy_dir: Path = COMFY_DIR,
                  python: str = sys.executable, extra_args: tuple[str, ...] = (),
-                 extra_custom_nodes: tuple[Path, ...] = ()):
+                 extra_custom_nodes: tuple[Path, ...] = (), front_end: bool = False):
         self.comfy_dir = Path(comfy_dir)
         if not (self.comfy_dir / "main.py").exists():
             raise FileNotFoundError(f"no ComfyUI at {self.comfy_dir}; run `make test` or scripts/setup_env.sh first")
@@ -50,6 +50,7 @@ class ComfyServer:
         self.base = Path(base_dir or tempfile.mkdtemp(prefix="pare-comfy-"))
         self.python = python
         self.extra_args = extra_args
+        self.front_end = front_end  # True: serve the installed comfyui-frontend-package (the browser test)
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
@@ -65,11 +66,13 @@ class ComfyServer:
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         self.port = _free_port()
-        front = self.base / "front-end-empty"
-        front.mkdir(exist_ok=True)
+        front: list[str] = []
+        if not self.front_end:  # no UI needed: an empty root spares importing the front-end package
+            (self.base / "front-end-empty").mkdir(exist_ok=True)
+            front = ["--front-end-root", str(self.base / "front-end-empty")]
         cmd = [self.python, str(self.comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1",
                "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes",
-               "--front-end-root", str(front), "--base-directory", str(self.base), *self.extra_args]
+               *front, "--base-directory", str(self.base), *self.extra_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env)

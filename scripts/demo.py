@@ -79,7 +79,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="[demo] %(message)s")
     OUT.mkdir(exist_ok=True)
     base = OUT / "comfy-base"
-    server = ComfyServer(base_dir=base)
+    # The tiny models have no text encoder: the test pack's stored-conditioning loader stands in until the toy
+    # world's text encoder drives the demo.
+    server = ComfyServer(base_dir=base, extra_custom_nodes=(REPO / "tests" / "comfy_test_nodes",))
     tiny_assets.install_assets(base)
     plan = OUT / "tiny_plan.json"
     plan.write_text(json.dumps(demo_plan()))

@@ -182,7 +182,7 @@ def test_bad_inputs_fail_clearly_and_server_keeps_serving(comfy, models, tmp_pat
     assert not marker.exists(), "a pickle file was unpickled"
 
 
-PACK_NODES = ("PARELoadPrunedWan", "PARELoadConditioning", "PARELoraLoader", "PARELoadRouter", "PAREApplyRouter",
+PACK_NODES = ("PARELoadPrunedWan", "PARELoraLoader", "PARELoadRouter", "PAREApplyRouter",
               "PAREStaticSchedule", "PARERoutingReport")
 
 

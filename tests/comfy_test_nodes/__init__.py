@@ -1,4 +1,5 @@
-"""Test-only ComfyUI nodes (never shipped): count how often each Wan block really executes.
+"""Test-only ComfyUI nodes (never shipped): count how often each Wan block really executes; load stored
+conditioning for the tiny models (conditioning.py).
 
 PARETestCountBlocks object-patches every block's ``forward`` with a counter, so the count is taken inside
 the block itself, independently of PARE's own bookkeeping. PARETestReadCounts returns the counts as JSON
@@ -11,6 +12,8 @@ import json
 from collections import defaultdict
 
 from comfy_api.latest import ComfyExtension, io
+
+from .conditioning import PARELoadConditioning
 
 COUNTS: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
 
@@ -76,7 +79,7 @@ class PARETestOffsetBlock(io.ComfyNode):
 
 class _Ext(ComfyExtension):
     async def get_node_list(self):
-        return [PARETestCountBlocks, PARETestReadCounts, PARETestOffsetBlock]
+        return [PARETestCountBlocks, PARETestReadCounts, PARETestOffsetBlock, PARELoadConditioning]
 
 
 async def comfy_entrypoint():

@@ -1,21 +1,32 @@
-"""PARE Load Conditioning: text (and CLIP-vision) embeddings saved as tensors, for tiny and test models.
+"""PARE Load Conditioning (test-only): text (and CLIP-vision) embeddings saved as tensors, for the tiny models.
 
 A real Wan2.1 is conditioned by umT5-XXL through the stock CLIP nodes. Tiny Wan models (other text dims) and
 reproducible tests need conditioning without a 5.7B text encoder: this node reads a safetensors file from
 the input folder holding ``context`` [L, text_dim] or [B, L, text_dim] and, for I2V, optionally ``clip_fea``
-[257, 1280] (CLIP ViT-H penultimate states), and returns ComfyUI CONDITIONING.
+[257, 1280] (CLIP ViT-H penultimate states), and returns ComfyUI CONDITIONING. It is not shipped: artists use the
+stock text encoder nodes (real Wan) or PARE Toy Text Encode (toy world). The node ID is kept from when it was.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
 
 import folder_paths
 import torch
 from comfy.clip_vision import Output as ClipVisionOutput
 from comfy_api.latest import io
 
-from ..comfyui_pare.errors import PareFormatError
-from ..comfyui_pare.safetensors_io import load_tensors
-from .folders import safetensors_in_input
+# The core of the checkout these tests belong to (ComfyUI loads this pack from its own folder).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from comfyui_pare.errors import PareFormatError  # noqa: E402
+from comfyui_pare.safetensors_io import load_tensors  # noqa: E402
+
+
+def safetensors_in_input() -> list[str]:
+    root = folder_paths.get_input_directory()
+    return sorted(f for f in os.listdir(root) if f.endswith(".safetensors")) if os.path.isdir(root) else []
 
 
 def _batched(t: torch.Tensor, key: str, path: str, last: int | None = None) -> torch.Tensor:
@@ -33,7 +44,7 @@ class PARELoadConditioning(io.ComfyNode):
         return io.Schema(
             node_id="PARELoadConditioning",
             display_name="PARE Load Conditioning (tensors)",
-            category="PARE/conditioning",
+            category="testing",
             description=(
                 "Loads precomputed conditioning from a .safetensors file in the input folder: 'context' "
                 "[L, text_dim] text embeddings and optional 'clip_fea' [257, 1280] image features (I2V). Used by "

@@ -1,0 +1,153 @@
+"""Every ComfyUI internal the pack relies on, in one place, checked when the pack loads.
+
+The nodes use ComfyUI's public node API (``comfy_api.latest``, V3) and a handful of internals that ComfyUI does not
+promise to keep. Each internal is listed here as a ``Seam``: what it is, which node needs it, and how to check
+that the running ComfyUI still has it. ``check_seams`` runs at start-up and logs every missing seam once;
+``require`` is called by a node before it touches a seam and raises ``ComfyVersionError`` naming the ComfyUI
+version the pack needs, instead of an AttributeError deep inside a sampler.
+
+Checked against the pinned ComfyUI 0.3.75 (the tests run on it) and, by reading, against the newest ComfyUI source
+available to us (comfyanonymous/ComfyUI, 0.8.x, 2026): ``wan_attn_block_class`` and the
+``patches_replace["dit"][("double_block", i)]`` seam in ``WanModel.forward_orig`` are unchanged; the DIFFUSION_MODEL
+wrapper still wraps ``WanModel._forward(x, timestep, context, clip_fea, time_dim_concat, transformer_options)``;
+``ModelPatcher._load_list`` still skips modules that have parametrised children (so Wan's ``modulation`` tables still
+need the pack's ON_LOAD merge); its tuples grew from 4 to 5 fields, which the pack does not read.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from ..comfyui_pare.errors import PareError
+
+logger = logging.getLogger(__name__)
+
+TESTED_COMFYUI = "0.3.75"
+NEEDS = f"comfyui-pare needs ComfyUI {TESTED_COMFYUI} or a later version that still has it (tested: {TESTED_COMFYUI})"
+
+
+class ComfyVersionError(PareError):
+    """The running ComfyUI lacks an internal the pack relies on."""
+
+
+@dataclass(frozen=True)
+class Seam:
+    name: str
+    used_by: str
+    check: Callable[[], bool]
+
+
+def _attr(module: str, *path: str) -> Callable[[], bool]:
+    def check() -> bool:
+        obj = importlib.import_module(module)
+        for part in path:
+            obj = getattr(obj, part)
+        return True
+    return check
+
+
+def _params(module: str, qualname: str, *names: str) -> Callable[[], bool]:
+    def check() -> bool:
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        params = inspect.signature(obj).parameters
+        return all(n in params for n in names)
+    return check
+
+
+def _source_has(module: str, qualname: str, *snippets: str) -> Callable[[], bool]:
+    """For seams that are conventions inside a function body (dict keys), not names we can getattr."""
+    def check() -> bool:
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        source = inspect.getsource(obj)
+        return all(s in source for s in snippets)
+    return check
+
+
+WAN = "comfy.ldm.wan.model"
+MP = "comfy.model_patcher"
+SEAMS: tuple[Seam, ...] = (
+    Seam("comfy_api.latest V3 node schema (io.ComfyNode, ComfyExtension)", "every node",
+         _attr("comfy_api.latest", "ComfyExtension")),
+    Seam("WanModel(wan_attn_block_class=...) builds each block through a factory", "PARE Load Pruned Wan",
+         _params(WAN, "WanModel.__init__", "wan_attn_block_class")),
+    Seam("WanAttentionBlock(cross_attn_type, dim, ffn_dim, num_heads, ..., operation_settings)",
+         "PARE Load Pruned Wan", _params(WAN, "WanAttentionBlock.__init__", "cross_attn_type", "dim", "ffn_dim",
+                                         "num_heads", "operation_settings")),
+    Seam("comfy.model_detection.detect_unet_config / model_config_from_unet_config", "PARE Load Pruned Wan",
+         lambda: _attr("comfy.model_detection", "detect_unet_config")() and
+         _attr("comfy.model_detection", "model_config_from_unet_config")()),
+    Seam("comfy.model_management.unet_dtype / unet_manual_cast / unet_offload_device", "PARE Load Pruned Wan",
+         lambda: all(_attr("comfy.model_management", n)() for n in ("unet_dtype", "unet_manual_cast",
+                                                                     "unet_offload_device", "get_torch_device"))),
+    Seam("patches_replace['dit'][('double_block', i)] per-block replace in WanModel.forward_orig",
+         "PARE Apply Router, PARE Static Block Schedule",
+         _source_has(WAN, "WanModel.forward_orig", '("double_block", i)', '"original_block"')),
+    Seam("ModelPatcher.set_model_patch_replace", "PARE Apply Router, PARE Static Block Schedule",
+         _attr(MP, "ModelPatcher", "set_model_patch_replace")),
+    Seam("WrappersMP.OUTER_SAMPLE / DIFFUSION_MODEL and ModelPatcher.add_wrapper_with_key / "
+         "remove_wrappers_with_key", "PARE Apply Router, PARE Static Block Schedule",
+         lambda: _attr("comfy.patcher_extension", "WrappersMP", "OUTER_SAMPLE")()
+         and _attr("comfy.patcher_extension", "WrappersMP", "DIFFUSION_MODEL")()
+         and _attr(MP, "ModelPatcher", "add_wrapper_with_key")() and _attr(MP, "ModelPatcher", "remove_wrappers_with_key")()),
+    Seam("DIFFUSION_MODEL wrapper arguments (x, timestep, context, clip_fea, time_dim_concat, transformer_options)",
+         "PARE Apply Router, PARE Static Block Schedule",
+         _params(WAN, "WanModel._forward", "x", "timestep", "context", "clip_fea", "time_dim_concat",
+                 "transformer_options")),
+    Seam("comfy.model_patcher.create_model_options_clone", "PARE Apply Router, PARE Static Block Schedule",
+         _attr(MP, "create_model_options_clone")),
+    Seam("model_sampling.percent_to_sigma (schedule positions as sigmas)", "PARE Apply Router, PARE Static Block Schedule",
+         _attr("comfy.model_sampling", "ModelSamplingDiscreteFlow", "percent_to_sigma")),
+    Seam("transformer_options['sigmas'] / ['cond_or_uncond'] set per model call", "PARE Apply Router",
+         _source_has("comfy.samplers", "_calc_cond_batch", '"cond_or_uncond"', '"sigmas"')),
+    Seam("comfy.lora.load_lora(..., log_missing=)", "PARE LoRA Loader", _params("comfy.lora", "load_lora", "log_missing")),
+    Seam("ModelPatcher.add_patches / patch_weight_to_device / backup", "PARE LoRA Loader",
+         lambda: all(_attr(MP, "ModelPatcher", n)() for n in ("add_patches", "patch_weight_to_device",
+                                                               "model_state_dict"))),
+    Seam("ModelPatcher._load_list skips modules with parametrised children (Wan modulation tables)",
+         "PARE LoRA Loader", _attr(MP, "ModelPatcher", "_load_list")),
+    Seam("CallbacksMP.ON_LOAD and ModelPatcher.add_callback_with_key / remove_callbacks_with_key",
+         "PARE LoRA Loader",
+         lambda: _attr("comfy.patcher_extension", "CallbacksMP", "ON_LOAD")()
+         and _attr(MP, "ModelPatcher", "add_callback_with_key")()
+         and _attr(MP, "ModelPatcher", "remove_callbacks_with_key")()),
+    Seam("folder_paths.add_model_folder_path(is_default=) / folder_names_and_paths", "PARE Load Router",
+         _params("folder_paths", "add_model_folder_path", "is_default")),
+)
+
+
+@functools.cache
+def _present(seam: Seam) -> bool:
+    try:
+        return bool(seam.check())
+    except (ImportError, AttributeError, TypeError, ValueError, OSError):
+        return False
+
+
+def missing_seams() -> list[Seam]:
+    return [s for s in SEAMS if not _present(s)]
+
+
+def check_seams() -> list[Seam]:
+    """Log each internal this ComfyUI lacks (once, at start-up); the nodes that need it will refuse to run."""
+    missing = missing_seams()
+    for seam in missing:
+        logger.error("comfyui-pare: this ComfyUI lacks %s (needed by %s). %s.", seam.name, seam.used_by, NEEDS)
+    return missing
+
+
+def require(*used_by: str) -> None:
+    """Raise ComfyVersionError if any seam used by the named node is missing."""
+    missing = [s for s in SEAMS if any(u in s.used_by for u in used_by) and not _present(s)]
+    if missing:
+        names = "; ".join(s.name for s in missing)
+        raise ComfyVersionError(f"{', '.join(used_by)} cannot run on this ComfyUI: it lacks {names}. {NEEDS}. "
+                                "Update ComfyUI, or install the comfyui-pare release made for your ComfyUI.")
