@@ -1,27 +1,30 @@
-"""Command line: ``python -m comfyui_pare {prune,inspect} ...``."""
+"""Command line: ``python -m comfyui_pare {prune,inspect,compute,lora-slice} ...``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 
 from .compute import embed_head_macs, model_block_macs, sum_macs, tokens_for
 from .errors import PareError
 from .lora_cli import add_lora_slice_parser
-from .pruned import PrunedWanMeta, describe, load_checkpoint, read_meta, save_checkpoint
-from .surgery import PrunePlan, prune_state_dict
+from .pruned import PrunedWanMeta, describe
+from .surgery import PrunePlan, prune_file
+from .wan_reader import open_wan
 
 logger = logging.getLogger("comfyui_pare")
 
 
 def _prune(args: argparse.Namespace) -> int:
     plan = PrunePlan.load(args.plan)
-    sd, meta = load_checkpoint(args.teacher)
-    student, student_meta = prune_state_dict(sd, meta, plan)
-    save_checkpoint(args.out, student, student_meta)
+    with open_wan(args.teacher) as reader:
+        if any(os.path.exists(args.out) and os.path.samefile(args.out, f) for f in reader.files):
+            raise PareError(f"--out {args.out} is the teacher file itself; write the student to a new file")
+        student_meta = prune_file(reader, plan, args.out)
     summary = describe(student_meta)
     logger.info(
         "wrote %s: %.1f%% of heads, %.1f%% of FFN neurons kept",
@@ -31,14 +34,16 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    meta, _ = read_meta(args.file)
-    json.dump(describe(meta), sys.stdout, indent=2 if args.pretty else None)
+    with open_wan(args.file) as reader:
+        report = {**describe(reader.meta), "file": reader.describe_format()}
+    json.dump(report, sys.stdout, indent=2 if args.pretty else None)
     sys.stdout.write("\n")
     return 0
 
 
 def _compute(args: argparse.Namespace) -> int:
-    meta, _ = read_meta(args.file)
+    with open_wan(args.file) as reader:
+        meta = reader.meta
     tokens = tokens_for(args.frames, args.height, args.width)
     student = sum_macs(model_block_macs(meta, tokens))
     teacher = sum_macs(model_block_macs(PrunedWanMeta.teacher(meta.dims), tokens))
@@ -60,16 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m comfyui_pare", description="PARE tools for Wan2.1 checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prune", help="narrow a Wan checkpoint to the heads / FFN neurons a plan keeps")
-    p.add_argument("--teacher", required=True, help="input Wan2.1 safetensors (plain or already pruned)")
+    p.add_argument("--teacher", required=True, help="input Wan2.1 checkpoint: a .safetensors (plain, ComfyUI, diffusers, fp8_scaled or already pruned), a sharded release's .index.json, or its folder")
     p.add_argument("--plan", required=True, help='plan.json: {"blocks": [{"heads": [...], "ffn": [...]}, ...]}')
     p.add_argument("--out", required=True, help="output safetensors (written atomically)")
     p.set_defaults(func=_prune)
-    p = sub.add_parser("inspect", help="print a checkpoint's per-block widths and metadata as JSON")
-    p.add_argument("file")
+    p = sub.add_parser("inspect", help="print a checkpoint's layout, per-block widths and metadata as JSON")
+    p.add_argument("file", help="a Wan2.1 checkpoint in any layout (file, index or folder)")
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("compute", help="per-step block compute (MACs per part) of a checkpoint vs its teacher")
-    p.add_argument("file")
+    p.add_argument("file", help="a Wan2.1 checkpoint in any layout (file, index or folder)")
     p.add_argument("--frames", type=int, default=81, help="video frames (default 81)")
     p.add_argument("--height", type=int, default=480, help="video height in pixels (default 480)")
     p.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")

@@ -28,7 +28,7 @@ import torch
 from .errors import PareFormatError, shape_error
 from .pruned import PrunedWanMeta
 from .safetensors_io import load_tensors
-from .wan import BlockWidth, WanDims, model_shapes
+from .wan import DIFFUSERS_BLOCK, DIFFUSERS_GLOBAL, BlockWidth, WanDims, model_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -45,31 +45,6 @@ GLOBAL_MODULES = (
     "time_projection.1", "head.head", "head.modulation",
     "img_emb.proj.0", "img_emb.proj.1", "img_emb.proj.3", "img_emb.proj.4",
 )
-# diffusers' WanTransformer3DModel names -> original names. diffusers' block ``norm2`` is the affine cross-attention
-# norm (original ``norm3``); its ``norm1``/``norm3`` have no parameters, so they can never carry a LoRA.
-DIFFUSERS_BLOCK = {
-    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
-    "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
-    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
-    "attn2.to_out.0": "cross_attn.o", "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
-    "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
-    "attn2.norm_added_k": "cross_attn.norm_k_img",
-    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2", "norm2": "norm3", "scale_shift_table": "modulation",
-}
-DIFFUSERS_GLOBAL = {
-    "patch_embedding": "patch_embedding",
-    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
-    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
-    "condition_embedder.time_proj": "time_projection.1",
-    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
-    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
-    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
-    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
-    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
-    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
-    "proj_out": "head.head",
-    "scale_shift_table": "head.modulation",
-}
 # ``lora_unet_`` keys replace every dot by "_", which is ambiguous (ffn_0, norm_k_img, time_projection_1), so they
 # are looked up in tables of the known names instead of split blindly. ``lora_unet__`` is Wan-Fun's variant.
 _UNDERSCORED_BLOCK = {k.replace(".", "_"): v for k, v in

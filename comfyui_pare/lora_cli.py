@@ -9,8 +9,8 @@ import os
 
 from .errors import PareError
 from .lora import check_lora_base, load_lora_file, slice_lora, to_standard_state_dict
-from .pruned import read_meta
 from .safetensors_io import save_atomic
+from .wan_reader import open_wan
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +23,11 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def run_lora_slice(args: argparse.Namespace) -> int:
-    for other in (args.model, args.lora):
+    for other in (args.lora, *([args.model] if os.path.isfile(args.model) else [])):
         if _same_file(args.out, other):
             raise PareError(f"--out {args.out} is the same file as an input ({other}); write to a new file")
-    meta, _ = read_meta(args.model)  # header only: the model's tensors are never loaded
+    with open_wan(args.model) as reader:  # headers only: the model's tensors are never loaded
+        meta = reader.meta
     parsed = load_lora_file(args.lora)
     check_lora_base(parsed, meta.dims, args.lora)
     if parsed.unmatched:
@@ -50,7 +51,7 @@ def add_lora_slice_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentP
         "lora-slice",
         help="slice a LoRA trained on the full Wan2.1 teacher to a pruned student's kept heads / FFN neurons",
     )
-    p.add_argument("--model", required=True, help="the pruned student safetensors (only its header is read)")
+    p.add_argument("--model", required=True, help="the pruned student (only its header is read), or any Wan2.1 checkpoint the reader knows")
     p.add_argument("--lora", required=True, help="LoRA safetensors for the teacher, in any common key style")
     p.add_argument("--out", required=True, help="output LoRA safetensors (diffusion_model.* keys, written atomically)")
     p.set_defaults(func=run_lora_slice)

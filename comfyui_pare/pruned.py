@@ -23,12 +23,12 @@ from typing import Mapping
 import torch
 
 from .errors import PareFormatError, shape_error
-from .safetensors_io import load_tensors, read_header, save_atomic
-from .wan import DEFAULT_HEAD_DIM, BlockWidth, WanDims, model_shapes, strip_prefix
+from .safetensors_io import save_atomic
+from .wan import DEFAULT_HEAD_DIM, BlockWidth, WanDims, model_shapes
 
 FORMAT_VERSION = 1
 METADATA_KEY = "pare"
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 @dataclass(frozen=True)
@@ -145,52 +145,66 @@ def _infer_plain_meta(shapes: Mapping[str, tuple[int, ...]], path: str) -> Prune
     return PrunedWanMeta.teacher(dims)
 
 
-def read_meta(path: str | os.PathLike) -> tuple[PrunedWanMeta, str]:
-    """Validate a Wan checkpoint's header (keys, shapes, dtypes, metadata) without loading tensors.
+def meta_from_header(metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], path: str) -> PrunedWanMeta:
+    """The PARE metadata of a file's header, or (a plain Wan file) the teacher its shapes describe."""
+    if METADATA_KEY not in metadata:
+        return _infer_plain_meta(shapes, path)
+    try:
+        obj = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise PareFormatError(f"{path}: PARE metadata is not valid JSON ({e})") from e
+    return PrunedWanMeta.from_json(obj, source=path)
 
-    Returns the metadata and the key prefix the file uses ('' or e.g. 'model.diffusion_model.').
+
+def check_tensors(
+    meta: PrunedWanMeta, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str], path: str,
+    stored_name=lambda key: key, has_metadata: bool = False,
+) -> None:
+    """Every expected tensor present with its shape and a float dtype, and nothing else.
+
+    ``shapes`` / ``dtypes`` use original keys without prefix; ``stored_name`` gives the name a key has in the file,
+    so errors name what the user can find there.
     """
-    path = str(path)
-    entries, metadata = read_header(path)
-    prefix = strip_prefix(list(entries))
-    shapes = {k[len(prefix):]: tuple(v.get("shape", ())) for k, v in entries.items() if k.startswith(prefix)}
-    others = [k for k in entries if not k.startswith(prefix)]
-    if METADATA_KEY in metadata:
-        try:
-            obj = json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise PareFormatError(f"{path}: PARE metadata is not valid JSON ({e})") from e
-        meta = PrunedWanMeta.from_json(obj, source=path)
-    else:
-        meta = _infer_plain_meta(shapes, path)
     expected = meta.expected_shapes()
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise PareFormatError(
             f"{path}: {len(missing)} tensor(s) missing for a {meta.dims.variant} Wan with {meta.dims.num_layers} "
-            f"blocks, e.g. '{prefix}{missing[0]}' (expected shape {list(expected[missing[0]])})"
+            f"blocks, e.g. '{stored_name(missing[0])}' (expected shape {list(expected[missing[0]])})"
         )
-    extra = [k for k in shapes if k not in expected] + others
+    extra = [k for k in shapes if k not in expected]
     if extra:
         raise PareFormatError(
             f"{path}: {len(extra)} unexpected tensor(s) for a {meta.dims.variant} Wan2.1 with "
-            f"{meta.dims.num_layers} blocks, e.g. '{extra[0]}'"
+            f"{meta.dims.num_layers} blocks, e.g. '{stored_name(extra[0])}'"
         )
     for key, want in expected.items():
         if shapes[key] != want:
-            raise shape_error(path, prefix + key, want, shapes[key], "shape disagrees with the PARE metadata"
-                              if METADATA_KEY in metadata else "")
-        dtype = entries[prefix + key].get("dtype")
-        if dtype not in _FLOAT_DTYPES:
-            raise PareFormatError(f"{path}: tensor '{prefix}{key}' has dtype {dtype}; Wan weights are floating point")
-    return meta, prefix
+            raise shape_error(path, stored_name(key), want, shapes[key],
+                              "shape disagrees with the PARE metadata" if has_metadata else "")
+        if dtypes[key] not in FLOAT_DTYPES:
+            raise PareFormatError(
+                f"{path}: tensor '{stored_name(key)}' has dtype {dtypes[key]}; Wan weights are floating point")
+
+
+def read_meta(path: str | os.PathLike) -> tuple[PrunedWanMeta, str]:
+    """Validate a Wan checkpoint's headers without loading tensors: (metadata, the key prefix the file uses).
+
+    Kept for callers of the single-file API; ``wan_reader.open_wan`` reads every layout.
+    """
+    from .wan_reader import open_wan  # the reader builds on this module
+
+    with open_wan(path) as reader:
+        return reader.meta, reader.prefix
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
-    """Load and validate a (pruned or plain) Wan2.1 checkpoint; keys come back without any tool prefix."""
-    meta, prefix = read_meta(path)
-    tensors, _ = load_tensors(path)
-    return {k[len(prefix):]: v for k, v in tensors.items()}, meta
+    """Load and validate a Wan2.1 checkpoint in any layout; original keys, tensors as stored (scales applied
+    for fp8_scaled files). See ``wan_reader.open_wan`` for streaming and the raw scaled layout."""
+    from .wan_reader import open_wan  # the reader builds on this module
+
+    with open_wan(path) as reader:
+        return reader.state_dict(), reader.meta
 
 
 def save_checkpoint(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], meta: PrunedWanMeta) -> None:

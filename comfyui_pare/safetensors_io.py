@@ -16,7 +16,6 @@ from typing import Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import PareFileError
 
@@ -87,22 +86,121 @@ def load_tensors(path: str | os.PathLike, keys: list[str] | None = None) -> tupl
     return out, metadata
 
 
+# torch dtype <-> safetensors dtype name (the subset model files use).
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+def torch_dtype(name: str, where: str = "tensor") -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; a clear error for one torch cannot hold."""
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise PareFileError(f"{where}: safetensors dtype {name!r} is not supported") from None
+
+
+class StreamingWriter:
+    """Write a safetensors file one tensor at a time, atomically.
+
+    The header (every key's dtype and shape) is written first, so the caller declares the tensors up front and then
+    hands them over in ``order``, one by one; nothing but the tensor being written is held. Tensors are laid out by
+    element size, largest first, so every tensor starts at an offset aligned to its element size, as safetensors'
+    own writer does. The data goes to a temporary file in the target folder, which is renamed into place only when
+    every declared tensor was written; on any error it is removed.
+    """
+
+    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        for key, (dtype, _) in specs.items():
+            if dtype not in DTYPE_NAMES:
+                raise PareFileError(f"{self.path}: cannot write tensor '{key}' of dtype {dtype}")
+        # Stable sort: within one element size the caller's order is kept.
+        self.order: list[str] = sorted(specs, key=lambda k: -specs[k][0].itemsize)
+        self._specs = {k: (specs[k][0], tuple(int(n) for n in specs[k][1])) for k in self.order}
+        self._metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._next = 0
+        self._file = None
+        self._tmp: str | None = None
+
+    def _header(self) -> bytes:
+        header: dict = {"__metadata__": self._metadata} if self._metadata else {}
+        offset = 0
+        for key in self.order:
+            dtype, shape = self._specs[key]
+            size = dtype.itemsize
+            for n in shape:
+                size *= n
+            header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8)  # the data starts 8-aligned, as safetensors pads it
+
+    def __enter__(self) -> "StreamingWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._file = os.fdopen(fd, "wb")
+        header = self._header()
+        self._file.write(struct.pack("<Q", len(header)))
+        self._file.write(header)
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; it must be ``order[i]`` with its declared dtype and shape."""
+        if self._file is None:
+            raise RuntimeError("StreamingWriter.write outside its 'with' block")
+        if self._next >= len(self.order) or key != self.order[self._next]:
+            want = self.order[self._next] if self._next < len(self.order) else "nothing (all written)"
+            raise PareFileError(f"{self.path}: tensor '{key}' written out of order; expected {want}")
+        dtype, shape = self._specs[key]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise PareFileError(f"{self.path}: tensor '{key}' is {tensor.dtype} {list(tensor.shape)}, but the header "
+                                f"declares {dtype} {list(shape)}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self._next != len(self.order):
+                raise PareFileError(f"{self.path}: only {self._next} of {len(self.order)} declared tensors were "
+                                    f"written (next: '{self.order[self._next]}')")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            if exc_type is None:
+                os.chmod(self._tmp, _mode_from_umask())  # mkstemp makes 0600; a model file is as readable as any
+                os.replace(self._tmp, self.path)
+        finally:
+            if not self._file.closed:
+                self._file.close()
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+            self._file = None
+
+
+def _mode_from_umask() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask."""
+    try:  # Linux reports the umask without changing it (os.umask would, process-wide, for a moment)
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_atomic(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write a safetensors file via a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file should be as readable as any other
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    with StreamingWriter(path, specs, metadata) as writer:
+        for key in writer.order:
+            writer.write(key, tensors[key])
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -113,7 +211,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, _mode_from_umask())  # mkstemp makes 0600; as open() would, the umask decides
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

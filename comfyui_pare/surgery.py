@@ -7,15 +7,20 @@ kept indices in the teacher's numbering; pruning an already-pruned file keeps a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from .errors import PareFormatError
 from .pruned import PrunedWanMeta
+from .safetensors_io import StreamingWriter
 from .wan import BlockWidth, block_prefix
+from .wan_reader import SCALE_INPUT, SCALE_WEIGHT, SCALED_FP8_MARKER, WanReader
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,12 +86,19 @@ def _positions(kept_now: tuple[int, ...], wanted: tuple[int, ...], total: int, w
     return pos
 
 
-def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
-    return torch.index_select(t, dim, idx).contiguous()
+@dataclass(frozen=True)
+class Selection:
+    """The kept slices of one tensor along one axis (positions in the input tensor)."""
+
+    dim: int
+    index: torch.Tensor
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(t, self.dim, self.index).contiguous()
 
 
-def prune_block(sd: dict[str, torch.Tensor], meta: PrunedWanMeta, i: int, plan: BlockPlan) -> BlockWidth:
-    """Narrow block ``i`` of ``sd`` in place; returns its new widths (teacher numbering)."""
+def block_selections(meta: PrunedWanMeta, i: int, plan: BlockPlan) -> tuple[dict[str, Selection], BlockWidth]:
+    """What block ``i`` keeps of each narrowed tensor, and its new widths (teacher numbering)."""
     dims, now = meta.dims, meta.blocks[i]
     heads = plan.heads if plan.heads is not None else now.heads
     ffn = plan.ffn if plan.ffn is not None else now.ffn
@@ -96,29 +108,69 @@ def prune_block(sd: dict[str, torch.Tensor], meta: PrunedWanMeta, i: int, plan: 
 
     hd = dims.head_dim
     rows = torch.tensor([p_ * hd + c for p_ in hpos for c in range(hd)], dtype=torch.long)
-    for name in ("q", "k", "v"):
-        sd[f"{p}self_attn.{name}.weight"] = _take(sd[f"{p}self_attn.{name}.weight"], 0, rows)
-        sd[f"{p}self_attn.{name}.bias"] = _take(sd[f"{p}self_attn.{name}.bias"], 0, rows)
-    for name in ("norm_q", "norm_k"):
-        sd[f"{p}self_attn.{name}.weight"] = _take(sd[f"{p}self_attn.{name}.weight"], 0, rows)
-    sd[f"{p}self_attn.o.weight"] = _take(sd[f"{p}self_attn.o.weight"], 1, rows)
-
     neurons = torch.tensor(fpos, dtype=torch.long)
-    sd[f"{p}ffn.0.weight"] = _take(sd[f"{p}ffn.0.weight"], 0, neurons)
-    sd[f"{p}ffn.0.bias"] = _take(sd[f"{p}ffn.0.bias"], 0, neurons)
-    sd[f"{p}ffn.2.weight"] = _take(sd[f"{p}ffn.2.weight"], 1, neurons)
-    return BlockWidth(heads, ffn)
+    sel: dict[str, Selection] = {}
+    for name in ("q", "k", "v"):
+        sel[f"{p}self_attn.{name}.weight"] = sel[f"{p}self_attn.{name}.bias"] = Selection(0, rows)
+    for name in ("norm_q", "norm_k"):
+        sel[f"{p}self_attn.{name}.weight"] = Selection(0, rows)
+    sel[f"{p}self_attn.o.weight"] = Selection(1, rows)
+    sel[f"{p}ffn.0.weight"] = sel[f"{p}ffn.0.bias"] = Selection(0, neurons)
+    sel[f"{p}ffn.2.weight"] = Selection(1, neurons)
+    return sel, BlockWidth(heads, ffn)
+
+
+def plan_selections(meta: PrunedWanMeta, plan: PrunePlan) -> tuple[dict[str, Selection], PrunedWanMeta]:
+    """Every narrowed tensor's selection for ``plan``, and the metadata of the result."""
+    if len(plan.blocks) != meta.dims.num_layers:
+        raise PareFormatError(
+            f"plan has {len(plan.blocks)} block entries but the model has {meta.dims.num_layers} blocks "
+            "(one entry per block; an empty object {} keeps a block whole)"
+        )
+    sel: dict[str, Selection] = {}
+    widths = []
+    for i, bp in enumerate(plan.blocks):
+        block_sel, width = block_selections(meta, i, bp)
+        sel.update(block_sel)
+        widths.append(width)
+    return sel, PrunedWanMeta(meta.dims, tuple(widths))
 
 
 def prune_state_dict(
     sd: Mapping[str, torch.Tensor], meta: PrunedWanMeta, plan: PrunePlan
 ) -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
     """Return a new state dict narrowed by ``plan`` and its metadata. The input is not modified."""
-    if len(plan.blocks) != meta.dims.num_layers:
-        raise PareFormatError(
-            f"plan has {len(plan.blocks)} block entries but the model has {meta.dims.num_layers} blocks "
-            "(one entry per block; an empty object {} keeps a block whole)"
-        )
-    out = dict(sd)
-    widths = tuple(prune_block(out, meta, i, bp) for i, bp in enumerate(plan.blocks))
-    return out, PrunedWanMeta(meta.dims, widths)
+    sel, out_meta = plan_selections(meta, plan)
+    return {k: sel[k].apply(v) if k in sel else v for k, v in sd.items()}, out_meta
+
+
+def prune_file(reader: WanReader, plan: PrunePlan, out: str | os.PathLike) -> PrunedWanMeta:
+    """Write the student of ``plan`` to ``out``, streaming: one input tensor is held at a time.
+
+    The student is in the original layout whatever the input's. A scaled fp8 input gives a scaled student: each
+    weight keeps its stored fp8 values and its own 0-d ``scale_weight`` / ``scale_input`` (a per-tensor scale is the
+    same for every row and column kept), and the ``scaled_fp8`` marker is kept as stored.
+    """
+    sel, out_meta = plan_selections(reader.meta, plan)
+    shapes = out_meta.expected_shapes()
+    sources: dict[str, Callable[[], torch.Tensor]] = {}
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for key in reader.keys():
+        specs[key] = (reader.dtype(key), shapes[key])
+        sources[key] = (lambda k=key: sel[k].apply(reader.tensor(k))) if key in sel else (lambda k=key: reader.tensor(k))
+        base = key[: -len(".weight")]
+        for kind, tensor in ((SCALE_WEIGHT, reader.scale(key)), (SCALE_INPUT, reader.input_scale(key))):
+            if tensor is not None:  # 0-d: read now, they are tiny
+                specs[f"{base}.{kind}"] = (tensor.dtype, tuple(tensor.shape))
+                sources[f"{base}.{kind}"] = lambda t=tensor: t
+    marker = reader.marker()
+    if marker is not None:
+        specs[SCALED_FP8_MARKER] = (marker.dtype, tuple(marker.shape))
+        sources[SCALED_FP8_MARKER] = lambda: marker
+    with StreamingWriter(out, specs, out_meta.to_header()) as writer:
+        step = max(1, len(writer.order) // 10)
+        for n, key in enumerate(writer.order, 1):
+            writer.write(key, sources[key]())
+            if n % step == 0 or n == len(writer.order):  # the pack has no tqdm; a line per tenth instead
+                logger.info("prune: %d/%d tensors written to %s", n, len(writer.order), out)
+    return out_meta

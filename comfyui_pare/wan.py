@@ -6,6 +6,7 @@ surgery, the compute accounting and the ComfyUI model builder all agree on one d
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Iterator, Mapping
 
@@ -19,6 +20,55 @@ DEFAULT_HEAD_DIM = 128  # what ComfyUI assumes for a file without PARE metadata
 
 # Prefixes other tools put in front of the diffusion model's keys.
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+# diffusers' WanTransformer3DModel module names -> original Wan2.1 module names, inside ``blocks.N.`` and outside
+# the blocks. diffusers' block ``norm2`` is the affine cross-attention norm (original ``norm3``); its ``norm1`` /
+# ``norm3`` have no parameters. ``scale_shift_table`` is a bare parameter (the modulation table), so its state-dict
+# key has no ``.weight`` suffix. Shared by the checkpoint reader and the LoRA parser.
+DIFFUSERS_BLOCK = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+    "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+    "attn2.to_out.0": "cross_attn.o", "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
+    "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+    "attn2.norm_added_k": "cross_attn.norm_k_img",
+    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2", "norm2": "norm3", "scale_shift_table": "modulation",
+}
+DIFFUSERS_GLOBAL = {
+    "patch_embedding": "patch_embedding",
+    "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+    "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+    "condition_embedder.time_proj": "time_projection.1",
+    "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+    "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+    "condition_embedder.image_embedder.norm1": "img_emb.proj.0",
+    "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+    "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3",
+    "condition_embedder.image_embedder.norm2": "img_emb.proj.4",
+    "proj_out": "head.head",
+    "scale_shift_table": "head.modulation",
+}
+_DIFFUSERS_BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def diffusers_module(name: str) -> str | None:
+    """Original module path of a diffusers module path ('blocks.3.attn1.to_q' -> 'blocks.3.self_attn.q'), or None."""
+    m = _DIFFUSERS_BLOCK_RE.fullmatch(name)
+    if m:
+        local = DIFFUSERS_BLOCK.get(m[2])
+        return f"blocks.{int(m[1])}.{local}" if local else None
+    return DIFFUSERS_GLOBAL.get(name)
+
+
+def diffusers_key(key: str) -> str | None:
+    """Original state-dict key of a diffusers state-dict key, or None if it names no Wan2.1 parameter."""
+    module, _, suffix = key.rpartition(".")
+    if suffix in ("weight", "bias") and module:
+        found = diffusers_module(module)
+        if found is not None and not found.endswith("modulation"):
+            return f"{found}.{suffix}"
+    found = diffusers_module(key)  # bare parameters: the modulation tables
+    return found if found is not None and found.endswith("modulation") else None
 
 
 @dataclass(frozen=True)
@@ -154,11 +204,3 @@ def model_shapes(dims: WanDims, widths: list[BlockWidth]) -> dict[str, tuple[int
     for i, width in enumerate(widths):
         shapes.update(block_shapes(dims, i, width))
     return shapes
-
-
-def strip_prefix(keys: list[str]) -> str:
-    """The common tool prefix of a Wan state dict's keys ('' if none)."""
-    for prefix in KNOWN_PREFIXES:
-        if f"{prefix}head.modulation" in keys:
-            return prefix
-    return ""

@@ -162,10 +162,16 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, teacher, monkeypat
     save_checkpoint(path, sd, meta)
     before = path.read_bytes()
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    real_write = safetensors_io.StreamingWriter.write
+    written = []
 
-    monkeypatch.setattr(safetensors_io, "save_file", boom)
+    def boom(self, key, tensor):  # the disk fills up after a few tensors
+        written.append(key)
+        if len(written) > 3:
+            raise OSError("disk full")
+        real_write(self, key, tensor)
+
+    monkeypatch.setattr(safetensors_io.StreamingWriter, "write", boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, sd, meta)
     assert path.read_bytes() == before

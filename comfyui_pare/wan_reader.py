@@ -1,0 +1,368 @@
+"""One reader for every Wan2.1 checkpoint layout users download, tensor by tensor.
+
+Layouts (``WanReader.layout``):
+
+- ``original``: Wan-AI's key names (``blocks.0.self_attn.q.weight``), one file; PARE students use it too.
+- ``original-sharded``: the same names over ``diffusion_pytorch_model-0000i-of-0000n.safetensors`` shards and
+  their ``*.safetensors.index.json`` (Wan2.1-T2V/I2V-14B, the Wan2.2-A14B expert folders).
+- ``comfyui-prefixed``: original names behind ``model.diffusion_model.`` or ``diffusion_model.``.
+- ``diffusers`` / ``diffusers-sharded``: ``WanTransformer3DModel`` names (``blocks.0.attn1.to_q.weight``,
+  ``condition_embedder.*``, ``scale_shift_table``), renamed to the original names on read (``wan.diffusers_key``).
+
+Any of them may be *fp8_scaled* (ComfyUI's ``*_fp8_scaled`` files): a ``scaled_fp8`` marker tensor whose dtype is
+the weights' fp8 dtype, and 0-d F32 ``scale_weight`` / ``scale_input`` beside a linear's fp8 weight. The real weight
+is ``weight * scale_weight`` (ComfyUI's ``comfy/ops.py: scaled_fp8_ops``). The reader keeps scales with their
+weights (``scale``/``input_scale``), never as keys of their own.
+
+Tensors are read one at a time, each with its own short-lived ``safe_open``: a handle held open keeps every page
+read so far mapped, so the process would grow to the file's size; reopening per tensor keeps what is resident
+to the tensors the caller still holds. Pickle files are refused before they are read (``safetensors_io``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from .errors import PareFileError, PareFormatError
+from .pruned import FLOAT_DTYPES, METADATA_KEY, PrunedWanMeta, check_tensors, meta_from_header
+from .safetensors_io import read_header, torch_dtype
+from .wan import KNOWN_PREFIXES, diffusers_key
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL, ORIGINAL_SHARDED, COMFYUI_PREFIXED = "original", "original-sharded", "comfyui-prefixed"
+DIFFUSERS, DIFFUSERS_SHARDED = "diffusers", "diffusers-sharded"
+LAYOUTS = (ORIGINAL, ORIGINAL_SHARDED, COMFYUI_PREFIXED, DIFFUSERS, DIFFUSERS_SHARDED)
+
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker key; its dtype is the fp8 dtype of the scaled weights
+SCALE_WEIGHT, SCALE_INPUT = "scale_weight", "scale_input"
+INDEX_SUFFIX = ".safetensors.index.json"
+_SHARD_RE = re.compile(r".*-(\d+)-of-(\d+)\.safetensors")
+_PIPELINE_SUBFOLDER = "transformer"  # a diffusers pipeline keeps the Wan transformer here
+# Keys that show where the diffusion model's tensors start (the first is original, the others diffusers).
+_ANCHORS = ("head.modulation", "scale_shift_table", "patch_embedding.weight")
+_DIFFUSERS_MARKS = ("scale_shift_table", "condition_embedder.time_proj.weight", "proj_out.weight")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lives: the file, its name there, its safetensors dtype and its shape."""
+
+    file: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _index_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith(INDEX_SUFFIX))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, list[Path], dict[str, str] | None]:
+    """(the file that describes the checkpoint, its safetensors files, the index's key -> file map or None).
+
+    Accepts a .safetensors file, a shard of a sharded release (its index beside it is used), an index file, a
+    folder holding one of them, or a diffusers pipeline folder (its ``transformer/``).
+    """
+    p = Path(path)
+    if p.is_dir():
+        indexes = _index_files(p)
+        singles = sorted(q for q in p.iterdir() if q.name.endswith(".safetensors"))
+        if len(indexes) == 1:
+            return resolve_checkpoint(indexes[0])
+        if len(indexes) > 1:
+            raise PareFileError(f"{p}: folder holds several index files ({', '.join(q.name for q in indexes)}); "
+                                "name the one to load")
+        if len(singles) == 1:
+            return resolve_checkpoint(singles[0])
+        if not singles and (p / _PIPELINE_SUBFOLDER).is_dir():
+            return resolve_checkpoint(p / _PIPELINE_SUBFOLDER)
+        if not singles:
+            raise PareFileError(f"{p}: folder holds no .safetensors file and no {INDEX_SUFFIX}")
+        raise PareFileError(f"{p}: folder holds {len(singles)} .safetensors files and no index "
+                            f"({', '.join(q.name for q in singles[:4])}); name the file to load")
+    if p.name.endswith(INDEX_SUFFIX):
+        return p, *_read_index(p)
+    if _SHARD_RE.fullmatch(p.name) and p.is_file():
+        for index in _index_files(p.parent):
+            files, weight_map = _read_index(index)
+            if p.resolve() in [f.resolve() for f in files]:
+                return index, files, weight_map
+        m = _SHARD_RE.fullmatch(p.name)
+        raise PareFileError(f"{p}: this is shard {int(m[1])} of {int(m[2])} of a sharded checkpoint, and no "
+                            f"{INDEX_SUFFIX} beside it lists it; keep the shards and their index together and "
+                            "load the index (or the folder)")
+    return p, [p], None
+
+
+def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
+    if not index.is_file():
+        raise PareFileError(f"{index}: no such file")
+    try:
+        obj = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = obj["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not an object of file names")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PareFileError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); it needs a "
+                            "'weight_map' of tensor name -> shard file") from e
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        shard = index.parent / name
+        if os.sep in name or "/" in name or not shard.is_file():
+            raise PareFileError(f"{index}: shard '{name}' is missing from {index.parent}; download every shard")
+        files.append(shard)
+    return files, {k: str(index.parent / v) for k, v in weight_map.items()}
+
+
+class WanReader:
+    """A validated Wan2.1 checkpoint in any supported layout, read lazily. Use ``open_wan``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, files, weight_map = resolve_checkpoint(path)
+        self.files = [str(f) for f in files]
+        source = str(self.path)
+        stored, metadata = self._read_headers(files, weight_map, source)
+        if "_quantization_metadata" in metadata:
+            raise PareFormatError(f"{source}: uses ComfyUI's per-layer mixed-precision format "
+                                  "('_quantization_metadata'), which PARE does not read; use a bf16/fp16, fp8 or "
+                                  "fp8_scaled file")
+        self.metadata: dict[str, str] = metadata
+        self.prefix = _find_prefix(stored)
+        weights, scales, marker, others = self._split(stored)
+        diffusers = "head.modulation" not in weights and any(k in weights for k in _DIFFUSERS_MARKS)
+        if diffusers:
+            weights, scales = _rename_diffusers(weights, scales, source)
+        sharded = weight_map is not None
+        if diffusers:
+            self.layout = DIFFUSERS_SHARDED if sharded else DIFFUSERS
+        elif self.prefix:
+            self.layout = COMFYUI_PREFIXED
+        else:
+            self.layout = ORIGINAL_SHARDED if sharded else ORIGINAL
+        shapes = {k: v.shape for k, v in weights.items()}
+        if others:
+            raise PareFormatError(f"{source}: {len(others)} unexpected tensor(s) outside the Wan2.1 diffusion model "
+                                  f"(its keys start with '{self.prefix}'), e.g. '{others[0]}'")
+        self.meta: PrunedWanMeta = meta_from_header(metadata, shapes, source)
+        check_tensors(self.meta, shapes, {k: v.dtype for k, v in weights.items()}, source,
+                      stored_name=lambda k: weights[k].name if k in weights else self.prefix + k,
+                      has_metadata=METADATA_KEY in metadata)
+        self._check_scales(weights, scales, marker, source)
+        order = list(self.meta.expected_shapes())
+        self._weights = {k: weights[k] for k in order}
+        self._scales = scales
+        self._marker = marker
+        self.scaled_fp8 = marker is not None
+        self.scaled_fp8_dtype: torch.dtype | None = None
+        if marker is not None:
+            # ComfyUI (model_detection.model_config_from_unet): the marker's dtype, an F32 marker meaning e4m3fn.
+            dtype = torch_dtype(marker.dtype, f"{source}: '{marker.name}'")
+            self.scaled_fp8_dtype = torch.float8_e4m3fn if dtype == torch.float32 else dtype
+
+    # -- reading the headers ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_headers(files: list[Path], weight_map: dict[str, str] | None, source: str
+                      ) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+        stored: dict[str, StoredTensor] = {}
+        metadata: dict[str, str] = {}
+        for f in files:
+            entries, meta = read_header(f)
+            for key, value in meta.items():
+                if key in metadata and metadata[key] != value and key == METADATA_KEY:
+                    raise PareFormatError(f"{source}: shards disagree on their '{key}' metadata ({f.name})")
+                metadata.setdefault(key, value)
+            for name, e in entries.items():
+                if name in stored:
+                    raise PareFormatError(f"{source}: tensor '{name}' is in two shards ({Path(stored[name].file).name} "
+                                          f"and {f.name})")
+                if weight_map is not None and weight_map.get(name) not in (None, str(f)):
+                    raise PareFormatError(f"{source}: the index puts '{name}' in {Path(weight_map[name]).name}, but it "
+                                          f"is in {f.name}")
+                stored[name] = StoredTensor(str(f), name, str(e.get("dtype")), tuple(int(n) for n in e.get("shape", ())))
+        if weight_map is not None:
+            lost = [k for k in weight_map if k not in stored]
+            if lost:
+                raise PareFormatError(f"{source}: the index lists {len(lost)} tensor(s) its shards do not hold, e.g. "
+                                      f"'{lost[0]}' (expected in {Path(weight_map[lost[0]]).name}); a shard is "
+                                      "incomplete or from another download")
+        return stored, metadata
+
+    def _split(self, stored: dict[str, StoredTensor]
+               ) -> tuple[dict[str, StoredTensor], dict[str, dict[str, StoredTensor]], StoredTensor | None, list[str]]:
+        """(weights, scales by weight key and kind, the scaled_fp8 marker, keys outside the prefix)."""
+        weights: dict[str, StoredTensor] = {}
+        scales: dict[str, dict[str, StoredTensor]] = {}
+        marker = None
+        others: list[str] = []
+        for name, st in stored.items():
+            if name in (SCALED_FP8_MARKER, self.prefix + SCALED_FP8_MARKER):
+                marker = st
+                continue
+            if not name.startswith(self.prefix):
+                others.append(name)
+                continue
+            key = name[len(self.prefix):]
+            base, _, kind = key.rpartition(".")
+            if kind in (SCALE_WEIGHT, SCALE_INPUT) and base:
+                scales.setdefault(f"{base}.weight", {})[kind] = st
+            else:
+                weights[key] = st
+        return weights, scales, marker, others
+
+    def _check_scales(self, weights: dict[str, StoredTensor], scales: dict[str, dict[str, StoredTensor]],
+                      marker: StoredTensor | None, source: str) -> None:
+        for key, kinds in scales.items():
+            st = next(iter(kinds.values()))
+            if key not in weights:
+                raise PareFormatError(f"{source}: '{st.name}' scales a weight the file does not have "
+                                      f"('{self.prefix}{key}')")
+            if marker is None:
+                raise PareFormatError(f"{source}: '{st.name}' is an fp8 scale, but the file has no '{SCALED_FP8_MARKER}' "
+                                      "marker, so ComfyUI would ignore the scales; the file is incomplete")
+            for s in kinds.values():
+                n = 1
+                for d in s.shape:
+                    n *= d
+                if n != 1 or s.dtype not in FLOAT_DTYPES:
+                    raise PareFormatError(f"{source}: '{s.name}' has shape {list(s.shape)} and dtype {s.dtype}; "
+                                          "ComfyUI's scaled fp8 reads one floating-point scale per tensor")
+
+    # -- the public API -----------------------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        """Weight keys in the original layout, without prefix, in the canonical order (scales are not keys)."""
+        return list(self._weights)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._weights
+
+    def stored(self, key: str) -> StoredTensor:
+        try:
+            return self._weights[key]
+        except KeyError:
+            raise PareFormatError(f"{self.path}: no tensor '{key}' in this Wan checkpoint") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.stored(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        st = self.stored(key)
+        return torch_dtype(st.dtype, f"{self.path}: '{st.name}'")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor as stored (fp8 stays fp8), read now from its file."""
+        return self._read(self.stored(key))
+
+    def scale(self, key: str) -> torch.Tensor | None:
+        """The ``scale_weight`` of a scaled fp8 weight (0-d F32), or None."""
+        st = self._scales.get(key, {}).get(SCALE_WEIGHT)
+        return None if st is None else self._read(st)
+
+    def input_scale(self, key: str) -> torch.Tensor | None:
+        """The ``scale_input`` stored beside a scaled fp8 weight, or None."""
+        st = self._scales.get(key, {}).get(SCALE_INPUT)
+        return None if st is None else self._read(st)
+
+    def marker(self) -> torch.Tensor | None:
+        """The ``scaled_fp8`` marker tensor as stored (its element count tells ComfyUI about fp8 matmuls)."""
+        return None if self._marker is None else self._read(self._marker)
+
+    def dequantized(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The real weight: ``weight * scale_weight`` in fp32 (as ComfyUI's ``convert_weight``), else a cast."""
+        t = self.tensor(key)
+        s = self.scale(key)
+        if s is not None:
+            t = t.to(torch.float32) * s.to(torch.float32)
+        return t.to(dtype)
+
+    def state_dict(self, dequantize: bool = True, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor at once (small models). ``dequantize``: scaled fp8 weights as fp32 real weights, the rest as
+        stored (or all cast to ``dtype``). Without it: ComfyUI's own layout, raw weights plus their
+        ``<module>.scale_weight`` / ``.scale_input`` and the ``scaled_fp8`` marker."""
+        if dequantize:
+            return {k: (self.dequantized(k, dtype or torch.float32) if k in self._scales or dtype is not None
+                        else self.tensor(k)) for k in self._weights}
+        sd = {k: self.tensor(k) if dtype is None else self.tensor(k).to(dtype) for k in self._weights}
+        for key, kinds in self._scales.items():
+            base = key[: -len(".weight")]
+            for kind, st in kinds.items():
+                sd[f"{base}.{kind}"] = self._read(st)
+        if self._marker is not None:
+            sd[SCALED_FP8_MARKER] = self._read(self._marker)
+        return sd
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, stored tensor), one read at a time."""
+        for key in self._weights:
+            yield key, self.tensor(key)
+
+    def describe_format(self) -> dict:
+        """What ``inspect`` reports about the file itself."""
+        out = {"layout": self.layout, "files": len(self.files), "scaled_fp8": self.scaled_fp8}
+        if self.scaled_fp8:
+            out["scaled_fp8_dtype"] = str(self.scaled_fp8_dtype).removeprefix("torch.")
+            out["scaled_weights"] = len(self._scales)
+        dtypes: dict[str, int] = {}
+        for st in self._weights.values():
+            dtypes[st.dtype] = dtypes.get(st.dtype, 0) + 1
+        out["weight_dtypes"] = dtypes
+        return out
+
+    def _read(self, st: StoredTensor) -> torch.Tensor:
+        try:
+            with safe_open(st.file, framework="pt", device="cpu") as f:
+                t = f.get_tensor(st.name)
+        except Exception as e:  # safetensors raises its own error types; name the file and key either way
+            raise PareFileError(f"{st.file}: could not read tensor '{st.name}' ({type(e).__name__}: {e})") from e
+        if tuple(t.shape) != st.shape:
+            raise PareFileError(f"{st.file}: tensor '{st.name}' has shape {list(t.shape)}, expected {list(st.shape)} "
+                                "from its header")
+        return t
+
+    def close(self) -> None:
+        """Nothing stays open between reads; kept so the reader is a context manager like a file."""
+
+    def __enter__(self) -> "WanReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _find_prefix(stored: dict[str, StoredTensor]) -> str:
+    for prefix in KNOWN_PREFIXES:
+        if any(prefix + anchor in stored for anchor in _ANCHORS):
+            return prefix
+    return ""
+
+
+def _rename_diffusers(weights: dict[str, StoredTensor], scales: dict[str, dict[str, StoredTensor]], source: str
+                      ) -> tuple[dict[str, StoredTensor], dict[str, dict[str, StoredTensor]]]:
+    """diffusers names -> original names. A name with no original twin is kept, so the checks report it."""
+    renamed: dict[str, StoredTensor] = {}
+    for key, st in weights.items():
+        new = diffusers_key(key) or key
+        if new in renamed:
+            raise PareFormatError(f"{source}: '{st.name}' and '{renamed[new].name}' both map to Wan's '{new}'; "
+                                  "the file mixes diffusers and original names")
+        renamed[new] = st
+    return renamed, {(diffusers_key(k) or k): v for k, v in scales.items()}
+
+
+def open_wan(path: str | os.PathLike) -> WanReader:
+    """Open and validate a Wan2.1 checkpoint in any layout (see the module docstring); use it as a context manager."""
+    reader = WanReader(path)
+    logger.debug("%s: %s layout, %d file(s)%s", reader.path, reader.layout, len(reader.files),
+                 ", fp8_scaled" if reader.scaled_fp8 else "")
+    return reader

@@ -1,0 +1,94 @@
+"""Writers of the Wan checkpoint layouts users download, with the real key spelling of each release, for the tests.
+
+Each writer takes a state dict in the original layout and writes it the way that release does, so a reader
+test can check that every layout gives back the same model. The names are written out here by hand (the
+diffusers names come from ``helpers.DIFFUSERS_*_NAMES``), never taken from the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from helpers import diffusers_module
+
+from comfyui_pare.safetensors_io import save_atomic
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# The linear layers ComfyUI's scaled fp8 files store in fp8 with a scale (its ops.Linear modules).
+SCALED_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                  "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
+                  "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1",
+                  "head.head", "img_emb.proj.1", "img_emb.proj.3")
+
+
+def is_scaled_linear(key: str) -> bool:
+    module = key.removesuffix(".weight")
+    local = module.split(".", 2)[2] if module.startswith("blocks.") else module
+    return key.endswith(".weight") and local in SCALED_LINEARS
+
+
+def write_original(path: Path, sd: dict[str, torch.Tensor], prefix: str = "") -> Path:
+    """Wan-AI's names (``prefix`` '' ), or ComfyUI's repackaged files ('model.diffusion_model.' / 'diffusion_model.')."""
+    save_atomic(path, {prefix + k: v for k, v in sd.items()}, {"format": "pt"})
+    return path
+
+
+def write_sharded(folder: Path, sd: dict[str, torch.Tensor], shards: int = 3) -> Path:
+    """``diffusion_pytorch_model-0000i-of-0000n.safetensors`` + ``diffusion_pytorch_model.safetensors.index.json``
+    (Wan-AI's 14B releases and the Wan2.2-A14B expert folders; diffusers' sharded transformers alike)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = list(sd)
+    weight_map = {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i::shards]
+        save_atomic(folder / name, {k: sd[k] for k in part}, {"format": "pt"})
+        weight_map.update({k: name for k in part})
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return index
+
+
+def to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' ``WanTransformer3DModel`` state dict of an original one."""
+    out = {}
+    for key, v in sd.items():
+        if key.endswith("modulation"):
+            out[diffusers_module(key)] = v  # scale_shift_table: a bare parameter
+        else:
+            module, suffix = key.rsplit(".", 1)
+            out[f"{diffusers_module(module)}.{suffix}"] = v
+    return out
+
+
+def scale_to_fp8(sd: dict[str, torch.Tensor], other_dtype: torch.dtype = torch.bfloat16,
+                 marker_elements: int = 0) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8_scaled layout: each linear weight as float8_e4m3fn with a 0-d F32 ``scale_weight`` (max |w| /
+    448) and ``scale_input`` (1.0), the rest in ``other_dtype``, and the ``scaled_fp8`` marker (empty: ComfyUI
+    then enables its fp8 optimisations; 2 elements: it does not)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, v in sd.items():
+        if is_scaled_linear(key):
+            scale = (v.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
+            out[key] = (v.float() / scale).to(torch.float8_e4m3fn)
+            base = key.removesuffix(".weight")
+            out[f"{base}.scale_weight"] = scale.reshape(())
+            out[f"{base}.scale_input"] = torch.ones((), dtype=torch.float32)
+        else:
+            out[key] = v.to(other_dtype)
+    out["scaled_fp8"] = torch.zeros(marker_elements, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def dequantize(scaled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the scaled weights mean: weight * scale_weight in fp32 (scales and marker dropped)."""
+    out = {}
+    for key, v in scaled.items():
+        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+            continue
+        scale = scaled.get(key.removesuffix(".weight") + ".scale_weight")
+        out[key] = v.float() * scale if scale is not None else v
+    return out
