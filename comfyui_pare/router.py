@@ -297,10 +297,30 @@ class RoutingPolicy:
         return mask
 
 
+@dataclass(frozen=True)
+class DecisionTensors:
+    """The constant inputs of ``decide`` for one model and device: pinned blocks and normalised costs.
+
+    Made once (per run, per device) so a model call copies nothing from the host.
+    """
+
+    pinned: torch.Tensor  # bool [N]
+    costs: torch.Tensor  # [N], sums to 1; float64 (float32 on MPS, which has no float64)
+
+    @classmethod
+    def make(cls, policy: RoutingPolicy, costs: Sequence[float] | torch.Tensor | None, num_blocks: int,
+             device: torch.device | str = "cpu") -> "DecisionTensors":
+        device = torch.device(device)
+        c = _costs(costs, num_blocks)
+        c = (c / c.sum()).to(torch.float64 if device.type != "mps" else torch.float32)
+        return cls(pinned=policy.pin_mask(num_blocks).to(device), costs=c.to(device))
+
+
 def decide(
     logits: torch.Tensor,
     policy: RoutingPolicy,
     costs: Sequence[float] | torch.Tensor | None = None,
+    prepared: DecisionTensors | None = None,
 ) -> torch.Tensor:
     """Bool [B, N] run-mask, one row per sample (CFG halves may differ), deterministic.
 
@@ -310,6 +330,8 @@ def decide(
     block that does not fit stops the walk, so a run block never has a lower logit than a skipped one.
     Pinned blocks may alone exceed the budget. ``costs`` default to equal (budget = fraction of blocks);
     they are host numbers (list or CPU tensor), e.g. ``[m.total for m in compute.model_block_macs(...)]``.
+    ``prepared`` (from ``DecisionTensors.make`` for the same policy and costs, on the logits' device)
+    replaces ``costs`` and saves the host-to-device copies.
 
     Runs on the logits' device without a host sync; reading the mask back (e.g. to skip a block in
     Python) is the one sync per model call.
@@ -318,16 +340,18 @@ def decide(
         raise ValueError(f"logits must be [batch, num_blocks], got {list(logits.shape)}")
     b, n = logits.shape
     device = logits.device
-    pinned = policy.pin_mask(n).to(device)
+    if prepared is None:
+        prepared = DecisionTensors.make(policy, costs, n, device)
+    if prepared.pinned.shape != (n,) or prepared.costs.shape != (n,):
+        raise ValueError(f"prepared decision tensors are for {prepared.pinned.shape[0]} blocks, logits have {n}")
+    pinned = prepared.pinned
     if policy.threshold is not None:
         return pinned | (torch.sigmoid(logits.float()) > policy.threshold)
     if policy.budget >= 1.0:
         return torch.ones(b, n, dtype=torch.bool, device=device)
 
-    wide = device.type != "mps"  # MPS has no float64
-    dtype, eps = (torch.float64, 1e-9) if wide else (torch.float32, 1e-6)
-    c = _costs(costs, n).to(dtype)
-    c = (c / c.sum()).to(device)
+    c = prepared.costs
+    eps = 1e-9 if c.dtype == torch.float64 else 1e-6
     pinned_cost = (c * pinned).sum()
     # NaN logits rank last (as -inf) so a broken input never buys compute.
     score = torch.nan_to_num(logits.float(), nan=-math.inf)

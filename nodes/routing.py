@@ -1,16 +1,23 @@
 """Router-driven block skipping inside ComfyUI's own sampler (the runtime half of PARE's depth pruning).
 
-How it hooks in (ComfyUI 0.3.75, the EasyCache pattern):
+How it hooks in (ComfyUI 0.3.75):
 
 * ``OUTER_SAMPLE`` wrapper, once per sampling run: clones the routing template into a fresh per-run state
-  (so runs never share state), maps the active schedule range to sigmas with the model's own
-  ``percent_to_sigma``, and logs one summary line in ``finally``.
-* ``DIFFUSION_MODEL`` wrapper, once per model call: opens a call record (timestep, sigmas, CFG branches)
-  and times the call.
+  (so runs never share state) and logs one summary line in ``finally``. The schedule range is mapped to
+  sigmas with the sampling object the run really uses: ``get_model_object("model_sampling")`` sees the
+  ``ModelSamplingSD3`` object patch, which ComfyUI applies to the model itself only later, when it loads
+  the model inside sampling (reading ``model.model_sampling`` here gave the file's default shift on the
+  first run after a load).
+* ``DIFFUSION_MODEL`` wrapper, once per model call: opens a call record (the call's sigmas and CFG
+  branches, kept on the device) and times the call.
 * A ``double_block`` replace patch per block: the patch of block 0 asks the decider once per model call
-  (router on the patch-embedded tokens that block 0 receives, or the static schedule) and reads the
-  decision to the host once; every block patch then looks it up (no sync, no allocation) and either calls
-  the block, returns its input unchanged (the block's compute is never spent), or runs it on a subset of rows.
+  (router on the patch-embedded tokens that block 0 receives, or the static schedule), on the device, and
+  reads the decision to the host once; every block patch then looks it up and either calls the block,
+  returns its input unchanged (the block's compute is never spent), or runs it on a subset of rows.
+
+Host syncs: a call with no decision to make (every block runs, e.g. budget 1.0) reads nothing back; a
+deciding call reads its run mask once. The call sigmas (for the report) and the CUDA-event timings are read
+once per run, at its end. ``PARE_SYNC_TIMING=1`` times each call with a device synchronize instead.
 
 CFG: cond and uncond are batched together. When their decisions differ for a block, ``cfg_disagreement``
 decides: "subset" (default) runs the block only on the rows that need it and leaves the others unchanged;
@@ -19,9 +26,11 @@ decides: "subset" (default) runs the block only on the rows that need it and lea
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import comfy.model_patcher
@@ -31,39 +40,54 @@ import torch
 
 from ..comfyui_pare.compute import model_block_macs
 from ..comfyui_pare.pruned import PrunedWanMeta
-from ..comfyui_pare.report import StepRecord, summary_lines
-from ..comfyui_pare.router import BlockRouter, RoutingPolicy, decide
+from ..comfyui_pare.report import CallRecord, StepRecord, steps_from_calls, summary_lines
+from ..comfyui_pare.router import BlockRouter, DecisionTensors, RoutingPolicy, decide
 from ..comfyui_pare.schedule import SkipRange
 
 logger = logging.getLogger(__name__)
 
 KEY = "pare_routing"  # transformer_options key and wrapper key
+SYNC_TIMING = os.environ.get("PARE_SYNC_TIMING", "") == "1"
 
 
 class Decider(Protocol):
-    needs_tokens: bool
+    @property
+    def needs_tokens(self) -> bool: ...
 
     def decide(self, run: "RoutingRun", call: "ModelCall", tokens: torch.Tensor | None,
-               costs: list[float]) -> torch.Tensor: ...
+               costs: list[float]) -> torch.Tensor | None:
+        """Bool run mask [rows, blocks] on the call's device, or None when every block runs."""
 
 
 @dataclass
 class RouterDecider:
     router: BlockRouter
     policy: RoutingPolicy
-    _device_router: BlockRouter | None = None
+    # Copies of the router on other devices: the loader's cached module itself is never moved.
+    _on_device: dict[torch.device, BlockRouter] = field(default_factory=dict, repr=False)
 
-    needs_tokens = True
+    @property
+    def needs_tokens(self) -> bool:
+        return not self.policy.runs_everything
+
+    def router_on(self, device: torch.device) -> BlockRouter:
+        if next(self.router.parameters()).device == device:
+            return self.router
+        if device not in self._on_device:
+            self._on_device[device] = copy.deepcopy(self.router).to(device)
+        return self._on_device[device]
 
     def decide(self, run: "RoutingRun", call: "ModelCall", tokens: torch.Tensor | None,
-               costs: list[float]) -> torch.Tensor:
-        router = self._device_router
-        if router is None or next(router.parameters()).device != tokens.device:
-            router = self._device_router = self.router.to(tokens.device)
+               costs: list[float]) -> torch.Tensor | None:
+        if self.policy.runs_everything:
+            return None  # no router call, nothing to read back
+        router = self.router_on(tokens.device)
         with torch.no_grad():
             text = call.context if router.spec.text_dim > 0 else None
             logits = router(call.timestep.to(tokens.device, torch.float32), tokens, text)
-        return decide(logits, self.policy, costs)
+        prepared = run.cached(("decide", len(costs), tokens.shape[1]), tokens.device,
+                              lambda: DecisionTensors.make(self.policy, costs, len(costs), tokens.device))
+        return decide(logits, self.policy, prepared=prepared)
 
 
 @dataclass
@@ -73,14 +97,21 @@ class ScheduleDecider:
     needs_tokens = False
 
     def decide(self, run: "RoutingRun", call: "ModelCall", tokens: torch.Tensor | None,
-               costs: list[float]) -> torch.Tensor:
-        mask = torch.ones(call.rows, len(costs), dtype=torch.bool)
-        for rng in self.ranges:
-            high, low = (run.percent_to_sigma(p) for p in (rng.start_percent, rng.end_percent))
-            for r, sigma in enumerate(call.sigmas):
-                if low <= sigma <= high:
-                    mask[r, rng.first_block:rng.last_block + 1] = False
-        return mask
+               costs: list[float]) -> torch.Tensor | None:
+        n, device = len(costs), call.sigma.device
+        keep = torch.ones(call.rows, n, dtype=torch.bool, device=device)
+        for k, rng in enumerate(self.ranges):
+            high, low = run.percent_to_sigma(rng.start_percent), run.percent_to_sigma(rng.end_percent)
+            blocks = run.cached(("blocks", k, n), device, lambda rng=rng: _block_mask(rng, n, device))
+            hit = (call.sigma >= low) & (call.sigma <= high)  # on the device: no host read per call
+            keep &= ~(hit[:, None] & blocks[None, :])
+        return keep
+
+
+def _block_mask(rng: SkipRange, n: int, device: torch.device) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[rng.first_block:rng.last_block + 1] = True
+    return mask.to(device)
 
 
 @dataclass(eq=False)
@@ -102,54 +133,115 @@ class RoutingTemplate:
     def __deepcopy__(self, memo) -> "RoutingTemplate":
         return self
 
-    def start_run(self, model_sampling) -> "RoutingRun":
-        return RoutingRun(self, model_sampling.percent_to_sigma)
+    def start_run(self, model_sampling, schedule: list[float] | None = None) -> "RoutingRun":
+        return RoutingRun(self, model_sampling.percent_to_sigma, schedule)
+
+
+class CallTimer:
+    """Wall time of one model call without a host sync: CUDA events on a GPU (read at the end of the run),
+    ``perf_counter`` elsewhere. ``PARE_SYNC_TIMING=1``: synchronize and use ``perf_counter`` everywhere."""
+
+    def __init__(self, device: torch.device):
+        self._events = device.type == "cuda" and not SYNC_TIMING
+        self._device = device
+        if self._events:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        self._seconds: float | None = None
+
+    def stop(self) -> None:
+        if self._events:
+            self._end.record()
+        else:
+            if SYNC_TIMING and self._device.type == "cuda":
+                torch.cuda.synchronize(self._device)
+            self._seconds = time.perf_counter() - self._t0
+
+    @property
+    def seconds(self) -> float:
+        if self._seconds is None:
+            self._end.synchronize()  # once per run in practice: later events have completed too
+            self._seconds = self._start.elapsed_time(self._end) / 1000.0
+        return self._seconds
 
 
 @dataclass
 class ModelCall:
-    timestep: torch.Tensor
-    sigmas: list[float]
+    sigma: torch.Tensor  # [rows], float64 where the device has it; stays on the device until the run ends
     branches: list[int]  # cond_or_uncond, one per chunk of rows
     rows: int
+    timestep: torch.Tensor | None
     context: torch.Tensor | None
-    run_rows: list[tuple[bool, ...]] | None = None  # per block: does row r run it
-    seconds: float = 0.0
+    run_rows: list[tuple[bool, ...]] | None = None  # per block: does row r run it (None: no block patch ran)
+    timer: CallTimer | None = None
 
 
 class RoutingRun:
     """Per-sampling-run state: the current model call and the records of all calls."""
 
-    def __init__(self, template: RoutingTemplate, percent_to_sigma: Callable[[float], float]):
+    def __init__(self, template: RoutingTemplate, percent_to_sigma: Callable[[float], float],
+                 schedule: list[float] | None = None):
         self.template = template
-        self.percent_to_sigma = percent_to_sigma  # the sampled model's own mapping (shift included)
-        self.sigma_high = percent_to_sigma(template.start_percent)
-        self.sigma_low = percent_to_sigma(template.end_percent)
+        self._percent_to_sigma = percent_to_sigma  # the sampled model's own mapping (shift included)
+        self._sigma_of: dict[float, float] = {}
+        self.sigma_high = self.percent_to_sigma(template.start_percent)
+        self.sigma_low = self.percent_to_sigma(template.end_percent)
+        self.schedule = schedule  # the sampler's sigmas (steps + 1), for grouping calls into steps
         self.calls: list[ModelCall] = []
         self.current: ModelCall | None = None
         self.block_calls = 0  # times an original block actually ran
+        self.unrouted_calls = 0  # model calls in which no PARE block patch ran
         self._costs: dict[tuple[int, int], list[float]] = {}
-        self._warned = False
+        self._cache: dict[tuple, object] = {}
+        self._warned: set[str] = set()
+        self._records: list[CallRecord] | None = None
+
+    def percent_to_sigma(self, percent: float) -> float:
+        if percent not in self._sigma_of:
+            self._sigma_of[percent] = float(self._percent_to_sigma(percent))
+        return self._sigma_of[percent]
+
+    def cached(self, key: tuple, device: torch.device, make: Callable[[], object]):
+        """A per-run constant on ``device`` (made once per run, so calls copy nothing from the host)."""
+        full = (*key, device)
+        if full not in self._cache:
+            self._cache[full] = make()
+        return self._cache[full]
+
+    def warn_once(self, key: str, message: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
 
     # -- per model call ----------------------------------------------------------------------------------
     def begin_call(self, x, timestep, context, transformer_options) -> None:
         sigmas = transformer_options.get("sigmas")
-        sig = sigmas.detach().float().cpu().tolist() if sigmas is not None else (timestep.float() / 1000).cpu().tolist()
+        sig = (sigmas if sigmas is not None else timestep / 1000.0).detach().reshape(-1)
+        sig = sig.to(torch.float64 if sig.device.type != "mps" else torch.float32)  # compare like the host did
         rows = x.shape[0]
-        if len(sig) != rows:
-            sig = (sig * rows)[:rows]
+        if sig.shape[0] != rows:
+            sig = sig.repeat((rows + sig.shape[0] - 1) // sig.shape[0])[:rows]
         branches = list(transformer_options.get("cond_or_uncond", [0]))
-        self.current = ModelCall(timestep=timestep, sigmas=sig, branches=branches, rows=rows, context=context)
+        self.current = ModelCall(sigma=sig, branches=branches, rows=rows, timestep=timestep, context=context,
+                                 timer=CallTimer(x.device))
 
-    def end_call(self, seconds: float) -> None:
+    def end_call(self) -> None:
         call = self.current
-        if call is not None:
-            call.seconds = seconds
-            if call.run_rows is None:  # no block patch decided (e.g. block 0's patch was replaced): all ran
-                call.run_rows = [(True,) * call.rows for _ in range(self.template.meta.dims.num_layers)]
-            call.context = call.timestep = None  # keep no tensors alive between steps
-            self.calls.append(call)
         self.current = None
+        if call is None:
+            return
+        call.timer.stop()
+        call.context = call.timestep = None  # keep no large tensors alive between steps
+        if call.run_rows is None:
+            # No PARE block patch ran: another node replaced the model's forward, so nothing was routed.
+            self.unrouted_calls += 1
+            self.warn_once("unrouted", "%s: a model call ran without PARE's block patches (another node replaced "
+                           "the model's forward?), so it was not routed; apply PARE routing last",
+                           self.template.label)
+        self.calls.append(call)
 
     def costs(self, tokens: int, text_tokens: int) -> list[float]:
         key = (tokens, text_tokens)
@@ -158,51 +250,62 @@ class RoutingRun:
         return self._costs[key]
 
     def decide(self, block_index: int, img: torch.Tensor) -> list[tuple[bool, ...]] | None:
-        """The run mask of the current call, computed once (at block 0) and read to the host once."""
+        """The run mask of the current call, computed once (at the first patched block) and read once."""
         call = self.current
         if call is None:
             return None
         if call.run_rows is None:
-            decider = self.template.decider
-            costs = self.costs(img.shape[1], call.context.shape[1] if call.context is not None else 1)
-            active = torch.tensor([self.sigma_low <= s <= self.sigma_high for s in call.sigmas])
-            if block_index != 0 and decider.needs_tokens:
-                # The router reads block 0's input (the patch-embedded latent); without it, run everything.
-                if not self._warned:
-                    self._warned = True
-                    logger.warning("%s: another node replaced PARE's patch on block 0, so the router cannot see "
-                                   "the latent and every block runs; apply PARE routing last", self.template.label)
-                active[:] = False
-            if active.any():
-                mask = decider.decide(self, call, img if decider.needs_tokens else None, costs).cpu()
-                mask = mask | ~active[:, None]  # outside the active range every block runs
-            else:
-                mask = torch.ones(call.rows, len(costs), dtype=torch.bool)
-            call.run_rows = [tuple(col) for col in mask.t().tolist()]
+            call.run_rows = self._decide(call, block_index, img)
         return call.run_rows
 
+    def _decide(self, call: ModelCall, block_index: int, img: torch.Tensor) -> list[tuple[bool, ...]]:
+        decider = self.template.decider
+        costs = self.costs(img.shape[1], call.context.shape[1] if call.context is not None else 1)
+        everything = [(True,) * call.rows for _ in costs]
+        if block_index != 0 and decider.needs_tokens:
+            # The router reads block 0's input (the patch-embedded latent); without it, run everything.
+            self.warn_once("block0", "%s: another node replaced PARE's patch on block 0, so the router cannot "
+                           "see the latent and every block runs; apply PARE routing last", self.template.label)
+            return everything
+        if self.sigma_low > self.sigma_high:
+            return everything
+        mask = decider.decide(self, call, img if decider.needs_tokens else None, costs)
+        if mask is None:
+            return everything
+        if self.template.start_percent > 0.0 or self.template.end_percent < 1.0:
+            active = (call.sigma >= self.sigma_low) & (call.sigma <= self.sigma_high)
+            mask = mask | ~active[:, None]  # outside the active range every block runs
+        return [tuple(col) for col in mask.t().tolist()]  # the one host read of this call
+
+    def row_index(self, keep: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        return self.cached(("rows", keep), device, lambda: torch.tensor(keep, device=device))
+
     # -- records -----------------------------------------------------------------------------------------
+    def call_records(self) -> list[CallRecord]:
+        """The routed calls with host sigmas (all read in one transfer, once per run)."""
+        if self._records is None:
+            routed = [c for c in self.calls if c.run_rows is not None]
+            sigmas: list[float] = []
+            if routed:
+                try:
+                    sigmas = torch.stack([c.sigma[0] for c in routed]).tolist()
+                except RuntimeError:  # calls on different devices
+                    sigmas = [float(c.sigma[0]) for c in routed]
+            self._records = [CallRecord(sigma=s, branches=tuple(c.branches), ran=np.asarray(c.run_rows).T)
+                             for s, c in zip(sigmas, routed)]
+        return self._records
+
     def step_records(self) -> list[StepRecord]:
-        """Calls grouped into steps (consecutive calls at the same sigma), per CFG branch."""
-        steps: list[tuple[float, dict[int, list[np.ndarray]]]] = []
-        for call in self.calls:
-            sigma = call.sigmas[0] if call.sigmas else 0.0
-            if not steps or abs(steps[-1][0] - sigma) > 1e-9 * max(1.0, abs(sigma)):
-                steps.append((sigma, {}))
-            mask = np.asarray(call.run_rows, dtype=np.float64).T  # [rows, blocks]
-            per = call.rows // max(1, len(call.branches))
-            for j, branch in enumerate(call.branches):
-                steps[-1][1].setdefault(branch, []).append(mask[j * per:(j + 1) * per])
-        out = []
-        for sigma, by_branch in steps:
-            branches = tuple(sorted(by_branch))
-            ran = np.stack([np.concatenate(by_branch[b]).mean(axis=0) for b in branches])
-            out.append(StepRecord(sigma=sigma, branches=branches, ran=ran))
-        return out
+        """Calls grouped into sampler steps, per CFG branch (second-order samplers: 2 evaluations a step)."""
+        return steps_from_calls(self.call_records(), self.schedule)
+
+    def wall_seconds(self) -> float:
+        return sum(c.timer.seconds for c in self.calls)
 
     def summary(self) -> list[str]:
         tokens_costs = next(iter(self._costs.values()), None) or [1.0] * self.template.meta.dims.num_layers
-        return summary_lines(self.step_records(), tokens_costs, sum(c.seconds for c in self.calls), len(self.calls))
+        return summary_lines(self.step_records(), tokens_costs, self.wall_seconds(), len(self.calls),
+                             unrouted_calls=self.unrouted_calls)
 
 
 class RoutedBlock:
@@ -229,23 +332,36 @@ class RoutedBlock:
         if not any(mine):
             return {"img": args["img"]}
         run.block_calls += 1
-        return self._run_subset(args, extra, [r for r, on in enumerate(mine) if on])
+        return self._run_subset(args, extra, tuple(r for r, on in enumerate(mine) if on), run)
 
-    def _run_subset(self, args: dict, extra: dict, keep: list[int]) -> dict:
+    def _run_subset(self, args: dict, extra: dict, keep: tuple[int, ...], run: RoutingRun) -> dict:
         """Run the block on some rows of the batch; the other rows pass through unchanged."""
         img = args["img"]
-        idx = torch.tensor(keep, device=img.device)
         b = img.shape[0]
+        start, stop = keep[0], keep[-1] + 1
+        if stop - start == len(keep):  # contiguous rows (cond or uncond of a CFG batch): views, no index
+            def rows(t):
+                return t[start:stop] if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == b else t
+        else:
+            idx = run.row_index(keep, img.device)
 
-        def rows(t):
-            return t.index_select(0, idx) if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == b else t
+            def rows(t):
+                return t.index_select(0, idx) if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == b else t
 
         sub = {k: (rows(v) if k in ("img", "txt", "vec", "pe") else v) for k, v in args.items()}
         out = self._run(sub, extra)["img"]
-        return {"img": img.index_copy(0, idx, out)}
+        if stop - start == len(keep):
+            return {"img": torch.cat([img[:start], out, img[stop:]])}
+        return {"img": img.index_copy(0, run.row_index(keep, img.device), out)}
 
 
 # -- wrappers -----------------------------------------------------------------------------------------------
+
+def _schedule(args: tuple, kwargs: dict) -> list[float] | None:
+    """The sampler's sigmas from OUTER_SAMPLE's (noise, latent_image, sampler, sigmas, ...) arguments."""
+    sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
+    return sigmas.detach().float().reshape(-1).tolist() if torch.is_tensor(sigmas) else None
+
 
 def _outer_sample(executor, *args, **kwargs):
     guider = executor.class_obj
@@ -253,12 +369,16 @@ def _outer_sample(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     topts = guider.model_options["transformer_options"]
     template: RoutingTemplate = topts[KEY]
-    run = template.start_run(guider.model_patcher.model.model_sampling)
+    # get_model_object sees object patches (ModelSamplingSD3's shift) before sampling applies them.
+    run = template.start_run(guider.model_patcher.get_model_object("model_sampling"), _schedule(args, kwargs))
     topts[KEY] = run
     try:
         return executor(*args, **kwargs)
     finally:
         template.last_run = run
+        if not run.calls:
+            logger.warning("%s: no model call reached PARE's routing in this run (another node replaced the "
+                           "model's forward?)", template.label)
         lines = run.summary()
         logger.info("%s: %s", template.label, "; ".join(lines[1:3] + lines[-1:]) if len(lines) > 2 else lines[0])
         guider.model_options = original
@@ -269,14 +389,10 @@ def _diffusion_model(executor, x, timestep, context, clip_fea, time_dim_concat, 
     if not isinstance(run, RoutingRun):
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     run.begin_call(x, timestep, context, transformer_options)
-    start = time.perf_counter()
     try:
-        out = executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
-        if out.device.type == "cuda":
-            torch.cuda.synchronize(out.device)  # honest wall time (once per call, not per block)
-        return out
+        return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     finally:
-        run.end_call(time.perf_counter() - start)
+        run.end_call()
 
 
 def apply_routing(model: comfy.model_patcher.ModelPatcher, template: RoutingTemplate) -> comfy.model_patcher.ModelPatcher:
@@ -299,4 +415,3 @@ def apply_routing(model: comfy.model_patcher.ModelPatcher, template: RoutingTemp
 def routing_template(model: comfy.model_patcher.ModelPatcher) -> RoutingTemplate | None:
     t = model.model_options.get("transformer_options", {}).get(KEY)
     return t if isinstance(t, RoutingTemplate) else None
-

@@ -66,3 +66,14 @@ def diffusers_module(module: str) -> str:
         _, i, local = module.split(".", 2)
         return f"blocks.{i}.{DIFFUSERS_BLOCK_NAMES[local]}"
     return DIFFUSERS_GLOBAL_NAMES[module]
+
+
+def shifted_sigma(shift: float, t: float) -> float:
+    """Wan's shifted flow sigma at time t in [0, 1] (ComfyUI's time_snr_shift), written out independently."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def step_sigmas(steps: int, shift: float) -> list[float]:
+    """Sigmas of ComfyUI's 'simple' schedule for Wan's shifted flow (the step start sigmas)."""
+    table = [shifted_sigma(shift, (i + 1) / 1000.0) for i in range(1000)]
+    return [table[-(1 + int(x * len(table) / steps))] for x in range(steps)]

@@ -13,6 +13,7 @@ import torch
 from comfy_harness import ComfyServer, PromptError
 from conftest import TEST_NODES, read_latent
 from graphs import out, pare_loader, sample_graph
+from helpers import step_sigmas
 from PIL import Image
 
 from comfyui_pare import report
@@ -93,13 +94,6 @@ def expected_switch_map(sigmas: list[float]) -> np.ndarray:
     """[steps, blocks] bool: which blocks the switch router runs at each step."""
     rows = [np.array(EARLY if s * 1000.0 > BOUNDARY else LATE) > 0 for s in sigmas]
     return np.stack(rows)
-
-
-def step_sigmas(steps: int, shift: float) -> list[float]:
-    """Sigmas of ComfyUI's 'simple' schedule for Wan's shifted flow (the step start sigmas)."""
-    ts = [(i + 1) / 1000.0 for i in range(1000)]
-    table = [shift * t / (1 + (shift - 1) * t) for t in ts]
-    return [table[-(1 + int(x * len(table) / steps))] for x in range(steps)]
 
 
 def test_switch_router_skips_exactly_and_report_shows_it(routers, tmp_path):

@@ -77,9 +77,37 @@ class PARETestOffsetBlock(io.ComfyNode):
         return io.NodeOutput(m)
 
 
+class _PlainBlocks:
+    """A forward_orig that runs every block directly, ignoring block patches (as a pack replacing the forward
+    would): the blocks' own forward, with the same arguments ComfyUI's Wan passes."""
+
+    def __init__(self, model):
+        self.model = model
+        self.forward_orig = type(model).forward_orig
+
+    def __call__(self, x, t, context, clip_fea=None, freqs=None, transformer_options={}, **kwargs):  # noqa: B006
+        options = {k: v for k, v in transformer_options.items() if k != "patches_replace"}
+        return self.forward_orig(self.model, x, t, context, clip_fea=clip_fea, freqs=freqs,
+                                 transformer_options=options, **kwargs)
+
+
+class PARETestBypassBlockPatches(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="PARETestBypassBlockPatches", category="testing", inputs=[io.Model.Input("model")],
+                         outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model):
+        m = model.clone()
+        m.add_object_patch("diffusion_model.forward_orig", _PlainBlocks(m.get_model_object("diffusion_model")))
+        return io.NodeOutput(m)
+
+
 class _Ext(ComfyExtension):
     async def get_node_list(self):
-        return [PARETestCountBlocks, PARETestReadCounts, PARETestOffsetBlock, PARELoadConditioning]
+        return [PARETestCountBlocks, PARETestReadCounts, PARETestOffsetBlock, PARELoadConditioning,
+                PARETestBypassBlockPatches]
 
 
 async def comfy_entrypoint():
