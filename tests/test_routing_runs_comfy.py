@@ -40,7 +40,7 @@ def two_branch_prompt(tag: str, seed: int) -> tuple[dict, dict[str, tuple[str, s
     branches = {"static": (save, g.add("PARETestReadCounts", samples=out(sampler), tag=f"static_{tag}"))}
     counted = g.add("PARETestCountBlocks", model=out(g.find("PARELoadPrunedWan")), tag=f"router_{tag}")
     router = g.add("PARELoadRouter", router_name=SKIP_1_2)
-    routed = g.add("PAREApplyRouter", model=out(counted), router=out(router), budget=1.0, threshold=0.5,
+    routed = g.add("PAREApplyRouter", model=out(counted), router=out(router), mode="threshold", budget=1.0, threshold=0.5,
                    pin_first=0, pin_last=0, start_percent=START, end_percent=1.0)
     shifted = g.add("ModelSamplingSD3", model=out(routed), shift=SHIFTS["router"])
     k2 = g.add("KSampler", **{**g.nodes[sampler]["inputs"], "model": out(shifted)})
