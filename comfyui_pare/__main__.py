@@ -6,8 +6,10 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from .compute import embed_head_macs, model_block_macs, sum_macs, tokens_for
 from .errors import PareError
@@ -61,6 +63,17 @@ def _compute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _asymrnr_calibrate(argv: list[str]) -> int:
+    """Run ``training/token_calibrate.py`` as a program (git-style external verb): the model-running part needs the
+    trainable Wan, which lives in training/, and the node pack never imports training."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "training" / "token_calibrate.py").is_file():
+        raise PareError("asymrnr-calibrate runs the model with the training toolkit (training/ in a checkout of the "
+                        f"comfyui-pare repository), which {root} does not have")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.call([sys.executable, "-m", "training.token_calibrate", *argv], cwd=root, env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m comfyui_pare", description="PARE tools for Wan2.1 checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,13 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")
     p.set_defaults(func=_compute)
     add_lora_slice_parser(sub)
+    p = sub.add_parser("asymrnr-calibrate", add_help=False,
+                       help="measure token redundancy per block and timestep on a model (teacher or PARE student) "
+                            "and write a token-reduction schedule (--model M --samples DIR --out schedule.json; "
+                            "needs training/)")
+    p.set_defaults(func=None)  # listed for --help; main() hands its arguments over untouched
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # CLI entry point only, never on import
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["asymrnr-calibrate"]:
+            return _asymrnr_calibrate(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except PareError as e:
         print(f"error: {e}", file=sys.stderr)

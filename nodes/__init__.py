@@ -9,6 +9,7 @@ from .folders import register_folders
 from .loaders import PARELoadPrunedWan
 from .lora import PARELoraLoader
 from .routing_nodes import PAREApplyRouter, PARELoadRouter, PARERoutingReport, PAREStaticSchedule
+from .token_reduction import PARETokenReduction
 
 # Node IDs are stable forever: deprecate, never rename or delete.
 NODES: list[type[io.ComfyNode]] = [
@@ -18,6 +19,7 @@ NODES: list[type[io.ComfyNode]] = [
     PAREApplyRouter,
     PAREStaticSchedule,
     PARERoutingReport,
+    PARETokenReduction,
 ]
 
 
