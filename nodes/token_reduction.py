@@ -34,6 +34,7 @@ from comfy_api.latest import io
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.token_reduction import MatchingCache, Reduction, reduced_attention
 from ..comfyui_pare.token_schedule import PRESETS, TokenSchedule, load_schedule, parse_schedule_text, preset
+from .comfy_compat import require
 from .folders import TOKEN_SCHEDULES, token_schedule_dir
 from .model_info import model_meta
 from .patching import chain_block_patches, set_keyed_wrappers
@@ -289,6 +290,7 @@ class PARETokenReduction(io.ComfyNode):
     @classmethod
     def execute(cls, model, schedule: str, strength: float, matching_cache_steps: int, start_percent: float,
                 end_percent: float, schedule_json: str = "") -> io.NodeOutput:
+        require("PARE Token Reduction")
         num_blocks = model_meta(model).dims.num_layers
         sched = resolve_schedule(schedule, schedule_json, num_blocks)
         if not 0.0 <= start_percent <= end_percent <= 1.0:

@@ -23,6 +23,7 @@ VERBS: dict[str, str] = {
     "calibrate": "training.calibrate",
     "prune": "training.prune",
     "distill": "training.distill",
+    "asymrnr-calibrate": "training.token_calibrate",
 }
 
 
