@@ -65,10 +65,12 @@ def test_cli_measures_the_tiny_teacher_and_writes_a_loadable_schedule(assets_dir
         assert red[f][on].min() >= red[f][~on].max()
 
 
-def test_cli_errors_name_what_is_wrong(assets_dir, tmp_path):
-    proc = cli("asymrnr-calibrate", "--model", str(assets_dir / tiny_assets.TEACHER_T2V), "--samples",
-               str(tmp_path / "nowhere"), "--out", str(tmp_path / "s.json"))
-    assert proc.returncode == 2 and "nowhere" in proc.stderr and "not found" in proc.stderr, proc.stderr
-    proc = cli("asymrnr-calibrate", "--model", str(assets_dir / tiny_assets.TEACHER_T2V), "--samples", str(tmp_path),
-               "--out", str(tmp_path / "s.json"), "--stride", "1,2")
-    assert proc.returncode == 2 and "--stride must be three positive integers" in proc.stderr, proc.stderr
+def test_errors_name_what_is_wrong(assets_dir, tmp_path, capsys):
+    from training.token_calibrate import main  # in-process: the CLI dispatch itself is run above
+
+    model = str(assets_dir / tiny_assets.TEACHER_T2V)
+    assert main(["--model", model, "--samples", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "not found" in err, err
+    assert main(["--model", model, "--samples", str(tmp_path), "--out", str(tmp_path / "s.json"), "--stride", "1,2"]) == 2
+    assert "--stride must be three positive integers" in capsys.readouterr().err
