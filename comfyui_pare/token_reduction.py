@@ -102,17 +102,19 @@ def match_tokens(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, metric: 
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    x = x.float()
-    if metric == "cosine":
-        x = F.normalize(x, dim=-1)
-    xd = x.index_select(2, dst.to(x.device))
+
+    def prepared(idx: torch.Tensor) -> torch.Tensor:  # float32 copies of only the tokens in use: bounded memory
+        t = x.index_select(2, idx).float()
+        return F.normalize(t, dim=-1) if metric == "cosine" else t
+
+    src_dev = src.to(x.device)
+    xd = prepared(dst.to(x.device))
     bias = None if metric == "cosine" else -0.5 * xd.square().sum(-1)  # argmin |s-d|^2 = argmax s.d - |d|^2/2
     b, h, n_dst = xd.shape[:3]
     chunk = max(1, _SIM_BUDGET // max(1, b * h * n_dst))
     best, target = [], []
-    src_dev = src.to(x.device)
     for start in range(0, src.numel(), chunk):
-        xs = x.index_select(2, src_dev[start:start + chunk])
+        xs = prepared(src_dev[start:start + chunk])
         sim = xs @ xd.transpose(-1, -2)  # [B, H, c, Nd]
         if bias is not None:
             sim = sim + bias[:, :, None, :]
@@ -246,3 +248,19 @@ class MatchingCache:
         self._entries[key] = (step, matching)
         self.made += 1
         return matching
+
+
+def reduced_attention_macs(grid: tuple[int, int, int], stride: tuple[int, int, int], inner: int, q_ratio: float,
+                           kv_ratio: float, cache_steps: int = 1) -> tuple[int, int]:
+    """(attention-core MACs, matching MACs) of one self-attention call over ``inner`` = heads x head_dim channels.
+
+    The core is QK^T and AV on the reduced lengths, 2 Lq' Lk' inner (``compute.block_macs`` counts 2 L^2 inner
+    unreduced). Matching a feature costs one source-by-destination similarity per head, Ns Nd inner, made once per
+    ``cache_steps`` steps (amortised here). Gathers, scatters and the softmax bias are memory work, not counted.
+    """
+    n = math.prod(grid)
+    n_dst = math.prod(g // s for g, s in zip(grid, stride))
+    lq = n if q_ratio == 0 else n_dst + kept_sources(n, n_dst, q_ratio)
+    lk = n if kv_ratio == 0 else n_dst + kept_sources(n, n_dst, kv_ratio)
+    matched = (q_ratio > 0) + (kv_ratio > 0)
+    return 2 * lq * lk * inner, matched * (n - n_dst) * n_dst * inner // cache_steps

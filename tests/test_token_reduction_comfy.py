@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from comfyui_pare.pruned import load_checkpoint, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
-from comfyui_pare.token_reduction import MatchingCache, Reduction, reduced_attention, sdpa_attend
 from comfyui_pare.token_schedule import parse_schedule_text
 
 pytestmark = pytest.mark.comfy
@@ -87,8 +86,9 @@ def reference_latent(student, meta, lora, assets_dir, schedule_doc: dict, *, ste
                      skip_until, shape):
     """training's WanTransformer + reference sampler, LoRA merged by hand, block skipped by mask, and every
     self-attention replaced by the core's reduced attention at the schedule's ratios."""
-    from training.model import WanTransformer, apply_rope
+    from training.model import WanTransformer
     from training.sampling import Conditioning, flow_sigmas, initial_noise, ksampler_euler, percent_to_sigma
+    from training.token_reduction import TokenReduction
 
     sd = dict(student)
     for key in [k for k in lora if k.endswith(".lora_up.weight")]:
@@ -97,34 +97,13 @@ def reference_latent(student, meta, lora, assets_dir, schedule_doc: dict, *, ste
         alpha = float(lora[f"diffusion_model.{module}.alpha"])
         sd[f"{module}.weight"] = sd[f"{module}.weight"] + (alpha / down.shape[0]) * (up @ down)
     model = WanTransformer.from_state_dict(sd, meta)
-    schedule = parse_schedule_text(json.dumps(schedule_doc))
-    cache = MatchingCache(cache_steps, schedule.stride, schedule.metric, schedule.seed)
-    state = {"step": -1, "sigma": None}
+    reduction = TokenReduction(model, parse_schedule_text(json.dumps(schedule_doc)),
+                               lambda p: percent_to_sigma(p, shift), cache_steps)
     grid = (shape[2], shape[3] // 2, shape[4] // 2)
-
-    def reduced_forward(attn, index):
-        def forward(x, freqs):
-            b, s = x.shape[:2]
-            q = apply_rope(attn.norm_q(attn.q(x)).view(b, s, attn.num_heads, attn.head_dim), freqs)
-            k = apply_rope(attn.norm_k(attn.k(x)).view(b, s, attn.num_heads, attn.head_dim), freqs)
-            v = attn.v(x).view(b, s, attn.num_heads, attn.head_dim)
-            qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-            q_ratio, kv_ratio = schedule.ratios(index, state["sigma"], lambda p: percent_to_sigma(p, shift))
-            step = state["step"]
-            q_red = Reduction(cache.get(index, "q", step, qh, grid), q_ratio, schedule.mode) if q_ratio else None
-            kv_red = Reduction(cache.get(index, "kv", step, vh, grid), kv_ratio, schedule.mode) if kv_ratio else None
-            o = reduced_attention(qh, kh, vh, sdpa_attend, q_red, kv_red, schedule.proportional)
-            return attn.o(o.transpose(1, 2).reshape(b, s, -1))
-        return forward
-
-    for i, block in enumerate(model.blocks):
-        block.self_attn.forward = reduced_forward(block.self_attn, i)
 
     def velocity(x, timestep, context, clip_fea=None):
         sigma = float(timestep[0]) / 1000.0
-        if sigma != state["sigma"]:
-            state["step"] += 1
-            state["sigma"] = sigma
+        reduction.begin_call(sigma, grid)
         mask = torch.ones(x.shape[0], N, dtype=torch.bool)
         if sigma >= percent_to_sigma(skip_until, shift):
             mask[:, skip_block] = False

@@ -188,3 +188,29 @@ def test_presets_for_1_3b_and_14b(name):
         preset(name, 6)
     levels = [preset(n, 30) for n in PRESETS]
     assert [s.max_ratio for s in levels] == sorted(s.max_ratio for s in levels)
+
+
+def test_reduced_attention_macs_count_the_reduced_lengths():
+    from comfyui_pare.token_reduction import reduced_attention_macs
+
+    x = torch.randn(1, 2, math.prod(GRID), 8)
+    m = plan_matching(x, GRID, STRIDE)
+    lq, lk = Reduction(m, 0.5).length, Reduction(m, 0.3).length
+    core, match = reduced_attention_macs(GRID, STRIDE, 16, 0.5, 0.3, cache_steps=2)
+    assert core == 2 * lq * lk * 16 and match == 2 * m.src.numel() * m.dst.numel() * 16 // 2
+    assert reduced_attention_macs(GRID, STRIDE, 16, 0.0, 0.0) == (2 * math.prod(GRID) ** 2 * 16, 0)
+
+
+def test_batch_rows_are_reduced_independently():
+    """A batch (e.g. cond and uncond under CFG) gives each row the result it would get alone."""
+    torch.manual_seed(4)
+    q, k, v = torch.randn(3, 2, 4, math.prod(GRID), 8)
+
+    def run(q, k, v):
+        qm = plan_matching(q, GRID, STRIDE, "cosine", torch.Generator().manual_seed(0))
+        km = plan_matching(v, GRID, STRIDE, "euclidean", torch.Generator().manual_seed(1))
+        return reduced_attention(q, k, v, sdpa_attend, Reduction(qm, 0.6), Reduction(km, 0.4, "prune"))
+
+    both = run(q, k, v)
+    for r in range(2):
+        torch.testing.assert_close(both[r:r + 1], run(q[r:r + 1], k[r:r + 1], v[r:r + 1]), rtol=1e-6, atol=1e-6)
