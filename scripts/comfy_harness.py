@@ -127,6 +127,10 @@ class ComfyServer:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read() or b"null")
 
+    def get_text(self, path: str, timeout: float = 30) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return r.read().decode()
+
     def post(self, path: str, body: dict, timeout: float = 30) -> tuple[int, dict]:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")

@@ -29,7 +29,7 @@ from comfy_harness import REPO, ComfyServer  # noqa: E402
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router  # noqa: E402
 
 OUT = Path(os.environ.get("PARE_DEMO_OUT", REPO / "demo-output"))
-WORKFLOW = REPO / "workflows" / "pare_tiny_t2v_demo.json"
+WORKFLOW = REPO / "scripts" / "tiny_demo_api.json"  # until the toy-world demo replaces it
 STUDENT = "pare_tiny_t2v_student.safetensors"
 ROUTER = "pare_tiny_demo_router.safetensors"
 log = logging.getLogger("demo")

@@ -57,6 +57,21 @@ if [ ! -f "$COMFY/.stamp" ]; then
   touch "$COMFY/.stamp"
 fi
 
+# The real front end, at the version this ComfyUI pins, and a browser for the front-end test
+# (tests/test_frontend_browser.py skips with a message where there is none).
+FRONTEND="$(grep -E '^comfyui-frontend-package==' "$COMFY/requirements.txt")"
+if [ ! -f "$VENV/.stamp-frontend-$FRONTEND" ]; then
+  log "installing $FRONTEND (the front end ComfyUI $COMFYUI_VERSION pins)"
+  "$VENV/bin/python" -m pip install -qq -c "$CACHE/torch-constraints.txt" "$FRONTEND"
+  rm -f "$VENV"/.stamp-frontend-*
+  touch "$VENV/.stamp-frontend-$FRONTEND"
+fi
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  log "installing Debian's chromium for the front-end test (apt-get)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || log "could not install chromium; the front-end test will be skipped"
+fi
+
 # Link this checkout into the shared ComfyUI tree (the demo's server uses it; tests use their own base dirs).
 mkdir -p "$COMFY/custom_nodes"
 ln -sfn "$REPO" "$COMFY/custom_nodes/comfyui-pare"

@@ -1,5 +1,6 @@
-"""The shipped workflows: valid against the real server's node schema, and runnable end to end on the tiny
-models (real file names swapped for the tiny stand-ins, the text encoder for stored conditioning)."""
+"""The shipped workflows (UI format): their API graphs, generated with scripts/workflow_api.py, are valid against the
+real server's node schema and run end to end on the tiny models (real file names swapped for the tiny stand-ins, the
+text encoder for stored conditioning)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tiny_assets
 import torch
 from conftest import REPO, read_latent
 from graphs import out, pare_loader, sample_graph
+from workflow_api import ui_to_api
 
 from comfyui_pare.pruned import load_checkpoint, save_checkpoint
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router
@@ -19,8 +21,8 @@ from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import PrunePlan, prune_state_dict
 
 pytestmark = pytest.mark.comfy
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-SHIPPED = [p for p in WORKFLOWS if not p.name.startswith("pare_tiny")]
+SHIPPED = sorted((REPO / "workflows").glob("*.json"))
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
 
 
 def distill_style_lora(dims, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -38,10 +40,9 @@ def distill_style_lora(dims, rank: int = 4, seed: int = 0) -> dict[str, torch.Te
     return sd
 
 
-@pytest.fixture(scope="module")
-def tiny_world(comfy, assets_dir, tmp_path_factory):
-    """Pruned tiny students (T2V, I2V), a router and a distill-style LoRA in the server's folders."""
-    dm, base = comfy.base / "models" / "diffusion_models", comfy.base
+def install_tiny_world(base: Path, assets_dir: Path) -> None:
+    """Pruned tiny students (T2V, I2V), a router and a distill-style LoRA in a ComfyUI base directory."""
+    dm = base / "models" / "diffusion_models"
     for teacher, student in ((tiny_assets.TEACHER_T2V, "tiny_student_t2v.safetensors"),
                              (tiny_assets.TEACHER_I2V, "tiny_student_i2v.safetensors")):
         sd, meta = load_checkpoint(assets_dir / teacher)
@@ -54,14 +55,23 @@ def tiny_world(comfy, assets_dir, tmp_path_factory):
     (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
     save_atomic(base / "models" / "loras" / "tiny_distill_lora.safetensors", distill_style_lora(tiny_assets.TINY_T2V),
                 {"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def tiny_world(comfy, assets_dir):
+    install_tiny_world(comfy.base, assets_dir)
     return comfy
+
+
+def api_graph(path: Path, info: dict) -> dict:
+    return ui_to_api(json.loads(path.read_text()), info, source=path.name)
 
 
 def test_shipped_workflows_are_valid_for_the_real_server(comfy):
     info = comfy.object_info()
     assert SHIPPED, "no workflows shipped"
-    for path in WORKFLOWS:
-        graph = json.loads(path.read_text())
+    for path in SHIPPED:
+        graph = api_graph(path, info)
         for node_id, node in graph.items():
             cls = node["class_type"]
             assert cls in info, f"{path.name}: node {node_id} uses unknown class {cls}"
@@ -105,24 +115,31 @@ def tinyfy(graph: dict, variant: str) -> dict:
             inputs.pop("clip_vision_output", None)  # the tiny conditioning carries clip_fea itself
         elif cls == "KSampler":
             inputs["steps"] = min(inputs["steps"], 4)
+        elif cls == "KSamplerAdvanced":  # the same split of the schedule, over 4 steps
+            total = inputs["steps"]
+            inputs.update(steps=4, start_at_step=round(4 * min(inputs["start_at_step"], total) / total),
+                          end_at_step=round(4 * min(inputs["end_at_step"], total) / total))
     return g
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_workflow_runs_on_tiny_models(tiny_world, path: Path):
-    graph = json.loads(path.read_text())
+    graph = api_graph(path, tiny_world.object_info())
     variant = "i2v" if any(n["class_type"] == "WanImageToVideo" for n in graph.values()) else "t2v"
     entry = tiny_world.run(tinyfy(graph, variant))
     saved = [n for n, v in graph.items() if v["class_type"] == "SaveVideo"]
     videos = [f for n in saved for f in tiny_world.output_files(entry, n)]
     assert videos and all(f.exists() and f.stat().st_size > 0 for f in videos), entry.get("outputs")
-    report = [n for n, v in graph.items() if v["class_type"] == "PreviewAny"]
-    summary = entry["outputs"][report[0]]["text"][0]
-    assert "block calls executed" in summary
-    ks = next(v for v in graph.values() if v["class_type"] == "KSampler")["inputs"]
+    reports = [n for n, v in graph.items() if v["class_type"] == "PARERoutingReport"]
+    summaries = [entry["outputs"][n]["text"][0] for n, v in graph.items() if v["class_type"] == "PreviewAny"]
+    assert reports and len(summaries) == len(reports)
+    assert all("block calls executed" in s for s in summaries), summaries
+    samplers = [v["inputs"] for v in graph.values() if v["class_type"] in SAMPLERS]
     if "distill" in path.name:  # artists' 4-step, CFG-free setting
-        assert (ks["steps"], ks["cfg"]) == (4, 1.0)
-        assert f"{min(ks['steps'], 4)} steps, 1 branch(es)" in summary
+        assert [(ks["steps"], ks["cfg"]) for ks in samplers] == [(4, 1.0)]
+        assert "4 steps, 1 branch(es)" in summaries[0]
+    if "wan22" in path.name:  # two experts, each routed over its half of the steps
+        assert len(samplers) == 2 and all("2 steps, 2 branch(es)" in s for s in summaries), summaries
 
 
 def test_lora_then_router_equals_router_then_lora(tiny_world):
@@ -134,7 +151,7 @@ def test_lora_then_router_equals_router_then_lora(tiny_world):
                                   strength_model=1.0)
                 else:
                     r = g.add("PARELoadRouter", router_name="tiny_router.safetensors")
-                    model = g.add("PAREApplyRouter", model=out(model), router=out(r), budget=0.6)
+                    model = g.add("PAREApplyRouter", model=out(model), router=out(r), mode="budget", budget=0.6)
             return model
         return patch
 

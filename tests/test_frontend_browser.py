@@ -1,0 +1,226 @@
+"""The artist's path, in ComfyUI's real front end (comfyui-frontend-package, the version ComfyUI 0.3.75 pins) driven by
+headless Chromium: the shipped workflows show up in the template browser, open with no missing or red node, turn
+into the same prompt as our converter, every PARE widget shows its tooltip, and a workflow queued with the Run button
+renders a video that appears in the page. Screenshots go to test-output/browser/ (PARE_TEST_OUTPUT overrides).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tiny_assets
+from comfy_harness import ComfyServer
+from conftest import REPO, TEST_NODES
+from test_workflows_comfy import install_tiny_world
+from workflow_api import ui_to_api
+
+pytestmark = pytest.mark.comfy
+
+CHROMIUM = Path(os.environ.get("PARE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+OUT = Path(os.environ.get("PARE_TEST_OUTPUT", REPO / "test-output")) / "browser"
+SHIPPED = sorted((REPO / "workflows").glob("*.json"))
+QUEUED = REPO / "tests" / "workflows" / "pare_tiny_t2v.json"  # tiny stand-ins: queued from the UI
+PACK = "comfyui-pare"  # the folder name the harness links the pack under (as a registry install names it)
+
+
+def _missing_prerequisite() -> str | None:
+    if importlib.util.find_spec("playwright") is None:
+        return "Playwright for Python is not installed (requirements-dev.txt; run scripts/setup_env.sh)"
+    if importlib.util.find_spec("comfyui_frontend_package") is None:
+        return "comfyui-frontend-package is not installed (scripts/setup_env.sh installs the version ComfyUI pins)"
+    if not CHROMIUM.exists():
+        return (f"no Chromium at {CHROMIUM}: scripts/setup_env.sh installs Debian's chromium with apt-get when run "
+                "as root (set PARE_CHROMIUM to use another Chromium build)")
+    return None
+
+
+if _missing_prerequisite():
+    pytest.skip(_missing_prerequisite(), allow_module_level=True)
+
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ui_server(assets_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy-ui")
+    tiny_assets.install_assets(base)
+    install_tiny_world(base, assets_dir)
+    server = ComfyServer(base_dir=base, extra_custom_nodes=(TEST_NODES,), front_end=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def page(ui_server):
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1800, "height": 1100})
+        pg.errors = []
+        pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+        pg.goto(ui_server.url + "/", timeout=180_000)
+        pg.wait_for_function("!!(window.app && window.app.graph && window.LiteGraph && "
+                             "window.LiteGraph.registered_node_types['PAREApplyRouter'])", timeout=180_000)
+        pg.wait_for_timeout(1000)
+        dismiss_dialogs(pg)
+        tidy_for_screenshots(pg)
+        yield pg
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def object_info(ui_server) -> dict:
+    return ui_server.object_info()
+
+
+def load(page, path: Path) -> None:
+    """What dropping the file on the canvas does (app.handleFile), then a view that fits the whole graph."""
+    page.evaluate("async ([text, name]) => { await window.app.handleFile(new File([text], name, "
+                  "{type: 'application/json'})); }", [path.read_text(), path.name])
+    page.wait_for_function(f"window.app.graph.nodes.length === {len(json.loads(path.read_text())['nodes'])}")
+    page.evaluate("""() => { const c = window.app.canvas, ns = window.app.graph.nodes;
+        const x0 = Math.min(...ns.map(n => n.pos[0])) - 40, y0 = Math.min(...ns.map(n => n.pos[1])) - 80;
+        const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])) + 40;
+        const y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1])) + 40;
+        const r = c.canvas.getBoundingClientRect(), s = Math.min(r.width / (x1 - x0), r.height / (y1 - y0)) * 0.92;
+        c.ds.scale = s; c.ds.offset = [-x0 + 60 / s, -y0 + 110 / s]; c.setDirty(true, true); }""")
+    page.mouse.move(5, 1000)  # no hover tooltip in the screenshot
+    page.wait_for_timeout(500)
+
+
+def dismiss_dialogs(page) -> None:
+    """A first start opens the template browser; close it (and anything else modal) with Escape."""
+    for _ in range(3):
+        dialog = page.locator(".p-dialog")
+        if not dialog.count():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+        if dialog.count():
+            dialog.first.locator("button:has(i.pi-times)").first.click(timeout=5000)
+            page.wait_for_timeout(300)
+    assert not page.locator(".p-dialog").count(), "a dialog stays open"
+
+
+def tidy_for_screenshots(page) -> None:
+    """Cosmetic only: close the front end's announcement bar and hide the minimap, so screenshots show the graph."""
+    page.evaluate("""async () => {
+        const s = Array.from(document.querySelectorAll('span')).find(e => e.textContent.startsWith('Introducing'));
+        const bar = s && s.parentElement.parentElement;
+        const close = bar && Array.from(bar.querySelectorAll('button')).find(b => !b.textContent.trim());
+        if (close) close.click();
+        await window.app.extensionManager.setting.set('Comfy.Minimap.Visible', false); }""")
+    page.wait_for_timeout(300)
+
+
+def visible_problems(page) -> list[str]:
+    """Error toasts and dialogs the front end shows (missing nodes, schema errors, execution errors)."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll(
+        '.p-toast-message-error, .p-dialog, [role=alertdialog], .comfy-missing-nodes'))
+        .map(e => e.textContent.trim().slice(0, 300)).filter(t => t)""")
+
+
+def test_workflows_are_in_the_template_browser(ui_server, page):
+    with urllib.request.urlopen(ui_server.url + "/api/workflow_templates") as r:
+        listed = json.loads(r.read())
+    assert sorted(listed.get(PACK, [])) == sorted(p.stem for p in SHIPPED), listed
+    for path in SHIPPED:
+        with urllib.request.urlopen(f"{ui_server.url}/api/workflow_templates/{PACK}/{path.name}") as r:
+            assert json.loads(r.read()) == json.loads(path.read_text())
+    # ... and in the front end's template browser (Workflow menu > Browse Templates), under the pack's name.
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    dialog = page.locator(".p-dialog")
+    dialog.wait_for(state="visible", timeout=30_000)
+    page.get_by_text(PACK, exact=True).first.click()
+    for path in SHIPPED:
+        page.get_by_text(path.stem, exact=True).first.wait_for(state="visible", timeout=30_000)
+    page.screenshot(path=str(OUT / "template_browser.png"))
+    dismiss_dialogs(page)
+
+
+@pytest.mark.parametrize("path", SHIPPED + [QUEUED], ids=lambda p: p.stem)
+def test_workflow_opens_with_no_missing_node_and_same_prompt(page, object_info, path: Path):
+    load(page, path)
+    ui = json.loads(path.read_text())
+    nodes = page.evaluate("() => window.app.graph.nodes.map(n => ({id: n.id, type: n.type, "
+                          "registered: !!window.LiteGraph.registered_node_types[n.type], errors: !!n.has_errors}))")
+    assert sorted((n["id"], n["type"]) for n in nodes) == sorted((n["id"], n["type"]) for n in ui["nodes"])
+    assert [n for n in nodes if not n["registered"] or n["errors"]] == []
+    assert visible_problems(page) == []
+    assert any(n["type"] == "Note" for n in ui["nodes"]), f"{path.name} has no Note for the artist"
+    prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    ours = ui_to_api(ui, object_info, source=path.name)
+
+    def declared(node: dict) -> dict:
+        """Inputs the node defines; the server ignores the rest (e.g. PreviewAny's display-only 'preview')."""
+        spec = object_info[node["class_type"]]["input"]
+        names = {**spec.get("required", {}), **spec.get("optional", {})}
+        return {k: v for k, v in node["inputs"].items() if k in names}
+
+    assert {k: (v["class_type"], declared(v)) for k, v in prompt.items()} == \
+           {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}
+    page.screenshot(path=str(OUT / f"{path.stem}.png"))
+    assert not page.errors, page.errors
+
+
+def test_every_pare_widget_shows_its_tooltip(page, object_info):
+    """Hover each widget of each PARE node (once per node type) and read the tooltip the front end shows."""
+    seen: dict[str, Path] = {}
+    for path in SHIPPED:
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"].startswith("PARE"):
+                seen.setdefault(node["type"], path)
+    assert {"PARELoadPrunedWan", "PARELoadRouter", "PAREApplyRouter", "PARERoutingReport",
+            "PARELoraLoader"} <= set(seen)
+    checked, expected = set(), set()
+    for node_type, path in sorted(seen.items()):
+        load(page, path)
+        spec = object_info[node_type]["input"]
+        tips = {name: s[1]["tooltip"] for sec in ("required", "optional") for name, s in spec.get(sec, {}).items()}
+        expected |= {(node_type, name) for sec in ("required", "optional") for name, s in spec.get(sec, {}).items()
+                     if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")}
+        widgets = page.evaluate("(t) => window.app.graph.nodes.find(n => n.type === t).widgets.map(w => w.name)",
+                                node_type)
+        for name in widgets:
+            point = page.evaluate("""([t, name]) => { const c = window.app.canvas;
+                const n = window.app.graph.nodes.find(n => n.type === t), w = n.widgets.find(w => w.name === name);
+                c.ds.scale = 1; c.ds.offset = [-n.pos[0] + 200, -n.pos[1] + 200]; c.setDirty(true, true);
+                c.draw(true, true);
+                const r = c.canvas.getBoundingClientRect();
+                const p = c.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] / 2, n.pos[1] + w.y + 10]);
+                return [r.left + p[0], r.top + p[1]]; }""", [node_type, name])
+            page.mouse.move(point[0] - 30, point[1] - 60)
+            page.mouse.move(point[0], point[1])
+            tooltip = page.locator(".node-tooltip")
+            tooltip.wait_for(state="visible", timeout=5000)
+            assert tooltip.text_content().strip() == tips[name].strip(), (node_type, name)
+            checked.add((node_type, name))
+    assert checked == expected
+
+
+def test_run_button_renders_a_video_in_the_page(page, ui_server):
+    load(page, QUEUED)
+    page.get_by_role("button", name="Run", exact=True).first.click()
+    # SaveVideo's preview: a <video> the front end adds under the node once the prompt has run.
+    video = page.locator("video[src*='pare_tiny_ui']")
+    video.first.wait_for(state="attached", timeout=300_000)
+    src = video.first.get_attribute("src")
+    with urllib.request.urlopen(ui_server.url + src if src.startswith("/") else src) as r:
+        body = r.read()
+    assert len(body) > 1000 and body[4:8] == b"ftyp", "the preview is not an MP4 video"
+    history = ui_server.get("/history")
+    assert any(e["status"]["status_str"] == "success" for e in history.values()), history
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(OUT / "queued_tiny_t2v.png"))
+    assert visible_problems(page) == []
+    assert not page.errors, page.errors
