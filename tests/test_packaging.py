@@ -15,11 +15,10 @@ import pytest
 import tomllib
 from comfy_harness import ComfyServer
 from conftest import REPO
+from test_loader_comfy import PACK_NODES  # the user-facing node list, kept in one place
 
 import comfyui_pare
 
-PACK_NODES = {"PARELoadPrunedWan", "PARELoraLoader", "PARELoadRouter", "PAREApplyRouter", "PAREStaticSchedule",
-              "PARERoutingReport"}
 TORCH_FAMILY = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*)$")
 
 
@@ -128,15 +127,16 @@ def test_node_archive_installs_into_a_fresh_comfyui(packed, tmp_path):
     zipfile.ZipFile(packed).extractall(target)
     with ComfyServer(base_dir=base, front_end=False) as server:
         info = server.object_info()
-        assert PACK_NODES <= set(info), sorted(k for k in info if k.startswith("PARE"))
-        assert not {k for k, v in info.items() if v["python_module"].endswith("comfyui-pare")} - PACK_NODES - {
-            "PAREToyTextEncode"}, "a node that is not user-facing is listed"
+        ours = {k for k, v in info.items() if v["python_module"].endswith("comfyui-pare")}
+        assert ours == set(PACK_NODES), "the node list holds exactly the user-facing nodes"
         assert "PARELoadConditioning" not in info  # test-only
-        log = server.log_text()
-        assert "IMPORT FAILED" not in log and "lacks" not in log, server.log_tail()
-        assert server.get("/workflow_templates")["comfyui-pare"]
-        docs = server.get_text("/extensions/comfyui-pare/docs/PAREApplyRouter.md")
-        assert docs.startswith("# PARE Apply Router")
+        log = server.log_text().splitlines()
+        assert not [ln for ln in log if "comfyui-pare" in ln and ("IMPORT FAILED" in ln or "lacks" in ln)], log[-40:]
+        assert sorted(server.get("/workflow_templates")["comfyui-pare"]) == sorted(
+            p.stem for p in (REPO / "workflows").glob("*.json"))
+        for node_id in PACK_NODES:  # the help page the front end's node library shows
+            docs = server.get_text(f"/extensions/comfyui-pare/docs/{node_id}.md")
+            assert docs.startswith(f"# {info[node_id]['display_name']}"), node_id
 
 
 def test_requirements_leave_an_installed_torch_untouched(tmp_path):
