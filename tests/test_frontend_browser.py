@@ -94,7 +94,7 @@ def load(page, path: Path) -> None:
         const y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1])) + 40;
         const r = c.canvas.getBoundingClientRect(), s = Math.min(r.width / (x1 - x0), r.height / (y1 - y0)) * 0.92;
         c.ds.scale = s; c.ds.offset = [-x0 + 60 / s, -y0 + 110 / s]; c.setDirty(true, true); }""")
-    page.mouse.move(5, 1000)  # no hover tooltip in the screenshot
+    page.mouse.move(1000, 1085)  # empty canvas: no hover tooltip in the screenshot
     page.wait_for_timeout(500)
 
 
@@ -220,6 +220,7 @@ def test_run_button_renders_a_video_in_the_page(page, ui_server):
     assert len(body) > 1000 and body[4:8] == b"ftyp", "the preview is not an MP4 video"
     history = ui_server.get("/history")
     assert any(e["status"]["status_str"] == "success" for e in history.values()), history
+    page.mouse.move(1000, 1085)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(OUT / "queued_tiny_t2v.png"))
     assert visible_problems(page) == []
