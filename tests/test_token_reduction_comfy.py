@@ -50,15 +50,18 @@ def chain(*hooks):
     return patch
 
 
-def test_ratio_zero_is_bit_identical_to_no_node(comfy):
-    kw = dict(cfg=3.0, steps=3, seed=11, sampler="uni_pc")
-    plain = run_latent(comfy, *sample_graph(pare_loader(tiny_assets.TEACHER_T2V), **kw))
-    zero = run_latent(comfy, *sample_graph(pare_loader(tiny_assets.TEACHER_T2V), patch_model=reduce_tokens(ZERO), **kw))
-    off = run_latent(comfy, *sample_graph(pare_loader(tiny_assets.TEACHER_T2V),
-                                          patch_model=reduce_tokens(SCHEDULE, strength=0.0), **kw))
+@pytest.mark.parametrize("variant", ["t2v", "i2v"])
+def test_ratio_zero_is_bit_identical_to_no_node(comfy, variant):
+    name = tiny_assets.TEACHER_T2V if variant == "t2v" else tiny_assets.TEACHER_I2V
+    kw = dict(cfg=3.0, steps=3, seed=11, sampler="uni_pc", variant=variant)
+    plain = run_latent(comfy, *sample_graph(pare_loader(name), **kw))
+    zero = run_latent(comfy, *sample_graph(pare_loader(name), patch_model=reduce_tokens(ZERO), **kw))
+    off = run_latent(comfy, *sample_graph(pare_loader(name), patch_model=reduce_tokens(SCHEDULE, strength=0.0), **kw))
     assert torch.equal(plain, zero) and torch.equal(plain, off)
-    on = run_latent(comfy, *sample_graph(pare_loader(tiny_assets.TEACHER_T2V), patch_model=reduce_tokens(SCHEDULE), **kw))
+    on = run_latent(comfy, *sample_graph(pare_loader(name), patch_model=reduce_tokens(SCHEDULE), **kw))
     assert (on - plain).abs().max() > 1e-3, "a non-zero schedule must change the result"
+    # every block's self-attention was reduced at every step (q is reduced everywhere), and only that call
+    assert f"reduced {3 * N} of {3 * N} self-attention calls" in comfy.log_text()
 
 
 # -- stacked with a pruned student, PARE routing, a LoRA and CFG vs an outside reference ---------------------

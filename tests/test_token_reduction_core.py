@@ -214,3 +214,14 @@ def test_batch_rows_are_reduced_independently():
     both = run(q, k, v)
     for r in range(2):
         torch.testing.assert_close(both[r:r + 1], run(q[r:r + 1], k[r:r + 1], v[r:r + 1]), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_features_keep_their_dtype_and_match_float32():
+    torch.manual_seed(5)
+    q, k, v = torch.randn(3, 1, 2, math.prod(GRID), 16)
+    qm, km = plan_matching(q, GRID, STRIDE), plan_matching(v, GRID, STRIDE)
+    q_red, kv_red = Reduction(qm, 0.5), Reduction(km, 0.4)
+    ref = reduced_attention(q, k, v, sdpa_attend, q_red, kv_red)
+    low = reduced_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), sdpa_attend, q_red, kv_red)
+    assert low.dtype == torch.bfloat16 and kv_red.reduce(v.bfloat16()).dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=0, atol=3e-2)
