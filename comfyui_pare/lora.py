@@ -94,6 +94,10 @@ class ParsedLora:
     patches: dict[str, LoraPatch]
     unmatched: list[str] = field(default_factory=list)  # keys naming no known Wan module (or no LoRA part)
     ignored: list[str] = field(default_factory=list)  # e.g. an .alpha whose module has no low-rank pair
+    # Set by ``slice_lora``: teacher modules on blocks a depth-pruned student removed (not applied), and how
+    # many patches were cut to the kept heads / FFN neurons.
+    dropped: list[str] = field(default_factory=list)
+    narrowed: int = 0
 
 
 def weight_key(module: str) -> str:
@@ -313,30 +317,58 @@ def _take(t: torch.Tensor | None, dim: int, idx: torch.Tensor) -> torch.Tensor |
 
 
 def slice_lora(parsed: ParsedLora, meta: PrunedWanMeta) -> ParsedLora:
-    """The teacher LoRA cut to the student's kept heads and FFN neurons (exact: index selection only)."""
+    """The teacher LoRA cut to the student's kept heads and FFN neurons (exact: index selection only).
+
+    On a depth-pruned student, teacher block j's patches go to the student block that is teacher block j
+    (``blocks.i.`` with ``meta.kept_blocks[i] == j``); patches on removed blocks are dropped and logged once.
+    """
     check_lora_base(parsed, meta.dims)
     hd, full = meta.dims.head_dim, BlockWidth.full(meta.dims)
+    student_index = {t: i for i, t in enumerate(meta.teacher_blocks)}
     out: dict[str, LoraPatch] = {}
+    dropped: list[str] = []
+    narrowed = 0
     for module, p in parsed.patches.items():
         block, local = split_block(module)
-        width = meta.blocks[block] if block is not None else full
-        if width.heads != full.heads and local.startswith("self_attn."):
-            rows = torch.tensor([h * hd + c for h in width.heads for c in range(hd)], dtype=torch.long)
-            if local in ("self_attn.q", "self_attn.k", "self_attn.v"):
-                p = replace(p, up=_take(p.up, 0, rows), diff=_take(p.diff, 0, rows), diff_b=_take(p.diff_b, 0, rows))
-            elif local in ("self_attn.norm_q", "self_attn.norm_k"):
-                p = replace(p, diff=_take(p.diff, 0, rows))
-            elif local == "self_attn.o":  # o's output (and bias) is the model width: only its input narrows
-                p = replace(p, down=_take(p.down, 1, rows), diff=_take(p.diff, 1, rows))
-        elif width.ffn != full.ffn and local in ("ffn.0", "ffn.2"):
-            neurons = torch.tensor(width.ffn, dtype=torch.long)
-            if local == "ffn.0":
-                p = replace(p, up=_take(p.up, 0, neurons), diff=_take(p.diff, 0, neurons),
-                            diff_b=_take(p.diff_b, 0, neurons))
-            else:
-                p = replace(p, down=_take(p.down, 1, neurons), diff=_take(p.diff, 1, neurons))
-        out[module] = p
-    return ParsedLora(parsed.source, out, list(parsed.unmatched), list(parsed.ignored))
+        if block is not None:
+            if block not in student_index:
+                dropped.append(module)
+                continue
+            i = student_index[block]
+            width = meta.blocks[i]
+            if i != block:
+                p = replace(p, module=f"blocks.{i}.{local}")
+        else:
+            width = full
+        cut = _slice_patch(p, local, width, full, hd)
+        narrowed += cut is not p
+        out[cut.module] = cut
+    if dropped:
+        removed = sorted({split_block(m)[0] for m in dropped})
+        logger.info("%s: %d patch(es) on teacher block(s) %s are not applied: the depth-pruned student removed "
+                    "those blocks (it keeps teacher blocks %s)", parsed.source, len(dropped), removed,
+                    list(meta.teacher_blocks))
+    return ParsedLora(parsed.source, out, list(parsed.unmatched), list(parsed.ignored), dropped, narrowed)
+
+
+def _slice_patch(p: LoraPatch, local: str, width: BlockWidth, full: BlockWidth, hd: int) -> LoraPatch:
+    """One patch cut to one block's kept heads / FFN neurons (the same object when nothing narrows)."""
+    if width.heads != full.heads and local.startswith("self_attn."):
+        rows = torch.tensor([h * hd + c for h in width.heads for c in range(hd)], dtype=torch.long)
+        if local in ("self_attn.q", "self_attn.k", "self_attn.v"):
+            p = replace(p, up=_take(p.up, 0, rows), diff=_take(p.diff, 0, rows), diff_b=_take(p.diff_b, 0, rows))
+        elif local in ("self_attn.norm_q", "self_attn.norm_k"):
+            p = replace(p, diff=_take(p.diff, 0, rows))
+        elif local == "self_attn.o":  # o's output (and bias) is the model width: only its input narrows
+            p = replace(p, down=_take(p.down, 1, rows), diff=_take(p.diff, 1, rows))
+    elif width.ffn != full.ffn and local in ("ffn.0", "ffn.2"):
+        neurons = torch.tensor(width.ffn, dtype=torch.long)
+        if local == "ffn.0":
+            p = replace(p, up=_take(p.up, 0, neurons), diff=_take(p.diff, 0, neurons),
+                        diff_b=_take(p.diff_b, 0, neurons))
+        else:
+            p = replace(p, down=_take(p.down, 1, neurons), diff=_take(p.diff, 1, neurons))
+    return p
 
 
 def to_standard_state_dict(parsed: ParsedLora, prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:

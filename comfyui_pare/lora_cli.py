@@ -36,7 +36,7 @@ def run_lora_slice(args: argparse.Namespace) -> int:
         logger.warning("%s: %d key(s) match no Wan2.1 module and are left out: %s%s",
                        args.lora, len(parsed.unmatched), shown, more)
     sliced = slice_lora(parsed, meta)
-    narrowed = sum(1 for m, p in sliced.patches.items() if p is not parsed.patches[m])
+    narrowed = sliced.narrowed
     header = {"format": "pt", METADATA_KEY: json.dumps(
         {"sliced_for": meta.fingerprint(), "source": os.path.basename(args.lora)}, separators=(",", ":"))}
     sd = to_standard_state_dict(sliced)

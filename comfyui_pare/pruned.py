@@ -10,6 +10,11 @@ makes it self-describing:
 
 Indices are in the teacher's numbering, sorted. A plain Wan2.1 file (no ``pare`` key) is read as a 0%-pruned
 teacher with head dim 128, ComfyUI's own assumption.
+
+A depth-pruned student (whole teacher blocks removed, VDMini style) also has ``"kept_blocks": [teacher block
+indices]``, sorted: student block i (key ``blocks.i.``) is teacher block ``kept_blocks[i]``, and ``blocks`` lists
+the widths of the kept blocks only. Such files say ``"format_version": 2``; files without ``kept_blocks`` are
+still written as version 1, so their fingerprints and older readers are unchanged.
 """
 
 from __future__ import annotations
@@ -26,21 +31,34 @@ from .errors import PareFormatError, shape_error
 from .safetensors_io import save_atomic
 from .wan import DEFAULT_HEAD_DIM, BlockWidth, WanDims, model_shapes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this pack reads; 2 adds "kept_blocks"
+WIDTH_ONLY_VERSION = 1
 METADATA_KEY = "pare"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 @dataclass(frozen=True)
 class PrunedWanMeta:
-    """Teacher dims plus the kept heads / FFN neurons of every block."""
+    """Teacher dims plus the kept heads / FFN neurons of every block (and, depth-pruned, which blocks remain)."""
 
     dims: WanDims
     blocks: tuple[BlockWidth, ...]
+    # Teacher indices of the blocks present, one per entry of ``blocks``; None: every teacher block, in order.
+    kept_blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.blocks) != self.dims.num_layers:
-            raise PareFormatError(f"metadata lists {len(self.blocks)} blocks but the teacher has {self.dims.num_layers}")
+        kept = self.kept_blocks
+        if kept is not None:
+            kept = tuple(int(j) for j in kept)
+            _check_indices(kept, self.dims.num_layers, "kept_blocks")
+            if len(kept) != len(self.blocks):
+                raise PareFormatError(f"kept_blocks names {len(kept)} teacher blocks but 'blocks' lists "
+                                      f"{len(self.blocks)}; there is one width entry per kept block")
+            # Canonical form: keeping every block is the width-only case (same JSON, same fingerprint).
+            object.__setattr__(self, "kept_blocks", None if len(kept) == self.dims.num_layers else kept)
+        elif len(self.blocks) != self.dims.num_layers:
+            raise PareFormatError(f"metadata lists {len(self.blocks)} blocks but the teacher has {self.dims.num_layers} "
+                                  "and there is no 'kept_blocks' list saying which ones remain")
         for i, b in enumerate(self.blocks):
             _check_indices(b.heads, self.dims.num_heads, f"block {i} heads")
             _check_indices(b.ffn, self.dims.ffn_dim, f"block {i} ffn")
@@ -51,15 +69,28 @@ class PrunedWanMeta:
 
     @property
     def is_pruned(self) -> bool:
-        return any(b != BlockWidth.full(self.dims) for b in self.blocks)
+        return self.kept_blocks is not None or any(b != BlockWidth.full(self.dims) for b in self.blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the model this metadata describes (the teacher's count unless depth-pruned)."""
+        return len(self.blocks)
+
+    @property
+    def teacher_blocks(self) -> tuple[int, ...]:
+        """The teacher block index of every block present, in order."""
+        return self.kept_blocks if self.kept_blocks is not None else tuple(range(self.dims.num_layers))
 
     def to_json(self) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
+        obj = {
+            "format_version": WIDTH_ONLY_VERSION if self.kept_blocks is None else FORMAT_VERSION,
             "variant": self.dims.variant,
             "teacher": {k: v for k, v in self.dims.to_dict().items() if k != "variant"},
             "blocks": [{"heads": list(b.heads), "ffn": list(b.ffn)} for b in self.blocks],
         }
+        if self.kept_blocks is not None:
+            obj["kept_blocks"] = list(self.kept_blocks)
+        return obj
 
     @classmethod
     def from_json(cls, obj: Mapping, source: str = "metadata") -> "PrunedWanMeta":
@@ -80,8 +111,13 @@ class PrunedWanMeta:
             raise
         except (KeyError, TypeError, ValueError) as e:
             raise PareFormatError(f"{source}: PARE metadata is malformed ({type(e).__name__}: {e})") from e
+        kept = obj.get("kept_blocks")
+        if kept is not None and (not isinstance(kept, list)
+                                 or not all(isinstance(j, int) and not isinstance(j, bool) for j in kept)):
+            raise PareFormatError(f"{source}: PARE metadata key 'kept_blocks' must be a list of teacher block "
+                                  f"indices (integers), got {str(kept)[:60]}")
         try:
-            return cls(dims, blocks)
+            return cls(dims, blocks, tuple(kept) if kept is not None else None)
         except PareFormatError as e:
             raise PareFormatError(f"{source}: {e}") from None
 
@@ -169,14 +205,14 @@ def check_tensors(
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise PareFormatError(
-            f"{path}: {len(missing)} tensor(s) missing for a {meta.dims.variant} Wan with {meta.dims.num_layers} "
+            f"{path}: {len(missing)} tensor(s) missing for a {meta.dims.variant} Wan with {meta.num_blocks} "
             f"blocks, e.g. '{stored_name(missing[0])}' (expected shape {list(expected[missing[0]])})"
         )
     extra = [k for k in shapes if k not in expected]
     if extra:
         raise PareFormatError(
             f"{path}: {len(extra)} unexpected tensor(s) for a {meta.dims.variant} Wan2.1 with "
-            f"{meta.dims.num_layers} blocks, e.g. '{stored_name(extra[0])}'"
+            f"{meta.num_blocks} blocks, e.g. '{stored_name(extra[0])}'"
         )
     for key, want in expected.items():
         if shapes[key] != want:
@@ -226,15 +262,18 @@ def describe(meta: PrunedWanMeta) -> dict:
     heads = [b.num_heads for b in meta.blocks]
     ffn = [b.ffn_dim for b in meta.blocks]
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": meta.to_json()["format_version"],
         "variant": dims.variant,
         "teacher": {k: v for k, v in dims.to_dict().items() if k != "variant"},
         "pruned": meta.is_pruned,
         "fingerprint": meta.fingerprint(),
+        "num_blocks": meta.num_blocks,
+        "kept_blocks": list(meta.teacher_blocks),
+        # Over the teacher's blocks: a removed block keeps none of its heads or neurons.
         "kept_heads_fraction": sum(heads) / (dims.num_heads * dims.num_layers),
         "kept_ffn_fraction": sum(ffn) / (dims.ffn_dim * dims.num_layers),
         "blocks": [
-            {"index": i, "heads": b.num_heads, "ffn": b.ffn_dim, "kept_heads": list(b.heads)}
-            for i, b in enumerate(meta.blocks)
+            {"index": i, "teacher_block": t, "heads": b.num_heads, "ffn": b.ffn_dim, "kept_heads": list(b.heads)}
+            for i, (t, b) in enumerate(zip(meta.teacher_blocks, meta.blocks))
         ],
     }

@@ -1,7 +1,10 @@
-"""Width pruning by plan: narrow a Wan state dict to the kept self-attention heads and FFN neurons.
+"""Pruning by plan: narrow a Wan state dict to the kept self-attention heads and FFN neurons, and (depth) drop
+whole blocks.
 
 This is the exact surgery the training pipeline reuses after it has chosen what to keep. A plan names the
-kept indices in the teacher's numbering; pruning an already-pruned file keeps a subset of what it has.
+kept indices in the teacher's numbering; pruning an already-pruned file keeps a subset of what it has. A plan's
+optional ``kept_blocks`` (teacher block indices) removes the other blocks: the kept ones are renumbered
+``blocks.0.`` ... in order and the metadata records which teacher block each one is.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -33,12 +37,23 @@ class BlockPlan:
 
 @dataclass(frozen=True)
 class PrunePlan:
-    blocks: tuple[BlockPlan, ...]
+    blocks: tuple[BlockPlan, ...]  # one entry per block of the input
+    kept_blocks: tuple[int, ...] | None = None  # teacher indices of the blocks to keep; None keeps them all
+
+    def to_json(self) -> dict:
+        obj: dict = {"blocks": [{k: list(v) for k, v in (("heads", b.heads), ("ffn", b.ffn)) if v is not None}
+                                for b in self.blocks]}
+        if self.kept_blocks is not None:
+            obj["kept_blocks"] = list(self.kept_blocks)
+        return obj
 
     @classmethod
     def from_json(cls, obj: Mapping, source: str = "plan") -> "PrunePlan":
         if not isinstance(obj, Mapping) or not isinstance(obj.get("blocks"), list):
             raise PareFormatError(f"{source}: a plan is a JSON object {{\"blocks\": [{{\"heads\": [...], \"ffn\": [...]}}, ...]}}")
+        unknown = set(obj) - {"blocks", "kept_blocks"}
+        if unknown:
+            raise PareFormatError(f"{source}: unknown plan key(s) {sorted(unknown)}; use 'blocks' and 'kept_blocks'")
         blocks = []
         for i, entry in enumerate(obj["blocks"]):
             if not isinstance(entry, Mapping):
@@ -47,7 +62,7 @@ class PrunePlan:
             if unknown:
                 raise PareFormatError(f"{source}: blocks[{i}] has unknown key(s) {sorted(unknown)}; use 'heads' and 'ffn'")
             blocks.append(BlockPlan(*(_indices(entry.get(k), f"{source}: blocks[{i}].{k}") for k in ("heads", "ffn"))))
-        return cls(tuple(blocks))
+        return cls(tuple(blocks), _indices(obj.get("kept_blocks"), f"{source}: kept_blocks"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PrunePlan":
@@ -121,10 +136,10 @@ def block_selections(meta: PrunedWanMeta, i: int, plan: BlockPlan) -> tuple[dict
 
 
 def plan_selections(meta: PrunedWanMeta, plan: PrunePlan) -> tuple[dict[str, Selection], PrunedWanMeta]:
-    """Every narrowed tensor's selection for ``plan``, and the metadata of the result."""
-    if len(plan.blocks) != meta.dims.num_layers:
+    """Every narrowed tensor's selection for ``plan`` (input keys), and the metadata of the result."""
+    if len(plan.blocks) != meta.num_blocks:
         raise PareFormatError(
-            f"plan has {len(plan.blocks)} block entries but the model has {meta.dims.num_layers} blocks "
+            f"plan has {len(plan.blocks)} block entries but the model has {meta.num_blocks} blocks "
             "(one entry per block; an empty object {} keeps a block whole)"
         )
     sel: dict[str, Selection] = {}
@@ -133,15 +148,56 @@ def plan_selections(meta: PrunedWanMeta, plan: PrunePlan) -> tuple[dict[str, Sel
         block_sel, width = block_selections(meta, i, bp)
         sel.update(block_sel)
         widths.append(width)
-    return sel, PrunedWanMeta(meta.dims, tuple(widths))
+    kept = kept_positions(meta, plan)
+    out_kept = tuple(meta.teacher_blocks[i] for i in kept)
+    return sel, PrunedWanMeta(meta.dims, tuple(widths[i] for i in kept), out_kept)
+
+
+def kept_positions(meta: PrunedWanMeta, plan: PrunePlan) -> list[int]:
+    """Input block positions the plan keeps, in order (all of them without ``kept_blocks``)."""
+    if plan.kept_blocks is None:
+        return list(range(meta.num_blocks))
+    where = {t: i for i, t in enumerate(meta.teacher_blocks)}
+    for t in plan.kept_blocks:
+        if not 0 <= t < meta.dims.num_layers:
+            raise PareFormatError(f"plan kept_blocks: teacher block {t} is out of range [0, {meta.dims.num_layers - 1}]")
+        if t not in where:
+            raise PareFormatError(f"plan kept_blocks: teacher block {t} was already removed from the input "
+                                  f"(it has teacher blocks {list(meta.teacher_blocks)}), so it cannot be kept")
+    if not plan.kept_blocks:
+        raise PareFormatError("plan kept_blocks: keeps no block; at least one must be kept")
+    return [where[t] for t in plan.kept_blocks]
+
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def block_renames(meta: PrunedWanMeta, plan: PrunePlan) -> Callable[[str], str | None]:
+    """Input key -> output key: a kept block's keys renumbered to its new position, None for a removed block."""
+    new_index = {old: new for new, old in enumerate(kept_positions(meta, plan))}
+
+    def rename(key: str) -> str | None:
+        m = _BLOCK_KEY.match(key)
+        if m is None:
+            return key
+        new = new_index.get(int(m.group(1)))
+        return None if new is None else f"{block_prefix(new)}{key[m.end():]}"
+
+    return rename
 
 
 def prune_state_dict(
     sd: Mapping[str, torch.Tensor], meta: PrunedWanMeta, plan: PrunePlan
 ) -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
-    """Return a new state dict narrowed by ``plan`` and its metadata. The input is not modified."""
+    """Return a new state dict narrowed (and depth-pruned) by ``plan`` and its metadata. The input is not modified."""
     sel, out_meta = plan_selections(meta, plan)
-    return {k: sel[k].apply(v) if k in sel else v for k, v in sd.items()}, out_meta
+    rename = block_renames(meta, plan)
+    out = {}
+    for k, v in sd.items():
+        new = rename(k)
+        if new is not None:
+            out[new] = sel[k].apply(v) if k in sel else v
+    return out, out_meta
 
 
 def prune_file(reader: WanReader, plan: PrunePlan, out: str | os.PathLike) -> PrunedWanMeta:
@@ -152,13 +208,17 @@ def prune_file(reader: WanReader, plan: PrunePlan, out: str | os.PathLike) -> Pr
     same for every row and column kept), and the ``scaled_fp8`` marker is kept as stored.
     """
     sel, out_meta = plan_selections(reader.meta, plan)
+    rename = block_renames(reader.meta, plan)
     shapes = out_meta.expected_shapes()
     sources: dict[str, Callable[[], torch.Tensor]] = {}
     specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for key in reader.keys():
-        specs[key] = (reader.dtype(key), shapes[key])
-        sources[key] = (lambda k=key: sel[k].apply(reader.tensor(k))) if key in sel else (lambda k=key: reader.tensor(k))
-        base = key[: -len(".weight")]
+        new = rename(key)
+        if new is None:  # a removed block: never read
+            continue
+        specs[new] = (reader.dtype(key), shapes[new])
+        sources[new] = (lambda k=key: sel[k].apply(reader.tensor(k))) if key in sel else (lambda k=key: reader.tensor(k))
+        base = new[: -len(".weight")]
         for kind, tensor in ((SCALE_WEIGHT, reader.scale(key)), (SCALE_INPUT, reader.input_scale(key))):
             if tensor is not None:  # 0-d: read now, they are tiny
                 specs[f"{base}.{kind}"] = (tensor.dtype, tuple(tensor.shape))

@@ -58,6 +58,6 @@ class PARELoadPrunedWan(io.ComfyNode):
         summary = describe(meta)
         logger.info(
             "PARE: loaded %s (%s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, meta.dims.variant,
-            meta.dims.num_layers, 100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
+            meta.num_blocks, 100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
         )
         return io.NodeOutput(patcher)

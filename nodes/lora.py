@@ -134,7 +134,7 @@ def apply_lora(model: comfy.model_patcher.ModelPatcher, path: str, strength: flo
     parsed = load_lora_file(path)
     sliced = slice_lora(parsed, meta)
     warn_skipped_keys(parsed)
-    narrowed = sum(1 for m, p in sliced.patches.items() if p is not parsed.patches[m])
+    narrowed = sliced.narrowed
     model_shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=PREFIX).items()}
     patches = comfy_patches(sliced, model_shapes)
 

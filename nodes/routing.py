@@ -303,7 +303,7 @@ class RoutingRun:
         return sum(c.timer.seconds for c in self.calls)
 
     def summary(self) -> list[str]:
-        tokens_costs = next(iter(self._costs.values()), None) or [1.0] * self.template.meta.dims.num_layers
+        tokens_costs = next(iter(self._costs.values()), None) or [1.0] * self.template.meta.num_blocks
         return summary_lines(self.step_records(), tokens_costs, self.wall_seconds(), len(self.calls),
                              unrouted_calls=self.unrouted_calls)
 
@@ -400,7 +400,7 @@ def apply_routing(model: comfy.model_patcher.ModelPatcher, template: RoutingTemp
     m = model.clone()
     m.model_options["transformer_options"][KEY] = template
     dit = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-    for i in range(template.meta.dims.num_layers):
+    for i in range(template.meta.num_blocks):
         inner = dit.get(("double_block", i))
         if isinstance(inner, RoutedBlock):
             inner = inner.inner

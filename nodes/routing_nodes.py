@@ -100,7 +100,7 @@ class PAREApplyRouter(io.ComfyNode):
                 cfg_disagreement: str = "subset") -> io.NodeOutput:
         meta = model_meta(model)
         name = getattr(router, "pare_name", "router")
-        check_router_fits(router.spec, meta.dims.num_layers, meta.dims.dim, meta.fingerprint(), source=name,
+        check_router_fits(router.spec, meta.num_blocks, meta.dims.dim, meta.fingerprint(), source=name,
                           text_dim=meta.dims.text_dim if router.spec.text_dim else None)
         if mode not in ROUTE_MODES:
             raise PareError(f"PARE Apply Router: mode must be one of {ROUTE_MODES}, got {mode!r}")
@@ -139,7 +139,7 @@ class PAREStaticSchedule(io.ComfyNode):
     @classmethod
     def execute(cls, model, schedule: str, cfg_disagreement: str = "subset") -> io.NodeOutput:
         meta = model_meta(model)
-        ranges = parse_schedule(schedule, meta.dims.num_layers)
+        ranges = parse_schedule(schedule, meta.num_blocks)
         _check_range(0.0, 1.0, cfg_disagreement)
         template = RoutingTemplate(ScheduleDecider(ranges), meta, 0.0, 1.0, cfg_disagreement,
                                    f"PARE static schedule '{schedule}'")
@@ -178,7 +178,7 @@ class PARERoutingReport(io.ComfyNode):
         steps = run.step_records() if run is not None else []
         summary = "\n".join(run.summary() if run is not None else
                             ["PARE routing: no sampling run recorded yet for this model"])
-        image = torch.from_numpy(heatmap(steps, template.meta.dims.num_layers).copy()).float().div(255.0).unsqueeze(0)
+        image = torch.from_numpy(heatmap(steps, template.meta.num_blocks).copy()).float().div(255.0).unsqueeze(0)
         return io.NodeOutput(image, summary)
 
 

@@ -291,7 +291,7 @@ class PARETokenReduction(io.ComfyNode):
     def execute(cls, model, schedule: str, strength: float, matching_cache_steps: int, start_percent: float,
                 end_percent: float, schedule_json: str = "") -> io.NodeOutput:
         require("PARE Token Reduction")
-        num_blocks = model_meta(model).dims.num_layers
+        num_blocks = model_meta(model).num_blocks
         sched = resolve_schedule(schedule, schedule_json, num_blocks)
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise PareError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "

@@ -13,7 +13,14 @@ from helpers import write_plan
 
 from comfyui_pare import safetensors_io
 from comfyui_pare.errors import PareFileError, PareFormatError
-from comfyui_pare.pruned import FORMAT_VERSION, PrunedWanMeta, load_checkpoint, read_meta, save_checkpoint
+from comfyui_pare.pruned import (
+    FORMAT_VERSION,
+    WIDTH_ONLY_VERSION,
+    PrunedWanMeta,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import PrunePlan, prune_state_dict
 from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
@@ -99,7 +106,7 @@ def test_roundtrip_and_plain_files(tmp_path, teacher):
     sd2, meta2 = load_checkpoint(path)
     assert meta2 == meta and all(torch.equal(sd[k], sd2[k]) for k in sd)
     header = json.loads(safetensors_io.read_header(path)[1]["pare"])
-    assert header["format_version"] == FORMAT_VERSION and header["teacher"]["head_dim"] == 32
+    assert header["format_version"] == WIDTH_ONLY_VERSION and header["teacher"]["head_dim"] == 32
     # A plain Wan2.1 file (no PARE metadata, any tool prefix) is a 0%-pruned teacher with head dim 128.
     plain = random_wan_state_dict(PLAIN)
     save_atomic(tmp_path / "plain.safetensors", {f"model.diffusion_model.{k}": v for k, v in plain.items()}, {})
