@@ -26,7 +26,7 @@ import torch
 
 from comfyui_pare.compute import block_macs, tokens_for
 from comfyui_pare.errors import PareFormatError
-from comfyui_pare.wan import BlockWidth, WanDims
+from comfyui_pare.wan import TEXT_TOKENS, BlockWidth, WanDims
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class DepthOptions:
     order: Literal["shallow", "contribution"] = "shallow"
     shallow_fraction: float = 0.5  # 'shallow': candidates are the first ceil(fraction x L) blocks
     pin_ends: bool = True  # never drop the first and the last block
-    tokens: int = DEFAULT_TOKENS
+    tokens: int = DEFAULT_TOKENS  # video tokens and text tokens the compute fractions are counted at
+    text_tokens: int = TEXT_TOKENS
 
     def validate(self, num_layers: int) -> None:
         if (self.remove is None) == (self.compute_target is None):
@@ -89,8 +90,8 @@ def choose_kept_blocks(contribution: torch.Tensor, opts: DepthOptions, dims: Wan
         removed = order[:opts.remove]
     else:
         widths = list(widths) if widths is not None else [BlockWidth.full(dims)] * layers
-        cost = [block_macs(dims, w, opts.tokens).total for w in widths]
-        teacher = layers * block_macs(dims, BlockWidth.full(dims), opts.tokens).total
+        cost = [block_macs(dims, w, opts.tokens, opts.text_tokens).total for w in widths]
+        teacher = layers * block_macs(dims, BlockWidth.full(dims), opts.tokens, opts.text_tokens).total
         kept_cost, removed = sum(cost), []
         for i in order:
             if kept_cost <= opts.compute_target * teacher:
@@ -123,6 +124,11 @@ def add_depth_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shallow-fraction", type=float, default=0.5,
                    help="'shallow' order: candidates are the first ceil(fraction x blocks) blocks")
     g.add_argument("--no-pin-ends", action="store_true", help="allow removing the first and the last block")
+    g.add_argument("--depth-tokens", type=int, default=DEFAULT_TOKENS,
+                   help=f"video tokens the --depth-target compute is counted at (default {DEFAULT_TOKENS}: 81 "
+                        "frames at 832x480)")
+    g.add_argument("--depth-text-tokens", type=int, default=TEXT_TOKENS,
+                   help=f"text tokens the --depth-target compute is counted at (default {TEXT_TOKENS})")
 
 
 def depth_options(args: argparse.Namespace) -> DepthOptions | None:
@@ -132,4 +138,4 @@ def depth_options(args: argparse.Namespace) -> DepthOptions | None:
             raise PareFormatError("--remove-blocks / --depth-target need --depth static")
         return None
     return DepthOptions(args.remove_blocks, args.depth_target, args.depth_order, args.shallow_fraction,
-                        not args.no_pin_ends)
+                        not args.no_pin_ends, args.depth_tokens, args.depth_text_tokens)
