@@ -7,12 +7,12 @@ Two measurements, printed as tables and written as JSON:
 * **Compute** (analytic, ``comfyui_pare.compute`` + ``token_reduction.reduced_attention_macs``): per-step block
   MACs of the whole model at 81 frames 480x832 (32,760 tokens), for the teacher, a PARE student (half the heads
   and FFN neurons of every block), and that student routed at a 75% block budget, each at every ratio.
-* **Wall time** (measured): one 1.3B-width block (dim 1536, 12 heads of 128, FFN 8960; the student block keeps
-  6 heads and 4480 neurons) on ``--grid`` tokens, and its self-attention alone (q, k, v -> output, with matching,
-  reduction and restoration), through ``training.token_reduction`` (the node's math on the trainable Wan; SDPA as
-  the attention function). Matching every step (cache 1) and reused (cached). Every repetition runs all
-  configurations in turn (interleaved with the baseline), after one warm-up round that is not counted; min and
-  median over the repetitions.
+* **Wall time** (measured): the self-attention of a 1.3B-width block alone (q, k, v -> output, with matching,
+  reduction and restoration; 12 heads of 128, or the student's 6), matching every step or reused (cached); and the
+  whole block (dim 1536, FFN 8960, or the student's 6 heads and 4480 neurons) through ``training.token_reduction``
+  (the node's math on the trainable Wan; SDPA as the attention function) with the matching reused. Every
+  repetition runs all configurations in turn (interleaved with the baseline), after one warm-up round that is not
+  counted; min and median over the repetitions.
 
 The grid default (17 frames at 320x544) keeps a CPU run to minutes; at real sizes attention's share, and so the
 saving, is larger (the compute table shows it at 480p).
@@ -109,10 +109,14 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+BLOCK_RATIOS = [(0.0, 0.0), (0.5, 0.5), (0.7, 0.7), (0.5, 0.25)]  # whole-block timings (matching cached)
+
+
 def wall_times(grid: tuple[int, int, int], reps: int) -> list[dict]:
+    """Interleaved timings: every repetition runs every configuration once; round 0 warms up and is dropped."""
     n = grid[0] * grid[1] * grid[2]
     gen = torch.Generator().manual_seed(0)
-    configs = []  # (label, model label, q, kv, cache, fn)
+    configs = []  # (model label, part, q, kv, matching, fn)
     for label, student in (("teacher", False), ("PARE student", True)):
         model = one_block_model(student)
         heads, d = model.blocks[0].self_attn.num_heads, model.dims.head_dim
@@ -122,49 +126,47 @@ def wall_times(grid: tuple[int, int, int], reps: int) -> list[dict]:
         freqs = rope_freqs(grid, d)
         q, k, v = (torch.randn(1, heads, n, d, generator=gen) for _ in range(3))
         for qr, kvr in RATIOS:
-            for cache in ((1, 0) if qr or kvr else (1,)):  # 0: matching reused (made once, outside the timing)
+            for every_step in ((True, False) if qr or kvr else (True,)):
                 q_m = plan_matching(q, grid, STRIDE) if qr else None
                 kv_m = plan_matching(v, grid, STRIDE) if kvr else None
 
-                def attn_op(qr=qr, kvr=kvr, cache=cache, q_m=q_m, kv_m=kv_m, q=q, k=k, v=v):
-                    qm = (plan_matching(q, grid, STRIDE) if cache == 1 else q_m) if qr else None
-                    km = (plan_matching(v, grid, STRIDE) if cache == 1 else kv_m) if kvr else None
+                def attn_op(qr=qr, kvr=kvr, every_step=every_step, q_m=q_m, kv_m=kv_m, q=q, k=k, v=v):
+                    qm = (plan_matching(q, grid, STRIDE) if every_step else q_m) if qr else None
+                    km = (plan_matching(v, grid, STRIDE) if every_step else kv_m) if kvr else None
                     return reduced_attention(q, k, v, sdpa_attend, Reduction(qm, qr) if qr else None,
                                              Reduction(km, kvr) if kvr else None)
 
-                sched = TokenSchedule((ReductionRule("q", (0,), qr), ReductionRule("kv", (0,), kvr)), num_blocks=1)
-                tr = TokenReduction(model, sched, lambda p: 1.0 - p, cache_steps=1 if cache == 1 else 10 ** 9)
-                tr.begin_call(0.5, grid)
-                tr.remove()
+                configs.append((label, "attention", qr, kvr, "every step" if every_step else "cached", attn_op))
+        for qr, kvr in BLOCK_RATIOS:
+            sched = TokenSchedule((ReductionRule("q", (0,), qr), ReductionRule("kv", (0,), kvr)), num_blocks=1)
+            tr = TokenReduction(model, sched, lambda p: 1.0 - p, cache_steps=10 ** 9)  # matching made in warm-up
+            tr.begin_call(0.5, grid)
 
-                def block(model=model, tr=tr, x=x, e=e, ctx=ctx, freqs=freqs, cache=cache):
-                    attn = model.blocks[0].self_attn
-                    attn.forward = tr._forward(attn, 0)
-                    try:
-                        return model.blocks[0](x, e, freqs, ctx)
-                    finally:
-                        del attn.forward
+            def block(model=model, tr=tr, x=x, e=e, ctx=ctx, freqs=freqs):
+                attn = model.blocks[0].self_attn
+                attn.forward = tr._forward(attn, 0)
+                try:
+                    return model.blocks[0](x, e, freqs, ctx)
+                finally:
+                    del attn.forward
 
-                configs.append((label, qr, kvr, cache, attn_op, block))
-    times: dict[tuple, dict[str, list[float]]] = {c[:4]: {"attention": [], "block": []} for c in configs}
+            tr.remove()
+            configs.append((label, "block", qr, kvr, "cached", block))
+    times: dict[tuple, list[float]] = {c[:5]: [] for c in configs}
     with torch.no_grad():
-        for rep in range(reps + 1):  # round 0 warms up (allocations, matchings of cached configs) and is dropped
-            for label, qr, kvr, cache, attn_op, block in configs:
-                ta, tb = timed(attn_op), timed(block)
+        for rep in range(reps + 1):
+            for *key, fn in configs:
+                t = timed(fn)
                 if rep:
-                    times[(label, qr, kvr, cache)]["attention"].append(ta)
-                    times[(label, qr, kvr, cache)]["block"].append(tb)
+                    times[tuple(key)].append(t)
             logger.info("round %d/%d done", rep, reps)
     rows = []
-    base = {label: times[(label, 0.0, 0.0, 1)] for label in ("teacher", "PARE student")}
-    for (label, qr, kvr, cache), t in times.items():
-        row = {"model": label, "q_ratio": qr, "kv_ratio": kvr, "matching": "every step" if cache == 1 else "cached",
-               "tokens": n}
-        for part in ("attention", "block"):
-            row[f"{part}_min_s"], row[f"{part}_median_s"] = min(t[part]), statistics.median(t[part])
-            row[f"{part}_vs_teacher_full"] = min(t[part]) / min(base["teacher"][part])
-            row[f"{part}_vs_same_model_full"] = min(t[part]) / min(base[label][part])
-        rows.append(row)
+    for (label, part, qr, kvr, matching), t in times.items():
+        same = min(times[(label, part, 0.0, 0.0, "every step" if part == "attention" else "cached")])
+        teacher = min(times[("teacher", part, 0.0, 0.0, "every step" if part == "attention" else "cached")])
+        rows.append({"part": part, "model": label, "q_ratio": qr, "kv_ratio": kvr, "matching": matching, "tokens": n,
+                     "min_s": min(t), "median_s": statistics.median(t), "vs_same_model_full": min(t) / same,
+                     "vs_teacher_full": min(t) / teacher})
     return rows
 
 
@@ -192,9 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = wall_times(grid, args.reps)
     print(f"\n## Wall time, one 1.3B-width block, {wall[0]['tokens']} tokens {grid}, {args.threads} thread(s), "
           f"min of {args.reps} (median beside)\n")
-    print(markdown(wall, ["model", "q_ratio", "kv_ratio", "matching", "attention_min_s", "attention_median_s",
-                          "attention_vs_same_model_full", "block_min_s", "block_median_s", "block_vs_same_model_full",
-                          "block_vs_teacher_full"]))
+    print(markdown(wall, ["part", "model", "q_ratio", "kv_ratio", "matching", "min_s", "median_s",
+                          "vs_same_model_full", "vs_teacher_full"]))
     if args.out:
         Path(args.out).write_text(json.dumps({"grid": grid, "threads": args.threads, "reps": args.reps,
                                               "compute": compute, "wall": wall}, indent=1))
