@@ -36,7 +36,7 @@ Everything here is plain torch and works on [B, H, L, d] tensors; indices are pe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -81,9 +81,10 @@ class Matching:
 
     dst: torch.Tensor  # [Nd] long: token indices of the destinations
     src: torch.Tensor  # [Ns] long: token indices of the sources
-    order: torch.Tensor  # [B, H, Ns] long: positions into ``src``, least similar to its destination first
-    target: torch.Tensor  # [B, H, Ns] long: index into ``dst`` of each source's best destination
-    score: torch.Tensor  # [B, H, Ns] float32: similarity to it (cosine, or minus the squared distance)
+    # int32 keeps the matching cache small (two [B, H, Ns] tables per cached block and feature)
+    order: torch.Tensor  # [B, H, Ns] int32: positions into ``src``, least similar to its destination first
+    target: torch.Tensor  # [B, H, Ns] int32: index into ``dst`` of each source's best destination
+    score: torch.Tensor | None = None  # [B, H, Ns] float32: similarity to it (cosine, or minus squared distance)
 
     @property
     def num_tokens(self) -> int:
@@ -125,7 +126,7 @@ def match_tokens(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, metric: 
         target.append(idx)
     best_t, target_t = torch.cat(best, -1), torch.cat(target, -1)
     order = torch.sort(best_t, dim=-1, stable=True).indices
-    return Matching(dst.to(x.device), src_dev, order, target_t, best_t)
+    return Matching(dst.to(x.device), src_dev, order.int(), target_t.int(), best_t)
 
 
 def plan_matching(x: torch.Tensor, grid: tuple[int, int, int], stride: tuple[int, int, int], metric: str = "cosine",
@@ -159,12 +160,13 @@ class Reduction:
         n_dst, n_src = m.dst.numel(), m.src.numel()
         self.keep = kept_sources(m.num_tokens, n_dst, ratio)
         b, h = m.order.shape[:2]
-        kept, merged = m.order[..., :self.keep], m.order[..., self.keep:]
+        order, target = m.order.long(), m.target.long()
+        kept, merged = order[..., :self.keep], order[..., self.keep:]
         src = m.src.expand(b, h, n_src)
         slot = torch.empty(b, h, m.num_tokens, dtype=torch.long, device=m.order.device)
         slot[..., m.dst] = torch.arange(self.keep, self.keep + n_dst, device=slot.device).expand(b, h, n_dst)
         slot.scatter_(-1, src.gather(-1, kept), torch.arange(self.keep, device=slot.device).expand(b, h, self.keep))
-        slot.scatter_(-1, src.gather(-1, merged), self.keep + m.target.gather(-1, merged))
+        slot.scatter_(-1, src.gather(-1, merged), self.keep + target.gather(-1, merged))
         self.slot = slot
         # The token that represents each slot in "prune" mode: kept sources, then destinations.
         self.representative = torch.cat([src.gather(-1, kept), m.dst.expand(b, h, n_dst)], dim=-1)
@@ -244,7 +246,7 @@ class MatchingCache:
             self.reused += 1
             return entry[1]
         gen = torch.Generator().manual_seed(((self.seed * 1000 + block) * 2 + (feature == "kv")) * 100_003 + step)
-        matching = plan_matching(x, grid, self.stride, self.metric, gen)
+        matching = replace(plan_matching(x, grid, self.stride, self.metric, gen), score=None)  # score: not kept
         self._entries[key] = (step, matching)
         self.made += 1
         return matching
