@@ -74,3 +74,21 @@ def test_errors_name_what_is_wrong(assets_dir, tmp_path, capsys):
     assert "nowhere" in err and "not found" in err, err
     assert main(["--model", model, "--samples", str(tmp_path), "--out", str(tmp_path / "s.json"), "--stride", "1,2"]) == 2
     assert "--stride must be three positive integers" in capsys.readouterr().err
+
+
+def test_calibrates_a_pruned_student_in_process(assets_dir, tmp_path):
+    from comfyui_pare.pruned import load_checkpoint, save_checkpoint
+    from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
+    from training.token_calibrate import main
+
+    sd, meta = load_checkpoint(assets_dir / tiny_assets.TEACHER_T2V)
+    plan = PrunePlan(tuple(BlockPlan(heads=(0, 3, 5)) if i % 2 else BlockPlan() for i in range(6)))
+    save_checkpoint(tmp_path / "student.safetensors", *prune_state_dict(sd, meta, plan))
+    (tmp_path / "samples").mkdir()
+    write_sample(tmp_path / "samples" / "a.safetensors", torch.randn(5, tiny_assets.TINY_T2V.text_dim),
+                 latent_shape=[16, 2, 6, 4], seed=3)
+    out = tmp_path / "s.json"
+    assert main(["--model", str(tmp_path / "student.safetensors"), "--samples", str(tmp_path / "samples"),
+                 "--out", str(out), "--steps", "2", "--stride", "1,1,2"]) == 0
+    s = load_schedule(out)
+    assert s.num_blocks == 6 and s.stride == (1, 1, 2) and len(s.calibration["redundancy"]["q"][1]) == 2
