@@ -45,6 +45,7 @@ def _missing_prerequisite() -> str | None:
 if _missing_prerequisite():
     pytest.skip(_missing_prerequisite(), allow_module_level=True)
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 
@@ -99,17 +100,21 @@ def load(page, path: Path) -> None:
 
 
 def dismiss_dialogs(page) -> None:
-    """A first start opens the template browser; close it (and anything else modal) with Escape."""
-    for _ in range(3):
-        dialog = page.locator(".p-dialog")
-        if not dialog.count():
+    """A first start opens the template browser; close it (and anything else modal) as a user would."""
+    dialogs = page.locator(".p-dialog:visible")
+    for _ in range(10):
+        if not dialogs.count():
             return
         page.keyboard.press("Escape")
-        page.wait_for_timeout(300)
-        if dialog.count():
-            dialog.first.locator("button:has(i.pi-times)").first.click(timeout=5000)
-            page.wait_for_timeout(300)
-    assert not page.locator(".p-dialog").count(), "a dialog stays open"
+        page.wait_for_timeout(500)
+        close = dialogs.locator("button:has(i.pi-times), button[aria-label='Close']")
+        if close.count():
+            try:
+                close.first.click(timeout=2000)
+            except PlaywrightTimeout:  # it closed, or is still rendering: look again
+                pass
+        page.wait_for_timeout(500)
+    assert not dialogs.count(), f"a dialog stays open: {dialogs.first.text_content()[:300]}"
 
 
 def tidy_for_screenshots(page) -> None:
@@ -174,38 +179,39 @@ def test_workflow_opens_with_no_missing_node_and_same_prompt(page, object_info, 
 
 
 def test_every_pare_widget_shows_its_tooltip(page, object_info):
-    """Hover each widget of each PARE node (once per node type) and read the tooltip the front end shows."""
-    seen: dict[str, Path] = {}
-    for path in SHIPPED:
-        for node in json.loads(path.read_text())["nodes"]:
-            if node["type"].startswith("PARE"):
-                seen.setdefault(node["type"], path)
-    assert {"PARELoadPrunedWan", "PARELoadRouter", "PAREApplyRouter", "PARERoutingReport",
-            "PARELoraLoader"} <= set(seen)
-    checked, expected = set(), set()
-    for node_type, path in sorted(seen.items()):
-        load(page, path)
+    """Each PARE node the server lists, placed on an empty canvas as from the node library: hover every widget and
+    read the tooltip the front end shows. Multiline text boxes are HTML elements over the canvas, and front end
+    1.32.9 shows no tooltip on them; those are listed and checked against the node definition instead."""
+    pare = sorted(k for k, v in object_info.items() if v["python_module"].endswith(PACK))
+    assert {"PARELoadPrunedWan", "PARELoadRouter", "PAREApplyRouter", "PARELoraLoader", "PAREStaticSchedule"} <= set(pare)
+    checked, expected, dom_widgets = set(), set(), set()
+    for node_type in pare:
         spec = object_info[node_type]["input"]
         tips = {name: s[1]["tooltip"] for sec in ("required", "optional") for name, s in spec.get(sec, {}).items()}
         expected |= {(node_type, name) for sec in ("required", "optional") for name, s in spec.get(sec, {}).items()
                      if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")}
-        widgets = page.evaluate("(t) => window.app.graph.nodes.find(n => n.type === t).widgets.map(w => w.name)",
-                                node_type)
-        for name in widgets:
+        widgets = page.evaluate("""(t) => { const g = window.app.graph; g.clear();
+            const n = window.LiteGraph.createNode(t); g.add(n); n.pos = [100, 100];
+            return (n.widgets || []).map(w => [w.name, !!w.element]); }""", node_type)
+        for name, is_dom in widgets:
+            if is_dom:
+                assert tips[name], (node_type, name)
+                dom_widgets.add((node_type, name))
+                continue
             point = page.evaluate("""([t, name]) => { const c = window.app.canvas;
                 const n = window.app.graph.nodes.find(n => n.type === t), w = n.widgets.find(w => w.name === name);
-                c.ds.scale = 1; c.ds.offset = [-n.pos[0] + 200, -n.pos[1] + 200]; c.setDirty(true, true);
-                c.draw(true, true);
+                c.ds.scale = 1; c.ds.offset = [200, 200]; c.setDirty(true, true); c.draw(true, true);
                 const r = c.canvas.getBoundingClientRect();
                 const p = c.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] / 2, n.pos[1] + w.y + 10]);
                 return [r.left + p[0], r.top + p[1]]; }""", [node_type, name])
             page.mouse.move(point[0] - 30, point[1] - 60)
             page.mouse.move(point[0], point[1])
             tooltip = page.locator(".node-tooltip")
-            tooltip.wait_for(state="visible", timeout=5000)
+            tooltip.wait_for(state="visible", timeout=15_000)
             assert tooltip.text_content().strip() == tips[name].strip(), (node_type, name)
             checked.add((node_type, name))
-    assert checked == expected
+    assert checked | dom_widgets == expected
+    assert dom_widgets <= {("PARETokenReduction", "schedule_json")}, dom_widgets
 
 
 def test_run_button_renders_a_video_in_the_page(page, ui_server):
