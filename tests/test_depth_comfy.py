@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import tiny_assets
 import torch
+from comfy_harness import PromptError
 from conftest import run_latent
 from graphs import pare_loader, sample_graph
 from safetensors.torch import load_file
@@ -98,3 +99,30 @@ def test_teacher_lora_on_depth_student_equals_merge_then_prune(comfy, depth_file
     log = comfy.log_text()
     assert log.count("the depth-pruned student removed those blocks") == before + 1
     assert "12 patch(es) on teacher block(s) [1, 4] are not applied" in log
+
+
+def test_static_schedule_numbers_the_students_blocks(comfy, depth_files, assets_dir):
+    """Block ranges name the student's 4 blocks: skipping student block 3 (teacher block 5) at every step equals the
+    training-side student with that block masked; a block past the student's last is refused, naming the count."""
+    from training.model import WanTransformer
+    from training.sampling import Conditioning, flow_sigmas, initial_noise, ksampler_euler
+
+    def schedule(text):
+        return lambda g, model: g.add("PAREStaticSchedule", model=[model, 0], schedule=text)
+
+    g, save = sample_graph(pare_loader(STUDENT), steps=3, cfg=4.0, seed=5, shift=3.0, patch_model=schedule("3-3@0-1"))
+    ours = run_latent(comfy, g, save)
+    model = WanTransformer.from_checkpoint(depth_files / STUDENT)
+    pos = load_file(str(assets_dir / tiny_assets.POSITIVE))["context"][None]
+    neg = load_file(str(assets_dir / tiny_assets.NEGATIVE))["context"][None]
+
+    def velocity(x, t, c, f=None):
+        with torch.no_grad():
+            return model(x, t, c, block_mask=torch.tensor([[True, True, True, False]] * x.shape[0]))
+
+    ref = ksampler_euler(velocity, initial_noise(ours.shape, 5), flow_sigmas(3, 3.0), Conditioning(pos),
+                         Conditioning(neg), cfg=4.0)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    g, _ = sample_graph(pare_loader(STUDENT), steps=1, patch_model=schedule("2-4@0-1"))
+    with pytest.raises(PromptError, match=r"block 4 does not exist \(the model has blocks 0-3\)"):
+        comfy.run(g.to_json())
