@@ -1,4 +1,4 @@
-"""Command line: ``python -m comfyui_pare {prune,inspect,compute,lora-slice} ...``."""
+"""Command line: ``python -m comfyui_pare {prune,inspect,compute,lora-slice,bench} ...``."""
 
 from __future__ import annotations
 
@@ -98,12 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
                             "and write a token-reduction schedule (--model M --samples DIR --out schedule.json; "
                             "needs training/)")
     p.set_defaults(func=None)  # listed for --help; main() hands its arguments over untouched
+    sub.add_parser("bench", add_help=False, help="benchmarks: analytic compute and step time through ComfyUI's "
+                   "sampler (a checkout's benchmarks/ package; `bench --help` for its options)")
     return parser
+
+
+def _bench(argv: list[str]) -> int:
+    """Run the repository's ``benchmarks`` package (not part of the node pack; it imports ComfyUI only inside the
+    suites that measure through it)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(repo, "benchmarks", "runner.py")):
+        print(f"error: the bench needs a checkout of the repository (no benchmarks/ beside {repo})", file=sys.stderr)
+        return 2
+    if repo not in sys.path:
+        sys.path.insert(1, repo)
+    from benchmarks.runner import main as bench_main
+
+    return bench_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # CLI entry point only, never on import
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (options of its own, --help included)
+        return _bench(argv[1:])
     try:
         if argv[:1] == ["asymrnr-calibrate"]:
             return _asymrnr_calibrate(argv[1:])

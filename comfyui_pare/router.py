@@ -366,12 +366,17 @@ def decide(
 def _costs(costs: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
     if costs is None:
         return torch.ones(n, dtype=torch.float64)
-    c = torch.as_tensor(costs).detach().to("cpu", torch.float64)
-    if c.shape != (n,):
-        raise ValueError(f"costs must have one value per block ({n}), got shape {list(c.shape)}")
-    if bool((c < 0).any()) or not bool(torch.isfinite(c).all()) or float(c.sum()) <= 0:
-        raise ValueError(f"block costs must be finite, non-negative and not all zero, got {c.tolist()[:8]}")
-    return c
+    # Checked as host numbers: a list (what the routing hook passes) is validated without any tensor read.
+    if torch.is_tensor(costs):
+        if costs.ndim != 1:
+            raise ValueError(f"costs must have one value per block ({n}), got shape {list(costs.shape)}")
+        costs = costs.detach().to("cpu", torch.float64).tolist()
+    values = [float(v) for v in costs]
+    if len(values) != n:
+        raise ValueError(f"costs must have one value per block ({n}), got shape [{len(values)}]")
+    if any(v < 0 or not math.isfinite(v) for v in values) or sum(values) <= 0:
+        raise ValueError(f"block costs must be finite, non-negative and not all zero, got {values[:8]}")
+    return torch.tensor(values, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -217,6 +217,9 @@ class RoutingRun:
             logger.warning(message, *args)
 
     # -- per model call ----------------------------------------------------------------------------------
+    # Under torch.compile these run eagerly and are never traced (compiler.disable): they are bookkeeping
+    # and host-side decisions, and tracing them would guard on values that change every step.
+    @torch.compiler.disable
     def begin_call(self, x, timestep, context, transformer_options) -> None:
         sigmas = transformer_options.get("sigmas")
         sig = (sigmas if sigmas is not None else timestep / 1000.0).detach().reshape(-1)
@@ -228,6 +231,7 @@ class RoutingRun:
         self.current = ModelCall(sigma=sig, branches=branches, rows=rows, timestep=timestep, context=context,
                                  timer=CallTimer(x.device))
 
+    @torch.compiler.disable
     def end_call(self) -> None:
         call = self.current
         self.current = None
@@ -249,6 +253,7 @@ class RoutingRun:
             self._costs[key] = [float(m.total) for m in model_block_macs(self.template.meta, tokens, max(1, text_tokens))]
         return self._costs[key]
 
+    @torch.compiler.disable
     def decide(self, block_index: int, img: torch.Tensor) -> list[tuple[bool, ...]] | None:
         """The run mask of the current call, computed once (at the first patched block) and read once."""
         call = self.current
@@ -318,6 +323,10 @@ class RoutedBlock:
     def _run(self, args: dict, extra: dict) -> dict:
         return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
 
+    # torch.compile (TorchCompileModel, per-block compile): this frame runs eagerly, so the decision is
+    # never traced into a graph (no guard on it, no recompile when it changes); the block it calls is still
+    # compiled, as its own frame (recursive=False).
+    @torch.compiler.disable(recursive=False)
     def __call__(self, args: dict, extra: dict) -> dict:
         run = args["transformer_options"].get(KEY)
         if not isinstance(run, RoutingRun):
@@ -384,6 +393,7 @@ def _outer_sample(executor, *args, **kwargs):
         guider.model_options = original
 
 
+@torch.compiler.disable(recursive=False)  # bookkeeping stays eager; the model it calls is compiled
 def _diffusion_model(executor, x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs):
     run = transformer_options.get(KEY)
     if not isinstance(run, RoutingRun):
