@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 PareRouter = io.Custom("PARE_ROUTER")
 CFG_MODES = ["subset", "union"]
-ROUTE_MODES = ["budget", "threshold"]
+ROUTE_MODES = ["trained", "budget", "threshold"]
 # Expert knobs are optional inputs with defaults (ComfyUI 0.3.75's V3 inputs have no advanced= flag yet).
 ADVANCED = {"optional": True}
 CFG_TOOLTIP = ("Under CFG, cond and uncond are batched. When their decisions differ for a block: 'subset' runs the "
@@ -75,8 +75,10 @@ class PAREApplyRouter(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The Wan model to route (pruned or not)."),
                 PareRouter.Input("router", tooltip="From PARE Load Router; must match the model's block count."),
-                io.Combo.Input("mode", options=ROUTE_MODES, default="budget",
-                               tooltip="'budget': spend a fixed fraction of the block compute per step. "
+                io.Combo.Input("mode", options=ROUTE_MODES, default="trained",
+                               tooltip="'trained': the router's own threshold, set in training so it spends its "
+                                       "training budget; the decisions are the ones the student was trained with. "
+                                       "'budget': spend a fixed fraction of the block compute per step. "
                                        "'threshold': run each block whose router probability exceeds the "
                                        "threshold, so the compute follows the router."),
                 io.Float.Input("budget", default=0.75, min=0.0, max=1.0, step=0.01,
@@ -104,11 +106,15 @@ class PAREApplyRouter(io.ComfyNode):
                           text_dim=meta.dims.text_dim if router.spec.text_dim else None)
         if mode not in ROUTE_MODES:
             raise PareError(f"PARE Apply Router: mode must be one of {ROUTE_MODES}, got {mode!r}")
-        by_threshold = mode == "threshold"
+        by_threshold = mode != "budget"
+        if mode == "trained":  # the router file's defaults, written by `python -m training route` / `export`
+            threshold = router.spec.default_threshold
         policy = RoutingPolicy(budget=budget, threshold=threshold if by_threshold else None,
                                pin_first=pin_first, pin_last=pin_last)
         _check_range(start_percent, end_percent, cfg_disagreement)
         label = f"PARE router {name} ({mode} {threshold if by_threshold else budget:g})"
+        if mode == "trained" and router.spec.train_budget is not None:
+            label = f"PARE router {name} (trained threshold {threshold:g}, budget {router.spec.train_budget:g})"
         template = RoutingTemplate(RouterDecider(router, policy), meta, start_percent, end_percent,
                                    cfg_disagreement, label)
         return io.NodeOutput(apply_routing(model, template))

@@ -113,6 +113,18 @@ class TrainingState:
     rank_tensors: dict[str, torch.Tensor] | None = None
 
 
+def load_model_weights(path: str | os.PathLike, model: nn.Module, distributed: bool = False) -> None:
+    """Load only the model state of checkpoint folder ``path`` into ``model`` (e.g. to export a trained run)."""
+    path = Path(path)
+    msd = get_model_state_dict(model)
+    try:
+        dcp.load(msd, storage_reader=HuggingFaceStorageReader(str(path / "model")), no_dist=not distributed)
+    except Exception as e:  # DCP raises several types; name the folder and the likely cause
+        raise CheckpointError(f"{path}/model: cannot load into this model ({type(e).__name__}: {e}); "
+                              "was it written for another student?") from e
+    set_model_state_dict(model, msd)
+
+
 class CheckpointManager:
     """Save and restore (model, optimizer, generators, step) of one run in ``output_dir``."""
 
@@ -172,13 +184,7 @@ class CheckpointManager:
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: incomplete or corrupt checkpoint ({e})") from e
         nd = not self.info.distributed
-        msd = get_model_state_dict(model)
-        try:
-            dcp.load(msd, storage_reader=HuggingFaceStorageReader(str(path / "model")), no_dist=nd)
-        except Exception as e:  # DCP raises several types; name the folder and the likely cause
-            raise CheckpointError(f"{path}/model: cannot load into this model ({type(e).__name__}: {e}); "
-                                  "was it written for another student?") from e
-        set_model_state_dict(model, msd)
+        load_model_weights(path, model, distributed=self.info.distributed)
         optim_tensors, _ = _flatten_optim(get_optimizer_state_dict(model, optimizer))
         dcp.load(optim_tensors, storage_reader=HuggingFaceStorageReader(str(path / "optimizer")), no_dist=nd)
         set_optimizer_state_dict(model, optimizer, _unflatten_optim(optim_tensors, optim_meta))

@@ -88,17 +88,32 @@ def _local(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.to_local() if hasattr(p, "to_local") else p for p in params]
 
 
+def _param_groups(model: nn.Module, lr_scales: dict[str, float]) -> list[dict]:
+    """One optimizer group per scaled submodule (in ``lr_scales`` order), then the rest at scale 1."""
+    groups, taken = [], set()
+    for name, scale in lr_scales.items():
+        params = [p for p in model.get_submodule(name).parameters() if p.requires_grad]
+        if params:  # a frozen submodule gets no group
+            groups.append({"params": params, "lr_scale": float(scale)})
+        taken.update(id(p) for p in params)
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    return [{"params": rest, "lr_scale": 1.0}] + groups if rest else groups
+
+
 class Trainer:
     """Runs ``cfg.steps`` optimisation steps of ``loss_fn`` on ``model``, resumable."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, model: nn.Module, loss_fn: LossFn,
-                 config: Any = None) -> None:
+                 config: Any = None, lr_scales: dict[str, float] | None = None) -> None:
+        """``lr_scales`` maps a submodule name of ``model`` (e.g. ``"router"``) to a multiplier of the learning
+        rate for its parameters (stage 2 trains its router faster than the student); the rest use 1."""
         self.cfg, self.info, self.model, self.loss_fn, self.config = cfg, info, model, loss_fn, config
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the trainable module has no parameters with requires_grad")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(_param_groups(model, lr_scales or {}), lr=cfg.learning_rate,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                           weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.ema = None
         if cfg.ema_decay > 0:
@@ -173,7 +188,7 @@ class Trainer:
         while step < self.cfg.steps:
             lr = self.lr_at(step)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             loss, metrics = self.loss_fn(step, self.generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.learning_rate or "
