@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,6 +75,25 @@ class TokenSchedule:
             if bad:
                 raise PareError(f"{self.name}: rules[{i}].blocks names block {bad[0]}, but the model has blocks "
                                 f"0-{num_blocks - 1}")
+
+    def for_model(self, num_blocks: int, teacher_blocks: tuple[int, ...] | None = None,
+                  teacher_depth: int | None = None) -> "TokenSchedule":
+        """This schedule on a model's own blocks, validated.
+
+        A depth-pruned student (VDMini-style, fewer blocks than its teacher) runs a schedule written for the
+        teacher's depth (``num_blocks`` = ``teacher_depth``, e.g. a preset) on the blocks it kept: student block j
+        is teacher block ``teacher_blocks[j]``; rules on removed blocks are dropped. Any other schedule must be
+        numbered in the model's own blocks."""
+        if (teacher_blocks is not None and teacher_depth is not None and self.num_blocks == teacher_depth
+                and num_blocks != teacher_depth):
+            index = {t: j for j, t in enumerate(teacher_blocks)}
+            rules = tuple(replace(r, blocks=tuple(index[b] for b in r.blocks if b in index)) for r in self.rules)
+            out = replace(self, rules=tuple(r for r in rules if r.blocks), num_blocks=num_blocks,
+                          name=f"{self.name} on the {num_blocks} kept blocks")
+        else:
+            out = self
+        out.check_blocks(num_blocks)
+        return out
 
     def ratios(self, block: int, sigma: float, percent_to_sigma: Callable[[float], float],
                strength: float = 1.0) -> tuple[float, float]:

@@ -32,6 +32,7 @@ import torch
 from comfy_api.latest import io
 
 from ..comfyui_pare.errors import PareError
+from ..comfyui_pare.pruned import PrunedWanMeta
 from ..comfyui_pare.token_reduction import MatchingCache, Reduction, reduced_attention
 from ..comfyui_pare.token_schedule import PRESETS, TokenSchedule, load_schedule, parse_schedule_text, preset
 from .comfy_compat import require
@@ -232,11 +233,12 @@ CUSTOM = "custom"
 SCHEDULE_CHOICES = [*PRESETS, CUSTOM]
 
 
-def resolve_schedule(choice: str, schedule_json: str, num_blocks: int) -> TokenSchedule:
-    """A preset for the model's depth, or the custom schedule: inline JSON, or a file (absolute, or relative to
-    models/pare_token_schedules). Validated against the model's block count."""
+def resolve_schedule(choice: str, schedule_json: str, meta: PrunedWanMeta) -> TokenSchedule:
+    """A preset for the teacher's depth, or the custom schedule: inline JSON, or a file (absolute, or relative to
+    models/pare_token_schedules). Validated against the model's blocks; a schedule for the teacher's depth runs on
+    the blocks a depth-pruned student kept."""
     if choice != CUSTOM:
-        schedule = preset(choice, num_blocks)
+        schedule = preset(choice, meta.dims.num_layers)
     else:
         text = (schedule_json or "").strip()
         if not text:
@@ -248,8 +250,7 @@ def resolve_schedule(choice: str, schedule_json: str, num_blocks: int) -> TokenS
             path = text if os.path.isabs(text) else (folder_paths.get_full_path(TOKEN_SCHEDULES, text)
                                                      or os.path.join(token_schedule_dir(), text))
             schedule = load_schedule(path)
-    schedule.check_blocks(num_blocks)
-    return schedule
+    return schedule.for_model(meta.num_blocks, meta.teacher_blocks, meta.dims.num_layers)
 
 
 class PARETokenReduction(io.ComfyNode):
@@ -291,8 +292,9 @@ class PARETokenReduction(io.ComfyNode):
     def execute(cls, model, schedule: str, strength: float, matching_cache_steps: int, start_percent: float,
                 end_percent: float, schedule_json: str = "") -> io.NodeOutput:
         require("PARE Token Reduction")
-        num_blocks = model_meta(model).num_blocks
-        sched = resolve_schedule(schedule, schedule_json, num_blocks)
+        meta = model_meta(model)
+        num_blocks = meta.num_blocks
+        sched = resolve_schedule(schedule, schedule_json, meta)
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise PareError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
                             "0 <= start <= end <= 1")

@@ -225,3 +225,19 @@ def test_bf16_features_keep_their_dtype_and_match_float32():
     low = reduced_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), sdpa_attend, q_red, kv_red)
     assert low.dtype == torch.bfloat16 and kv_red.reduce(v.bfloat16()).dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, rtol=0, atol=3e-2)
+
+
+def test_teacher_schedules_run_on_the_blocks_a_depth_pruned_student_kept():
+    teacher = preset("balanced", 30)
+    kept = tuple(b for b in range(30) if b not in (5, 6, 7, 20))  # a 26-block student
+    student = teacher.for_model(26, kept, 30)
+    assert student.num_blocks == 26
+
+    def p2s(p):
+        return 1.0 - p
+    for j, t in enumerate(kept):
+        assert student.ratios(j, 0.5, p2s) == teacher.ratios(t, 0.5, p2s)
+    assert teacher.for_model(30, tuple(range(30)), 30) is teacher
+    own = parse_schedule_text(_schedule(blocks="20-25").replace('"num_blocks": 6', '"num_blocks": 26'))
+    with pytest.raises(PareError, match="made for 26 blocks, but the model has 6"):
+        own.for_model(6, (0, 1, 2, 3, 4, 5), 30)
