@@ -10,6 +10,7 @@ from .loaders import PARELoadPrunedWan
 from .lora import PARELoraLoader
 from .routing_nodes import PAREApplyRouter, PARELoadRouter, PARERoutingReport, PAREStaticSchedule
 from .token_reduction import PARETokenReduction
+from .toy_text import PAREToyTextEncode
 
 # Node IDs are stable forever: deprecate, never rename or delete.
 NODES: list[type[io.ComfyNode]] = [
@@ -20,6 +21,7 @@ NODES: list[type[io.ComfyNode]] = [
     PAREStaticSchedule,
     PARERoutingReport,
     PARETokenReduction,
+    PAREToyTextEncode,
 ]
 
 

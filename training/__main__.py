@@ -24,6 +24,7 @@ VERBS: dict[str, str] = {
     "prune": "training.prune",
     "distill": "training.distill",
     "asymrnr-calibrate": "training.token_calibrate",
+    "toyworld": "training.toyworld.cli",
 }
 
 

@@ -1,0 +1,28 @@
+"""``python -m training toyworld rebuild --out DIR``: rebuild the toy world (see ``training/toyworld/rebuild.py``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "build the toy world (generator, VAE, text encoder, teacher, PARE student), resumably"
+STAGE_NAMES = ("latents", "teacher", "vae", "evaluate")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="toy_cmd", required=True, metavar="CMD")
+    r = sub.add_parser("rebuild", help="rebuild every toy asset, resuming after a kill")
+    r.add_argument("--out", type=Path, required=True, help="work folder (stage stamps, checkpoints, outputs)")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--threads", type=int, default=1, help="torch CPU threads (the box is shared)")
+    r.add_argument("--stages", nargs="*", default=[], help=f"only these stages, of {', '.join(STAGE_NAMES)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .rebuild import STAGES, RebuildConfig, rebuild
+
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    rebuild(RebuildConfig(out=args.out, device=args.device, threads=args.threads, stages=args.stages))
+    return 0

@@ -1,0 +1,36 @@
+"""The teacher's training set, computed once: the generator's training clips as latents of the designed latent
+space (``latent_space``) and their prompts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from comfyui_pare.safetensors_io import load_tensors, save_atomic
+
+from . import videos
+from .latent_space import target_latents
+
+logger = logging.getLogger(__name__)
+
+
+def cache_latents(n: int, path: Path, batch: int = 32) -> None:
+    """VAE-space latents [n, 16, 5, 8, 8] of training clips 0..n-1, their prompts in the metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    zs = []
+    for start in tqdm(range(0, n, batch), desc="latents"):
+        clips = [videos.render(videos.clip_at(i, "train")) for i in range(start, min(n, start + batch))]
+        zs.append(target_latents(torch.stack(clips)))
+    z = torch.cat(zs)
+    prompts = [videos.clip_at(i, "train").prompt for i in range(n)]
+    save_atomic(path, {"latents": z.contiguous()}, {"prompts": json.dumps(prompts)})
+    logger.info("cached %d latents %s in %s", n, list(z.shape[1:]), path)
+
+
+def read_latents(path: Path) -> tuple[torch.Tensor, list[str]]:
+    tensors, meta = load_tensors(path)
+    return tensors["latents"], json.loads(meta["prompts"])

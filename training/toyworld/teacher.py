@@ -1,0 +1,115 @@
+"""Train the toy Wan2.1 T2V teacher and the toy text encoder jointly, with flow matching on cached latents.
+
+Rectified flow as Wan trains it: x_t = (1 - s) x0 + s noise, the model predicts v = noise - x0 at timestep
+s * 1000, with s drawn from Wan's shifted schedule (uniform u, s = shift u / (1 + (shift - 1) u)). The prompt is
+dropped (all-zero conditioning: the toy encoder's empty prompt) for ``cfg_dropout`` of the samples so that CFG
+works at sampling time. Latents are normalised exactly as ComfyUI's Wan21 latent format does (process_in).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
+from comfyui_pare.toy_text import ToyTextEncoder
+from comfyui_pare.wan import WanDims
+
+from ..model import WanTransformer
+from ..sampling import process_in, time_snr_shift
+from ..tiny import random_wan_state_dict
+from . import videos
+from .latents import read_latents
+from .state import load_state, save_state
+
+logger = logging.getLogger(__name__)
+
+TOY_DIMS = WanDims(dim=128, num_heads=4, ffn_dim=384, num_layers=8, text_dim=64, in_dim=16, out_dim=16)
+TEXT_LEN = 16
+SHIFT = 3.0  # the flow shift used in training and in every toy sampling (ModelSamplingSD3 shift)
+
+
+def vocabulary() -> list[str]:
+    words = ["a", "moving", "and", *videos.COLOURS, *videos.SHAPES, *videos.DIRECTIONS]
+    return list(dict.fromkeys(words))
+
+
+@dataclass
+class TeacherConfig:
+    steps: int = 2400
+    batch: int = 16
+    lr: float = 5e-4
+    text_lr: float = 2e-3
+    warmup: int = 100
+    cfg_dropout: float = 0.1
+    save_every: int = 100
+    seed: int = 0
+
+
+def build_teacher(seed: int = 0) -> tuple[WanTransformer, ToyTextEncoder]:
+    model = WanTransformer.from_state_dict(random_wan_state_dict(TOY_DIMS, seed=seed), PrunedWanMeta.teacher(TOY_DIMS))
+    torch.manual_seed(seed)
+    text = ToyTextEncoder(vocabulary(), TOY_DIMS.text_dim, TEXT_LEN)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.train(), text.train()
+
+
+def train_teacher(cfg: TeacherConfig, latents_path: Path, work: Path, device: str = "cpu") -> tuple[WanTransformer, ToyTextEncoder]:
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "teacher_state.safetensors"
+    model, text = build_teacher(cfg.seed)
+    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": 0.01},
+                             {"params": list(text.parameters()), "lr": cfg.text_lr, "weight_decay": 0.0}])
+    step = 0
+    if state_path.exists():
+        step, _ = load_state(state_path, {"model": model, "text": text}, opt)
+    model.to(device)
+    text.to(device)
+    z, prompts = read_latents(latents_path)
+    x0_all = process_in(z.float()).to(device)
+    ids_all = [text.tokenize(p) for p in prompts]
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)
+    t0, ema = time.time(), None
+    while step < cfg.steps:
+        frac = min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = cfg.lr * frac, cfg.text_lr * frac
+        idx = torch.randint(len(x0_all), (cfg.batch,), generator=gen)
+        x0 = x0_all[idx]
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.cfg_dropout
+        ids = [[] if d else ids_all[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        context = text.embed_ids(ids).to(device)
+        u = torch.rand(cfg.batch, generator=gen)
+        s = time_snr_shift(SHIFT, u).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        sb = s.view(-1, 1, 1, 1, 1)
+        xt = (1 - sb) * x0 + sb * noise
+        v = model(xt, s * 1000.0, context)
+        loss = F.mse_loss(v.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *text.parameters()], 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 20 == 0:
+            logger.info("teacher step %d/%d loss %.4f (%.2f s/step)", step, cfg.steps, ema, (time.time() - t0) / 20)
+            t0 = time.time()
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_state(state_path, {"model": model, "text": text}, opt, step)
+    return model.eval(), text.eval()
+
+
+def save_teacher(model: WanTransformer, text: ToyTextEncoder, out: Path) -> tuple[Path, Path]:
+    """The two files the nodes load: a plain Wan2.1 checkpoint and the toy text encoder."""
+    teacher_path, text_path = out / "pare_toy_teacher.safetensors", out / "pare_toy_text.safetensors"
+    sd = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint(teacher_path, sd, PrunedWanMeta.teacher(TOY_DIMS))
+    text.save(text_path)
+    return teacher_path, text_path
