@@ -183,7 +183,7 @@ def test_bad_inputs_fail_clearly_and_server_keeps_serving(comfy, models, tmp_pat
 
 
 PACK_NODES = ("PARELoadPrunedWan", "PARELoraLoader", "PARELoadRouter", "PAREApplyRouter",
-              "PAREStaticSchedule", "PARERoutingReport", "PARETokenReduction")
+              "PAREStaticSchedule", "PARERoutingReport", "PARETokenReduction", "PAREToyTextEncode")
 
 
 def test_nodes_listed_with_tooltips(comfy):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from training.sampling import process_in
 from training.toyworld import evaluate, videos
 from training.toyworld.latent_space import features, latent_frame_indices, target_latents
-from training.sampling import process_in
 
 
 def test_clips_are_deterministic_and_training_never_shows_held_out_combos():
