@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 HELP = "build the toy world (generator, VAE, text encoder, teacher, PARE student), resumably"
-STAGE_NAMES = ("latents", "teacher", "vae", "evaluate")
+STAGE_NAMES = ("latents", "teacher", "vae", "evaluate", "pare", "ship")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,8 @@ centroid and the ground truth's (the object rendered from its jitter-free start)
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +70,13 @@ def centroids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ground_truth(obj: videos.ObjectSpec) -> torch.Tensor:
     """Centroid path [F, 2] of the object rendered alone from its jitter-free start, measured like the samples."""
-    ref = videos.ObjectSpec(obj.colour, obj.shape, obj.direction, videos.start_point(obj.direction))
-    return centroids(colour_mask(videos.render(videos.Clip((ref,))), obj.colour))[0]
+    return _ground_truth(obj.colour, obj.shape, obj.direction).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _ground_truth(colour: str, shape: str, direction: str) -> torch.Tensor:
+    ref = videos.ObjectSpec(colour, shape, direction, videos.start_point(direction))
+    return centroids(colour_mask(videos.render(videos.Clip((ref,))), colour))[0]
 
 
 @dataclass
@@ -118,3 +125,10 @@ def evaluate(model: nn.Module, text: ToyTextEncoder, vae: nn.Module, split: str,
     report = Report(sum(v.colour_shown for v in verdicts) / n, sum(v.direction_right for v in verdicts) / n,
                     sum(v.trajectory_error_px for v in verdicts) / n, n)
     return report, latents, frames
+
+
+def latent_psnr(latent: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR (dB) of a latent against a reference latent, the peak being the reference's value range."""
+    mse = (latent.float() - reference.float()).pow(2).mean().item()
+    peak = (reference.max() - reference.min()).item()
+    return 10.0 * math.log10(peak * peak / max(mse, 1e-20))

@@ -97,11 +97,28 @@ def stage_evaluate(cfg: RebuildConfig) -> dict:
     return info
 
 
+def stage_pare(cfg: RebuildConfig) -> dict:
+    from .pare_stages import run_pipeline
+    from .teacher import SHIFT
+
+    return run_pipeline(cfg.out, cfg.device, SHIFT)
+
+
+def stage_ship(cfg: RebuildConfig) -> dict:
+    """Copy the files the nodes and tests load into DIR/weights (the repo ships training/toyworld/weights):
+    full precision for the teacher, student, router, VAE and text encoder; float16 for the two stage-1 ablation
+    students (only compared with each other), to stay under the 30 MB the repo allows."""
+    from .ship import ship
+
+    return ship(cfg.out, cfg.out / "weights")
+
+
 NUM_LATENTS = 2048
 
 
 STAGES: dict[str, Callable[[RebuildConfig], dict]] = {
     "latents": stage_latents, "teacher": stage_teacher, "vae": stage_vae, "evaluate": stage_evaluate,
+    "pare": stage_pare, "ship": stage_ship,
 }
 
 

@@ -133,3 +133,17 @@ def render(clip: Clip) -> torch.Tensor:
             m = _mask(obj.shape, x, y)
             video[:, f] = video[:, f] * (1 - m) + colour * m
     return video
+
+
+def parse_prompt(prompt: str) -> Clip:
+    """The clip (jitter-free starts) a single- or two-object prompt of the toy grammar describes."""
+    parts = prompt.strip().lower().split(" and ")
+    objs = []
+    for k, part in enumerate(parts):
+        words = part.split()
+        if len(words) != 5 or words[0] != "a" or words[3] != "moving" or words[1] not in COLOURS \
+                or words[2] not in SHAPES or words[4] not in DIRECTIONS:
+            raise ValueError(f"not a toy prompt: {part!r} (expected 'a <colour> <shape> moving <direction>')")
+        lane = 0.0 if len(parts) == 1 else (-12.0 if k == 0 else 12.0)
+        objs.append(ObjectSpec(words[1], words[2], words[4], start_point(words[4], lane)))
+    return Clip(tuple(objs))

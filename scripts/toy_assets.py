@@ -1,0 +1,80 @@
+"""The toy world's shipped weights (training/toyworld/weights/) and the API graph that samples them in ComfyUI.
+
+`install(base)` copies the five files into a ComfyUI base directory under the names the docs and workflows use;
+`toy_graph(...)` is the ordinary ComfyUI graph of the toy world: PARE Load Pruned Wan (teacher or student)
+[-> PARE Apply Router] -> ModelSamplingSD3 -> KSampler with PARE Toy Text Encode prompts -> VAEDecode ->
+SaveAnimatedWEBP, plus SaveLatent (and the routing report's heat map for a routed student).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "training" / "toyworld" / "weights"
+
+TEACHER = "pare_toy_teacher.safetensors"
+STUDENT = "pare_toy_student.safetensors"
+ROUTER = "pare_toy_router.safetensors"
+VAE = "pare_toy_vae.safetensors"
+TEXT = "pare_toy_text.safetensors"
+FOLDERS = {TEACHER: "diffusion_models", STUDENT: "diffusion_models", ROUTER: "pare_routers", VAE: "vae",
+           TEXT: "text_encoders"}
+
+# The toy world's sampler settings (the teacher was trained with flow shift 3).
+STEPS, CFG, SHIFT, SAMPLER, SCHEDULER = 20, 4.0, 3.0, "euler", "simple"
+FRAMES, SIZE = 17, 64
+
+
+def install(base: Path, weights: Path = WEIGHTS) -> list[Path]:
+    """Copy the shipped toy weights into ``base``/models/...; returns the installed paths."""
+    missing = [name for name in FOLDERS if not (weights / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"toy weights missing in {weights}: {missing} (rebuild them with "
+                                "`python -m training toyworld rebuild --out DIR` and copy DIR's files there)")
+    paths = []
+    for name, folder in FOLDERS.items():
+        dest = base / "models" / folder / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists() or dest.stat().st_size != (weights / name).stat().st_size:
+            shutil.copyfile(weights / name, dest)
+        paths.append(dest)
+    return paths
+
+
+def toy_graph(prompt: str, seed: int, routed: bool, prefix: str, decode: bool = True,
+              budget: float | None = None) -> dict:
+    """API-format graph. ``routed``: the PARE student behind PARE Apply Router (at the node's default budget
+    unless ``budget`` is given); otherwise the teacher. Node ids: "7" SaveLatent, "9" SaveAnimatedWEBP,
+    "11" SaveImage (heat map, routed only), "10" PARERoutingReport (routed only)."""
+    g: dict[str, dict] = {
+        "1": {"class_type": "PARELoadPrunedWan",
+              "inputs": {"unet_name": STUDENT if routed else TEACHER, "weight_dtype": "default"}},
+        "2": {"class_type": "PAREToyTextEncode", "inputs": {"text_encoder": TEXT, "text": prompt}},
+        "3": {"class_type": "PAREToyTextEncode", "inputs": {"text_encoder": TEXT, "text": ""}},
+        "4": {"class_type": "EmptyHunyuanLatentVideo",
+              "inputs": {"width": SIZE, "height": SIZE, "length": FRAMES, "batch_size": 1}},
+        "5": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": SHIFT}},
+        "6": {"class_type": "KSampler",
+              "inputs": {"model": ["5", 0], "seed": seed, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER,
+                         "scheduler": SCHEDULER, "positive": ["2", 0], "negative": ["3", 0],
+                         "latent_image": ["4", 0], "denoise": 1.0}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"{prefix}_latent"}},
+    }
+    if routed:
+        g["12"] = {"class_type": "PARELoadRouter", "inputs": {"router_name": ROUTER}}
+        apply = {"model": ["1", 0], "router": ["12", 0]}
+        if budget is not None:
+            apply["budget"] = budget
+        g["13"] = {"class_type": "PAREApplyRouter", "inputs": apply}
+        g["5"]["inputs"]["model"] = ["13", 0]
+        g["10"] = {"class_type": "PARERoutingReport", "inputs": {"model": ["5", 0], "samples": ["6", 0]}}
+        g["11"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": f"{prefix}_routing"}}
+    if decode:
+        g["14"] = {"class_type": "VAELoader", "inputs": {"vae_name": VAE}}
+        g["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["14", 0]}}
+        g["9"] = {"class_type": "SaveAnimatedWEBP",
+                  "inputs": {"images": ["8", 0], "filename_prefix": prefix, "fps": 8.0, "lossless": True,
+                             "quality": 100, "method": "fastest"}}
+    return g
