@@ -115,9 +115,10 @@ class Report:
 
 
 def evaluate(model: nn.Module, text: ToyTextEncoder, vae: nn.Module, split: str, shift: float,
-             seed: int = 0, steps: int = STEPS, cfg: float = CFG) -> tuple[Report, torch.Tensor, torch.Tensor]:
-    """Every combo x direction of a split (single objects), one seed each; returns (report, latents, frames)."""
-    clips = videos.single_clips(split)
+             seed: int = 0, steps: int = STEPS, cfg: float = CFG, every: int = 1) -> tuple[Report, torch.Tensor, torch.Tensor]:
+    """Every combo x direction of a split (single objects; ``every``-th of them), one seed each; returns
+    (report, latents, frames)."""
+    clips = videos.single_clips(split)[::every]
     latents = sample(model, text, [c.prompt for c in clips], [seed + i for i in range(len(clips))], shift, steps, cfg)
     frames = decode(vae, latents)
     verdicts = [judge(frames[i], c.objects[0]) for i, c in enumerate(clips)]

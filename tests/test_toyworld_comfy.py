@@ -1,0 +1,70 @@
+"""The shipped toy files in the real ComfyUI: the stock VAELoader + VAEDecode decode the toy VAE exactly as the
+training side does, and the toy teacher sampled through PARE Load Pruned Wan + PARE Toy Text Encode + KSampler
+gives the training-side reference sampler's latent."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_latent
+from graphs import Graph, out
+from PIL import Image
+from toy_assets import FOLDERS, TEACHER, TEXT, VAE, WEIGHTS, toy_graph
+
+from comfyui_pare.safetensors_io import load_tensors, save_atomic
+from comfyui_pare.toy_text import ToyTextEncoder
+from training.model import WanTransformer
+from training.toyworld import evaluate, videos
+from training.toyworld.comfy_vae import load_vae
+from training.toyworld.latent_space import target_latents
+from training.toyworld.teacher import SHIFT
+
+pytestmark = pytest.mark.comfy
+
+
+@pytest.fixture(scope="module")
+def toy_comfy(comfy):
+    for name, folder in FOLDERS.items():
+        if not (WEIGHTS / name).exists():
+            continue  # student and router: installed where the routed tests need them
+        dest = comfy.base / "models" / folder / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(WEIGHTS / name, dest)
+    return comfy
+
+
+def _frames(paths: list[Path]) -> torch.Tensor:
+    arrs = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0 for p in sorted(paths)]
+    return torch.from_numpy(np.stack(arrs)).permute(3, 0, 1, 2)  # [3, F, H, W]
+
+
+def test_stock_vae_loader_and_decode_match_the_training_side(toy_comfy):
+    clip = videos.clip_at(5, "heldout")
+    latent = target_latents(videos.render(clip)[None])
+    save_atomic(toy_comfy.base / "input" / "toy_clip.latent",
+                {"latent_tensor": latent.contiguous(), "latent_format_version_0": torch.tensor([])}, {})
+    g = Graph()
+    lat = g.add("LoadLatent", latent="toy_clip.latent")
+    vae = g.add("VAELoader", vae_name=VAE)
+    dec = g.add("VAEDecode", samples=out(lat), vae=out(vae))
+    save = g.add("SaveImage", images=out(dec), filename_prefix="toy_vae")
+    entry = toy_comfy.run(g.to_json())
+    got = _frames(toy_comfy.output_files(entry, save, "images"))
+    want = evaluate.decode(load_vae(load_tensors(WEIGHTS / VAE)[0]), latent)[0]
+    assert got.shape == want.shape == (3, 17, 64, 64)
+    assert (got - want).abs().max() <= 1.0 / 255 + 1e-4  # PNG's 8-bit rounding
+    assert evaluate.judge(got, clip.objects[0]).direction_right  # the decoded clip shows its motion
+
+
+def test_toy_teacher_in_comfyui_matches_the_reference_sampler(toy_comfy):
+    prompt = "a yellow square moving up and a red circle moving left"
+    entry = toy_comfy.run(toy_graph(prompt, 11, routed=False, prefix="toy_ref", decode=False))
+    latent = read_latent(toy_comfy.output_files(entry, "7", "latents")[0])
+    teacher = WanTransformer.from_checkpoint(WEIGHTS / TEACHER)
+    text = ToyTextEncoder.load(WEIGHTS / TEXT)
+    want = evaluate.sample(teacher, text, [prompt], [11], SHIFT)
+    torch.testing.assert_close(latent, want, rtol=1e-4, atol=1e-4)
