@@ -42,7 +42,7 @@ def vocabulary() -> list[str]:
 
 @dataclass
 class TeacherConfig:
-    steps: int = 6000
+    steps: int = 3000
     batch: int = 16
     lr: float = 5e-4
     text_lr: float = 2e-3
