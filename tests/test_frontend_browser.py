@@ -211,7 +211,7 @@ def test_every_pare_widget_shows_its_tooltip(page, object_info):
             assert tooltip.text_content().strip() == tips[name].strip(), (node_type, name)
             checked.add((node_type, name))
     assert checked | dom_widgets == expected
-    assert dom_widgets <= {("PARETokenReduction", "schedule_json")}, dom_widgets
+    assert dom_widgets <= {("PARETokenReduction", "schedule_json"), ("PAREToyTextEncode", "text")}, dom_widgets
 
 
 def test_run_button_renders_a_video_in_the_page(page, ui_server):
