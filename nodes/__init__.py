@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .calibration import PARESaveCalibrationSample
 from .comfy_compat import check_seams
 from .folders import register_folders
 from .loaders import PARELoadPrunedWan
@@ -22,6 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     PARERoutingReport,
     PARETokenReduction,
     PAREToyTextEncode,
+    PARESaveCalibrationSample,
 ]
 
 
