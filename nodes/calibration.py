@@ -16,6 +16,7 @@ from comfy_api.latest import io
 
 from ..comfyui_pare.calibration import LATENT_CHANNELS, write_sample
 from ..comfyui_pare.errors import PareFormatError
+from .comfy_compat import require
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class PARESaveCalibrationSample(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, prompt: str, seed: int, width: int, height: int, length: int, subfolder: str,
                 filename_prefix: str, latent=None) -> io.NodeOutput:
+        require("PARE Save Calibration Sample")
         context, clip_fea = _conditioning_tensors(conditioning)
         if latent is not None:
             samples = latent["samples"]

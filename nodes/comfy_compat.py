@@ -130,6 +130,13 @@ SEAMS: tuple[Seam, ...] = (
          and _attr(MP, "ModelPatcher", "remove_callbacks_with_key")()),
     Seam("folder_paths.add_model_folder_path(is_default=) / folder_names_and_paths", "PARE Load Router",
          _params("folder_paths", "add_model_folder_path", "is_default")),
+    Seam("folder_paths.get_save_image_path(filename_prefix, output_dir) / get_output_directory",
+         "PARE Save Calibration Sample",
+         lambda: _params("folder_paths", "get_save_image_path", "filename_prefix", "output_dir")()
+         and _attr("folder_paths", "get_output_directory")()),
+    Seam("conditioning's clip_vision_output.penultimate_hidden_states (WanImageToVideo, CLIP Vision Encode)",
+         "PARE Save Calibration Sample", _source_has("comfy.clip_vision", "ClipVisionModel.encode_image",
+                                                     "penultimate_hidden_states")),
 )
 
 

@@ -93,14 +93,20 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.
     return (1.0 - s) * x0 + s * noise
 
 
-def collate(items: list[PreparedSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x0 [B, ...], noise [B, ...], context [B, Lmax, D] zero-padded as Wan pads its text, clip_fea or None)."""
+def collate(items: list[PreparedSample], context_length: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x0 [B, ...], noise [B, ...], context [B, L, D], clip_fea or None).
+
+    Contexts are zero-padded to ``context_length`` (default: the longest in the batch), as Wan pads its text to 512
+    tokens. Training passes the data set's longest, so a row's input never depends on which rows share its batch
+    (or its rank).
+    """
     shapes = {tuple(i.x0.shape) for i in items}
     if len(shapes) > 1:
         odd = next(i for i in items if tuple(i.x0.shape) != tuple(items[0].x0.shape))
         raise PareFormatError(f"{odd.path}: calibration sample field 'latent_shape' is {list(odd.x0.shape)} but "
                               f"{items[0].path} has {list(items[0].x0.shape)}; a training batch needs one shape")
-    length = max(i.context.shape[0] for i in items)
+    length = max(i.context.shape[0] for i in items) if context_length is None else context_length
     ctx = torch.zeros(len(items), length, items[0].context.shape[1])
     for row, item in enumerate(items):
         ctx[row, :item.context.shape[0]] = item.context

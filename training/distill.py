@@ -104,12 +104,13 @@ class StageOne:
     def __init__(self, cfg: DistillConfig, info, teacher, student, wrapped, samples: list[PreparedSample]) -> None:
         self.cfg, self.info, self.teacher, self.student, self.wrapped = cfg, info, teacher, student, wrapped
         self.samples = samples
+        self.context_length = max(s.context.shape[0] for s in samples)
         self.dims = student.dims
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
                          if cfg.train.mixed_precision == "bf16" and cfg.train.strategy != "fsdp" else nullcontext())
 
     def inputs(self, items: list[PreparedSample], sigma: torch.Tensor, noise: torch.Tensor):
-        x0, _, ctx, clip = collate(items)
+        x0, _, ctx, clip = collate(items, self.context_length)
         x = with_condition(noised(x0, noise, sigma), x0, self.dims)
         dev = self.info.device
         return x.to(dev), (sigma * 1000).to(dev), ctx.to(dev), None if clip is None else clip.to(dev)

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from comfyui_pare.pruned import PrunedWanMeta, load_checkpoint
+from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.wan import CLIP_DIM, FREQ_DIM, PATCH_SIZE, BlockWidth, WanDims
+from comfyui_pare.wan_reader import open_wan
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +191,9 @@ class WanTransformer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None) -> "WanTransformer":
-        """Load a (pruned or plain) Wan2.1 safetensors file, validated by ``pruned.load_checkpoint``."""
-        sd, meta = load_checkpoint(path)
-        return cls.from_state_dict(sd, meta, dtype=dtype, device=device)
+        """Load a (pruned or plain) Wan2.1 checkpoint in any layout ``comfyui_pare.wan_reader`` reads."""
+        with open_wan(path) as reader:
+            return cls.from_state_dict(reader.state_dict(dequantize=True), reader.meta, dtype=dtype, device=device)
 
     @property
     def num_blocks(self) -> int:
@@ -213,7 +214,7 @@ class WanTransformer(nn.Module):
         dtype = self.text_embedding[0].weight.dtype
         f, h, w = x.shape[2:]
         grid = (f, -(-h // PATCH_SIZE[1]), -(-w // PATCH_SIZE[2]))
-        tokens = self.patch_embed(x).to(dtype)
+        tokens = WanTransformer.patch_embed(self, x).to(dtype)
         e_head = self.time_embedding(sinusoidal_embedding(timestep).to(dtype))
         e = self.time_projection(e_head).unflatten(1, (6, self.dims.dim))
         if e.shape[0] == 1 and x.shape[0] > 1:  # one timestep for the whole batch: rows must be indexable
@@ -253,14 +254,16 @@ class WanTransformer(nn.Module):
         rows that need it (one host read of the mask per call). ``return_hidden_states`` also returns the N + 1
         token states: the input of every block, then the last block's output.
         """
-        p = self.prepare(x, timestep, context, clip_fea)
+        # The class's own methods: under FSDP2, training.parallel registers prepare/finish/patch_embed as forward
+        # methods (for callers outside forward); inside forward the root's parameters are already gathered.
+        p = WanTransformer.prepare(self, x, timestep, context, clip_fea)
         plan = self.row_plan(block_mask, x.shape[0], x.device)
         h, states = p.tokens, []
         for i, rows in enumerate(plan):
             states.append(h)
             if rows is None or rows.numel():  # None: every row; empty: the block is skipped for all of them
                 h = self.run_block(i, h, p, rows)
-        out = self.finish(h, p)
+        out = WanTransformer.finish(self, h, p)
         return (out, states + [h]) if return_hidden_states else out
 
     def row_plan(self, block_mask: torch.Tensor | None, batch: int,

@@ -1,4 +1,9 @@
-"""The one way training reads a Wan checkpoint (teacher or student), whatever layout the user has."""
+"""The one way training reads a Wan checkpoint (teacher or student), whatever layout the user has.
+
+Every layout ``comfyui_pare.wan_reader`` reads (original single or sharded, ComfyUI-prefixed, diffusers, fp8_scaled,
+T2V/I2V, Wan2.2 experts) gives the same state dict here: original key names; fp8_scaled weights dequantized to
+float32 (weight x scale_weight, as ComfyUI computes them), every other tensor as stored.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,16 @@ import os
 
 import torch
 
-from comfyui_pare.pruned import PrunedWanMeta, load_checkpoint
+from comfyui_pare.pruned import PrunedWanMeta
+from comfyui_pare.wan_reader import open_wan
 
 from .model import WanTransformer
 
 
 def load_wan(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
     """State dict (original Wan key names, floating point) and metadata of a Wan checkpoint."""
-    return load_checkpoint(path)
+    with open_wan(path) as reader:
+        return reader.state_dict(dequantize=True), reader.meta
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,

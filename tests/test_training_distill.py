@@ -1,0 +1,148 @@
+"""Stage 1 (``python -m training distill``): it recovers the student, resumes bit for bit after SIGKILL, and gives
+the same weights on 2 torchrun ranks as in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors import safe_open
+from training_helpers import distill_toml, write_micro_teacher, write_samples
+
+from comfyui_pare.wan_reader import open_wan
+from training.__main__ import main
+from training.config import load_config
+from training.distill import DistillConfig, train
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one thread: same kernels in every process
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> dict[str, Path]:
+    """A micro teacher, 4 calibration samples, and its student (half the heads and FFN) made by the verbs."""
+    root = tmp_path_factory.mktemp("stage1")
+    teacher, samples = root / "teacher.safetensors", write_samples(root / "samples", 4)
+    write_micro_teacher(teacher)
+    assert main(["calibrate", "--teacher", str(teacher), "--samples", str(samples), "--out",
+                 str(root / "stats.safetensors"), "--timesteps", "2", "--query-rows", "8", "--device", "cpu"]) == 0
+    assert main(["prune", "--teacher", str(teacher), "--stats", str(root / "stats.safetensors"), "--heads", "0.5",
+                 "--ffn", "0.5", "--ffn-multiple", "16", "--out", str(root / "student.safetensors")]) == 0
+    return {"root": root, "teacher": teacher, "samples": samples, "student": root / "student.safetensors"}
+
+
+def _config(pruned: dict, out: Path, **train_kw) -> Path:
+    path = out.with_suffix(".toml")
+    path.write_text(distill_toml(pruned["teacher"], pruned["student"], pruned["samples"], out, **train_kw))
+    return path
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _run_in_process(cfg_path: Path, resume: str | None = None) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(load_config(DistillConfig, cfg_path), resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_stage1_halves_the_velocity_error(pruned, tmp_path):
+    out = tmp_path / "run"
+    report = _run_in_process(_config(pruned, out, steps=100, batch_size=4, learning_rate=2e-4,
+                                     checkpointing_steps=50))
+    print(f"stage-1 velocity error (relative MSE): {report['initial']:.4g} -> {report['final']:.4g} "
+          f"(x{report['ratio']:.3f})")
+    assert report["final"] <= 0.5 * report["initial"], report
+    assert json.loads((out / "velocity_error.json").read_text())["final"] == report["final"]
+    with open_wan(out / "student.safetensors") as r:  # the pruned format, widths of the initial student
+        with open_wan(pruned["student"]) as init:
+            assert r.meta == init.meta and r.layout == "original"
+    saved = load_config(DistillConfig, out / "checkpoint-100" / "config.toml")
+    assert saved == load_config(DistillConfig, out.with_suffix(".toml"))
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert rows[0].startswith("step,lr,loss,velocity_mse") and len(rows) == 101
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_sigkill_then_resume_latest_is_bitwise_equal(pruned, tmp_path):
+    settings = dict(steps=10, checkpointing_steps=2, checkpoints_total_limit=2)
+    _run_in_process(_config(pruned, tmp_path / "straight", **settings))
+    cfg = _config(pruned, tmp_path / "killed", **settings)
+    cmd = [sys.executable, "-m", "training", "distill", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "killed" / "checkpoint-2").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "student.safetensors").exists(), "the kill came too late to test anything"
+    done = subprocess.run(cmd + ["--resume", "latest"], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    a, b = _weights(tmp_path / "straight" / "student.safetensors"), _weights(tmp_path / "killed" / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "killed" / "loss.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 11))  # no step logged twice after the resume
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_equal_one_process(pruned, tmp_path, strategy):
+    settings = dict(steps=3, batch_size=4, checkpointing_steps=2)  # the 2-rank run also saves a checkpoint-2
+    single = tmp_path / "single"
+    _run_in_process(_config(pruned, single, strategy="none", **settings))
+    cfg = _config(pruned, tmp_path / "ranks", strategy=strategy, **settings)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training", "distill", "--config", str(cfg)]
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _weights(single / "student.safetensors"), _weights(tmp_path / "ranks" / "student.safetensors")
+    init = _weights(pruned["student"])
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
+    # Same losses and gradient norms step by step, to float32 rounding (the ranks' halves are summed by the
+    # all-reduce instead of inside one matmul) ...
+    curve = [[float(v) for v in row.split(",")] for row in (single / "loss.csv").read_text().splitlines()[1:]]
+    ranks_curve = [[float(v) for v in r.split(",")] for r in (tmp_path / "ranks" / "loss.csv").read_text()
+                   .splitlines()[1:]]
+    torch.testing.assert_close(torch.tensor(ranks_curve), torch.tensor(curve), rtol=1e-5, atol=0)
+    # ... and the same weights. Adam's first updates are ~lr * sign(grad), so an element whose gradient is at
+    # rounding level may move differently: allow 1/30 of the 3-step update (3e-3), far below a real difference.
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
+    if strategy != "fsdp":
+        return
+    # Resuming the 2-rank FSDP2 run from its sharded checkpoint (step 2) ends where it ended.
+    done = subprocess.run(cmd[:-2] + ["--config", str(cfg), "--resume", "checkpoint-2"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = _weights(tmp_path / "ranks" / "student.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda t: t + "bogus = 1\n", "train.bogus"),
+    (lambda t: t.replace("steps = 6", 'steps = "six"'), "train.steps"),
+    (lambda t: t.replace("[data]\nsamples = ", "[data]\nsamples = \"missing\"\nx = "), "data.x"),
+    (lambda t: t.replace('student = "', 'student = "/nonexistent/'), "model.student"),
+])
+def test_bad_config_fails_before_any_compute(pruned, tmp_path, capsys, edit, field):
+    cfg = _config(pruned, tmp_path / "run")
+    cfg.write_text(edit(cfg.read_text()))
+    assert main(["distill", "--config", str(cfg)]) == 2
+    assert f"'{field}'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
