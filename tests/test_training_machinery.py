@@ -179,3 +179,29 @@ def test_folder_errors(tmp_path):
     _sample(tmp_path / "b.safetensors", context=torch.randn(5, 32))
     with pytest.raises(PareFormatError, match=r"b\.safetensors.*text dim 32"):
         calibration.read_folder(tmp_path)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from comfyui_pare.pruned import PrunedWanMeta
+    from comfyui_pare.wan import WanDims
+    from training.model import WanTransformer
+    from training.parallel import checkpoint_activations
+    from training.tiny import random_wan_state_dict
+
+    dims = WanDims(dim=64, num_heads=4, ffn_dim=64, num_layers=2, text_dim=16)
+    grads, calls = [], []
+    for checkpointed in (False, True):
+        model = WanTransformer.from_state_dict(random_wan_state_dict(dims, seed=1), PrunedWanMeta.teacher(dims))
+        model.train().requires_grad_(True)
+        if checkpointed:
+            checkpoint_activations(model)
+        count = [0]
+        model.blocks[1].ffn.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        gen = torch.Generator().manual_seed(0)
+        x, ctx = torch.randn(2, 16, 2, 4, 4, generator=gen), torch.randn(2, 5, 16, generator=gen)
+        model(x, torch.tensor([300.0, 800.0]), ctx).pow(2).mean().backward()
+        calls.append(count[0])
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        assert [k for k, _ in model.named_parameters()] == list(grads[0])  # names unchanged
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    assert calls == [1, 2]  # checkpointed: the block ran again in the backward pass

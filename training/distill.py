@@ -166,7 +166,7 @@ def build(cfg: DistillConfig):
     from comfyui_pare.calibration import read_folder
 
     from .data import prepare_sample
-    from .parallel import init_distributed, shard_frozen, wrap_trainable
+    from .parallel import checkpoint_activations, init_distributed, shard_frozen, wrap_trainable
     from .teacher import load_model
 
     info = init_distributed(cfg.train.device)
@@ -181,6 +181,8 @@ def build(cfg: DistillConfig):
                for s in read_folder(cfg.data.samples)]
     collate(samples)  # one latent shape for the whole set: fail now, not at step 1,000
     student.train()
+    if cfg.train.gradient_checkpointing:
+        checkpoint_activations(student)
     wrapped = wrap_trainable(student, cfg.train.strategy, info, cfg.train.compute_dtype)
     return info, StageOne(cfg, info, teacher, student, wrapped, samples)
 

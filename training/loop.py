@@ -56,6 +56,7 @@ class TrainConfig:
     checkpoints_total_limit: int = 3  # 0 keeps every checkpoint
     seed: int = 0
     mixed_precision: Literal["no", "bf16"] = "no"
+    gradient_checkpointing: bool = False  # recompute block activations in backward (needed at 14B, long videos)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     deterministic: bool = True  # torch.use_deterministic_algorithms: bitwise-equal resume

@@ -121,6 +121,24 @@ def _fully_shard(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | No
             register_fsdp_forward_method(model, name)
 
 
+def checkpoint_activations(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping them
+    (``torch.utils.checkpoint``, non-reentrant): memory per block falls from its intermediates to its input.
+    Parameter names are unchanged, so state dicts and checkpoints are the same with or without it."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in _blocks(model):
+        if getattr(block, "_pare_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        block._pare_checkpointed = True
+
+
 def wrap_trainable(model: nn.Module, strategy: Strategy, info: DistInfo,
                    param_dtype: torch.dtype | None = None) -> nn.Module:
     """Move to the device and wrap for data parallelism. Returns the module to call in the training step.
