@@ -183,7 +183,8 @@ def test_bad_inputs_fail_clearly_and_server_keeps_serving(comfy, models, tmp_pat
 
 
 PACK_NODES = ("PARELoadPrunedWan", "PARELoraLoader", "PARELoadRouter", "PAREApplyRouter",
-              "PAREStaticSchedule", "PARERoutingReport", "PARETokenReduction", "PAREToyTextEncode")
+              "PAREStaticSchedule", "PARERoutingReport", "PARETokenReduction", "PAREToyTextEncode",
+              "PARESaveCalibrationSample")
 
 
 def test_nodes_listed_with_tooltips(comfy):

@@ -196,7 +196,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         if checkpointed:
             checkpoint_activations(model)
         count = [0]
-        model.blocks[1].ffn.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        model.blocks[1].ffn.register_forward_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
         gen = torch.Generator().manual_seed(0)
         x, ctx = torch.randn(2, 16, 2, 4, 4, generator=gen), torch.randn(2, 5, 16, generator=gen)
         model(x, torch.tensor([300.0, 800.0]), ctx).pow(2).mean().backward()
