@@ -1,7 +1,8 @@
 """The artist's path, in ComfyUI's real front end (comfyui-frontend-package, the version ComfyUI 0.3.75 pins) driven by
 headless Chromium: the shipped workflows show up in the template browser, open with no missing or red node, turn
 into the same prompt as our converter, every PARE widget shows its tooltip, and a workflow queued with the Run button
-renders a video that appears in the page. Screenshots go to test-output/browser/ (PARE_TEST_OUTPUT overrides).
+renders the toy world's videos (teacher and routed student), which appear in the page. Screenshots go to
+test-output/browser/ (PARE_TEST_OUTPUT overrides).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import tiny_assets
+import toy_assets
 from comfy_harness import ComfyServer
-from conftest import REPO, TEST_NODES
-from test_workflows_comfy import install_tiny_world
+from conftest import REPO
 from workflow_api import ui_to_api
+
+from comfyui_pare.pruned import load_checkpoint, save_checkpoint
+from comfyui_pare.router import BlockRouter, RouterSpec, save_router
+from comfyui_pare.surgery import PrunePlan, prune_state_dict
 
 pytestmark = pytest.mark.comfy
 
@@ -27,7 +31,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 OUT = Path(os.environ.get("PARE_TEST_OUTPUT", REPO / "test-output")) / "browser"
 SHIPPED = sorted((REPO / "workflows").glob("*.json"))
-QUEUED = REPO / "tests" / "workflows" / "pare_tiny_t2v.json"  # tiny stand-ins: queued from the UI
+QUEUED = REPO / "workflows" / "pare_toy_t2v.json"  # queued from the UI on the toy weights
 PACK = "comfyui-pare"  # the folder name the harness links the pack under (as a registry install names it)
 
 
@@ -50,14 +54,37 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ui_server(assets_dir, tmp_path_factory):
+def ui_server(tmp_path_factory):
+    """A fresh ComfyUI with its front end, this pack and the toy world's weights (no test-only nodes)."""
     base = tmp_path_factory.mktemp("comfy-ui")
-    tiny_assets.install_assets(base)
-    install_tiny_world(base, assets_dir)
-    server = ComfyServer(base_dir=base, extra_custom_nodes=(TEST_NODES,), front_end=True)
+    install_toy_world(base)
+    server = ComfyServer(base_dir=base, front_end=True)
     server.start()
     yield server
     server.stop()
+
+
+def install_toy_world(base: Path) -> None:
+    """The shipped toy weights. Until the trained toy student and router are shipped, stand-ins under their names:
+    the toy teacher pruned to 4 of its heads and half its FFN neurons per block, and a router that keeps every
+    other block (the workflow, the nodes and the video path are the same; the pictures are not the trained ones)."""
+    weights = toy_assets.WEIGHTS
+    if (weights / toy_assets.STUDENT).exists() and (weights / toy_assets.ROUTER).exists():
+        toy_assets.install(base)
+        return
+    models = base / "models"
+    for name, folder in toy_assets.FOLDERS.items():
+        if (weights / name).exists():
+            (models / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(weights / name, models / folder / name)
+    sd, meta = load_checkpoint(weights / toy_assets.TEACHER)
+    plan = PrunePlan.from_json({"blocks": [{"heads": list(range(4)), "ffn": list(range(0, meta.dims.ffn_dim, 2))}]
+                                * meta.dims.num_layers})
+    save_checkpoint(models / "diffusion_models" / toy_assets.STUDENT, *prune_state_dict(sd, meta, plan))
+    spec = RouterSpec(num_blocks=meta.dims.num_layers, dim=meta.dims.dim)
+    (models / "pare_routers").mkdir(parents=True, exist_ok=True)
+    save_router(models / "pare_routers" / toy_assets.ROUTER,
+                BlockRouter.constant(spec, [4.0 if i % 2 == 0 else -4.0 for i in range(meta.dims.num_layers)]))
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +180,7 @@ def test_workflows_are_in_the_template_browser(ui_server, page):
     dismiss_dialogs(page)
 
 
-@pytest.mark.parametrize("path", SHIPPED + [QUEUED], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_workflow_opens_with_no_missing_node_and_same_prompt(page, object_info, path: Path):
     load(page, path)
     ui = json.loads(path.read_text())
@@ -214,20 +241,24 @@ def test_every_pare_widget_shows_its_tooltip(page, object_info):
     assert dom_widgets <= {("PARETokenReduction", "schedule_json"), ("PAREToyTextEncode", "text")}, dom_widgets
 
 
-def test_run_button_renders_a_video_in_the_page(page, ui_server):
+def test_run_button_renders_the_toy_videos_in_the_page(page, ui_server):
     load(page, QUEUED)
     page.get_by_role("button", name="Run", exact=True).first.click()
-    # SaveVideo's preview: a <video> the front end adds under the node once the prompt has run.
-    video = page.locator("video[src*='pare_tiny_ui']")
-    video.first.wait_for(state="attached", timeout=300_000)
-    src = video.first.get_attribute("src")
-    with urllib.request.urlopen(ui_server.url + src if src.startswith("/") else src) as r:
-        body = r.read()
-    assert len(body) > 1000 and body[4:8] == b"ftyp", "the preview is not an MP4 video"
+    # SaveVideo's preview: a <video> the front end adds under each output node once the prompt has run.
+    for who in ("teacher", "student"):
+        video = page.locator(f"video[src*='{who}']")
+        video.first.wait_for(state="attached", timeout=300_000)
+        src = video.first.get_attribute("src")
+        with urllib.request.urlopen(ui_server.url + src if src.startswith("/") else src) as r:
+            body = r.read()
+        assert len(body) > 1000 and body[4:8] == b"ftyp", f"the {who} preview is not an MP4 video"
     history = ui_server.get("/history")
-    assert any(e["status"]["status_str"] == "success" for e in history.values()), history
+    assert [e["status"]["status_str"] for e in history.values()] == ["success"], history
+    outputs = next(iter(history.values()))["outputs"]
+    texts = [t for out in outputs.values() for t in out.get("text", [])]
+    assert any("block compute executed" in t for t in texts), texts  # the routing report ran on the student
     page.mouse.move(1000, 1085)
     page.wait_for_timeout(1500)
-    page.screenshot(path=str(OUT / "queued_tiny_t2v.png"))
+    page.screenshot(path=str(OUT / "queued_pare_toy_t2v.png"))
     assert visible_problems(page) == []
     assert not page.errors, page.errors
