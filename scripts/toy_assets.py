@@ -8,11 +8,18 @@ SaveAnimatedWEBP, plus SaveLatent (and the routing report's heat map for a route
 
 from __future__ import annotations
 
+import filecmp
+import re
 import shutil
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "training" / "toyworld" / "weights"
+sys.path.insert(0, str(REPO))
+
+from comfyui_pare.compute import model_block_macs, tokens_for  # noqa: E402
+from comfyui_pare.pruned import read_meta  # noqa: E402
 
 TEACHER = "pare_toy_teacher.safetensors"
 STUDENT = "pare_toy_student.safetensors"
@@ -25,6 +32,7 @@ FOLDERS = {TEACHER: "diffusion_models", STUDENT: "diffusion_models", ROUTER: "pa
 # The toy world's sampler settings (the teacher was trained with flow shift 3).
 STEPS, CFG, SHIFT, SAMPLER, SCHEDULER = 20, 4.0, 3.0, "euler", "simple"
 FRAMES, SIZE = 17, 64
+TEXT_TOKENS = 16  # the toy text encoder's context length (umT5's is 512)
 
 
 def install(base: Path, weights: Path = WEIGHTS) -> list[Path]:
@@ -37,17 +45,33 @@ def install(base: Path, weights: Path = WEIGHTS) -> list[Path]:
     for name, folder in FOLDERS.items():
         dest = base / "models" / folder / name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if not dest.exists() or dest.stat().st_size != (weights / name).stat().st_size:
+        if not dest.exists() or not filecmp.cmp(weights / name, dest, shallow=False):
             shutil.copyfile(weights / name, dest)
         paths.append(dest)
     return paths
 
 
+def node_defaults(object_info: dict, node: str) -> dict:
+    """The default of every widget input of ``node`` (a combo without one: its first option), from /object_info:
+    what a user gets by adding the node and leaving its knobs alone."""
+    out = {}
+    for section in ("required", "optional"):
+        for name, spec in object_info[node]["input"].get(section, {}).items():
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if "default" in opts:
+                out[name] = opts["default"]
+            elif isinstance(spec[0], list) and spec[0]:
+                out[name] = spec[0][0]
+            elif spec[0] == "COMBO" and opts.get("options"):
+                out[name] = opts["options"][0]
+    return out
+
+
 def toy_graph(prompt: str, seed: int, routed: bool, prefix: str, decode: bool = True,
-              budget: float | None = None) -> dict:
-    """API-format graph. ``routed``: the PARE student behind PARE Apply Router (at the node's default budget
-    unless ``budget`` is given); otherwise the teacher. Node ids: "7" SaveLatent, "9" SaveAnimatedWEBP,
-    "11" SaveImage (heat map, routed only), "10" PARERoutingReport (routed only)."""
+              router_knobs: dict | None = None) -> dict:
+    """API-format graph. ``routed``: the PARE student behind PARE Apply Router with ``router_knobs`` (pass
+    ``node_defaults(object_info, "PAREApplyRouter")`` for the node as added); otherwise the teacher. Node ids: "7" SaveLatent, "9" SaveAnimatedWEBP,
+    "11" SaveImage (heat map, routed only), "15" PreviewAny (the routing summary text, routed only)."""
     g: dict[str, dict] = {
         "1": {"class_type": "PARELoadPrunedWan",
               "inputs": {"unet_name": STUDENT if routed else TEACHER, "weight_dtype": "default"}},
@@ -64,13 +88,12 @@ def toy_graph(prompt: str, seed: int, routed: bool, prefix: str, decode: bool = 
     }
     if routed:
         g["12"] = {"class_type": "PARELoadRouter", "inputs": {"router_name": ROUTER}}
-        apply = {"model": ["1", 0], "router": ["12", 0]}
-        if budget is not None:
-            apply["budget"] = budget
+        apply = {**(router_knobs or {}), "model": ["1", 0], "router": ["12", 0]}
         g["13"] = {"class_type": "PAREApplyRouter", "inputs": apply}
         g["5"]["inputs"]["model"] = ["13", 0]
         g["10"] = {"class_type": "PARERoutingReport", "inputs": {"model": ["5", 0], "samples": ["6", 0]}}
         g["11"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": f"{prefix}_routing"}}
+        g["15"] = {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}}
     if decode:
         g["14"] = {"class_type": "VAELoader", "inputs": {"vae_name": VAE}}
         g["8"] = {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["14", 0]}}
@@ -78,3 +101,20 @@ def toy_graph(prompt: str, seed: int, routed: bool, prefix: str, decode: bool = 
                   "inputs": {"images": ["8", 0], "filename_prefix": prefix, "fps": 8.0, "lossless": True,
                              "quality": 100, "method": "fastest"}}
     return g
+
+
+def block_compute_ratio(summary: str, diffusion_models: Path) -> float:
+    """Student's executed block compute per step / the teacher's: PARE Routing Report's executed fraction of the
+    student's block compute, times the student's total block compute over the teacher's (compute.py's MACs)."""
+    m = re.search(r"block compute executed: ([0-9.]+)%", summary)
+    if m is None:
+        raise RuntimeError(f"no executed fraction in the routing summary:\n{summary}")
+    tokens = tokens_for(FRAMES, SIZE, SIZE)
+    macs = [sum(b.total for b in model_block_macs(read_meta(diffusion_models / name)[0], tokens, TEXT_TOKENS))
+            for name in (STUDENT, TEACHER)]
+    return float(m.group(1)) / 100.0 * macs[0] / macs[1]
+
+
+def routing_summary(entry: dict) -> str:
+    """The routing report's summary text from a routed run's history entry."""
+    return entry["outputs"]["15"]["text"][0]

@@ -4,6 +4,7 @@ gives the training-side reference sampler's latent."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,17 @@ import torch
 from conftest import read_latent
 from graphs import Graph, out
 from PIL import Image
-from toy_assets import FOLDERS, TEACHER, TEXT, VAE, WEIGHTS, toy_graph
+from toy_assets import (
+    FOLDERS,
+    TEACHER,
+    TEXT,
+    VAE,
+    WEIGHTS,
+    block_compute_ratio,
+    node_defaults,
+    routing_summary,
+    toy_graph,
+)
 
 from comfyui_pare.safetensors_io import load_tensors, save_atomic
 from comfyui_pare.toy_text import ToyTextEncoder
@@ -68,3 +79,33 @@ def test_toy_teacher_in_comfyui_matches_the_reference_sampler(toy_comfy):
     text = ToyTextEncoder.load(WEIGHTS / TEXT)
     want = evaluate.sample(teacher, text, [prompt], [11], SHIFT)
     torch.testing.assert_close(latent, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pare_student_at_the_default_knobs_keeps_the_teacher(toy_comfy):
+    """Issue 9's student criteria, through the real ComfyUI with PARE Apply Router as added (default knobs), the
+    same prompts, seeds and sampler as the teacher: <= 0.5x the teacher's per-step block compute, latent PSNR vs
+    the teacher >= 25 dB, trajectory error (decoded frames vs the generator's ground truth) within 20% of the
+    teacher's. Prompts: the 4 held-out directions of a held-out pair and 4 seen prompts."""
+    knobs = node_defaults(toy_comfy.object_info(), "PAREApplyRouter")
+    clips = videos.single_clips("heldout")[4:8] + videos.single_clips("seen")[::9]
+    vae = load_vae(load_tensors(WEIGHTS / VAE)[0])
+    ratios, psnrs, errs = [], [], {"teacher": [], "student": []}
+    for i, clip in enumerate(clips):
+        lat = {}
+        for name, routed in (("teacher", False), ("student", True)):
+            entry = toy_comfy.run(toy_graph(clip.prompt, 200 + i, routed, f"st_{name}_{i}", decode=False,
+                                            router_knobs=knobs))
+            lat[name] = read_latent(toy_comfy.output_files(entry, "7", "latents")[0])
+            if routed:
+                ratios.append(block_compute_ratio(routing_summary(entry),
+                                                  toy_comfy.base / "models" / "diffusion_models"))
+        psnrs.append(evaluate.latent_psnr(lat["student"], lat["teacher"]))
+        frames = evaluate.decode(vae, torch.cat([lat["teacher"], lat["student"]]))
+        for name, f in zip(("teacher", "student"), frames):
+            errs[name].append(evaluate.judge(f, clip.objects[0]).trajectory_error_px)
+    mean = {k: sum(v) / len(v) for k, v in errs.items()}
+    report = f"compute {ratios}, PSNR {psnrs}, trajectory error {mean}"
+    logging.getLogger(__name__).info("toy PARE student vs teacher in ComfyUI: %s", report)
+    assert max(ratios) <= 0.5, report
+    assert sum(psnrs) / len(psnrs) >= 25.0, report
+    assert mean["student"] <= 1.2 * mean["teacher"], report

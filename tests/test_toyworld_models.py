@@ -62,3 +62,26 @@ def test_teacher_shows_the_named_colour_on_held_out_and_seen_prompts(reports):
 def test_teacher_moves_the_object_the_named_way(reports):
     assert reports["heldout"].direction_rate >= 0.8, reports
     assert reports["seen"].direction_rate >= 0.8, reports
+
+
+@pytest.mark.xfail(strict=True, reason="NOT demonstrated on the shipped toy: the teacher has no spatial heads (30 "
+                   "temporal, 2 mixed) and no motion, the two plans differ in one block, and the measured trajectory "
+                   "errors are 10.04 px (aware) vs 10.05 px (magnitude-only): a 0.06% gap, not the 5% asked here")
+def test_aware_pruning_beats_magnitude_only_at_equal_compute(toy):
+    """The same head/FFN targets pruned with spatial/temporal-aware scores (prune --protect normalize) and with
+    magnitude-only scores (--protect none), then the same stage-1 distillation: equal block compute, and the aware
+    student's decoded videos follow the ground-truth trajectories clearly (>= 5%) more closely (held-out and seen
+    prompts); a smaller gap is within what one seed per prompt can resolve."""
+    from comfyui_pare.compute import model_block_macs
+
+    students = {name: WanTransformer.from_checkpoint(WEIGHTS / f"pare_toy_student_{name}_stage1.safetensors",
+                                                     dtype=torch.float32) for name in ("aware", "magnitude")}
+    macs = {n: sum(b.total for b in model_block_macs(m.meta, 80)) for n, m in students.items()}
+    assert macs["aware"] == macs["magnitude"], macs
+    errs = {}
+    for name, model in students.items():
+        reps = [evaluate.evaluate(model, toy["text"], toy["vae"], split, SHIFT, every=every)[0]
+                for split, every in (("heldout", 1), ("seen", 3))]
+        errs[name] = sum(r.trajectory_error_px for r in reps) / 2
+        log.info("%s stage-1 student: %s", name, reps)
+    assert errs["aware"] <= 0.95 * errs["magnitude"], errs

@@ -26,9 +26,9 @@ class PareSettings:
     samples: int = 128
     heads: float = 0.75  # kept fraction of the teacher's heads ...
     ffn: float = 0.75  # ... and FFN neurons (block compute ~0.8x)
-    budget: float = 0.6  # router budget (share of the student's block compute): ~0.48x the teacher's in all
-    distill_steps: int = 300
-    route_steps: int = 300
+    budget: float = 0.55  # router budget (share of the student's block compute): under 0.5x the teacher's in all
+    distill_steps: int = 200
+    route_steps: int = 200
     batch: int = 8
     learning_rate: float = 3e-4
 
