@@ -60,7 +60,11 @@ _PARTS = (
     (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     (".alpha", "alpha"), (".diff", "diff"), (".diff_b", "diff_b"), (".dora_scale", "dora_scale"),
+    (".diff_m", "diff_m"),
 )
+# lightx2v's releases name a modulation table's delta after its owner: ``blocks.N.diff_m`` is the ``.diff`` of
+# ``blocks.N.modulation`` and ``head.diff_m`` that of ``head.modulation``.
+_MODULATION_OWNER_SEPARATORS = (".", "_")  # dotted styles, and lora_unet_ styles
 _BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
 _NORMS = {"norm3", "self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q", "cross_attn.norm_k",
           "cross_attn.norm_k_img", "img_emb.proj.0", "img_emb.proj.4"}
@@ -152,6 +156,17 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _resolve_part(name: str, part: str) -> str | None:
+    """The Wan module a key's part patches: a ``diff_m`` patches its owner's modulation table."""
+    if part != "diff_m":
+        return resolve_module(name)
+    for sep in _MODULATION_OWNER_SEPARATORS:
+        module = resolve_module(f"{name}{sep}modulation")
+        if module is not None:
+            return module
+    return None
+
+
 def _alpha_value(t: torch.Tensor, key: str, source: str) -> float:
     if t.numel() != 1:
         raise PareFormatError(f"{source}: '{key}' should hold one number (the LoRA alpha), has shape {list(t.shape)}")
@@ -164,12 +179,12 @@ def parse_lora(sd: Mapping[str, torch.Tensor], source: str = "lora") -> ParsedLo
     unmatched: list[str] = []
     for key, t in sd.items():
         split = _split_key(key)
-        module = resolve_module(split[0]) if split else None
+        module = _resolve_part(*split) if split else None
         if module is None:
             unmatched.append(key)
             continue
         slot = parts.setdefault(module, {})
-        part = split[1]
+        part = "diff" if split[1] == "diff_m" else split[1]
         if part in slot:
             raise PareFormatError(
                 f"{source}: '{key}' and '{slot[part][0]}' both give the {part} of Wan module '{module}'; "

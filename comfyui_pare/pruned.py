@@ -256,6 +256,20 @@ def save_checkpoint(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], met
     save_atomic(path, sd, meta.to_header())
 
 
+FP8_MATMUL_MULTIPLE = 16  # torch._scaled_mm (fp8 matmuls) needs both matrix dims to be multiples of 16
+
+
+def unaligned_widths(meta: PrunedWanMeta, multiple: int = FP8_MATMUL_MULTIPLE) -> list[str]:
+    """The per-block widths (FFN, self-attention) that are not multiples of ``multiple``, e.g. ['block 3 ffn 1001']."""
+    out = []
+    for i, b in enumerate(meta.blocks):
+        if b.ffn_dim % multiple:
+            out.append(f"block {i} ffn {b.ffn_dim}")
+        if (b.num_heads * meta.dims.head_dim) % multiple:
+            out.append(f"block {i} self-attention {b.num_heads * meta.dims.head_dim}")
+    return out
+
+
 def describe(meta: PrunedWanMeta) -> dict:
     """A JSON-friendly summary: teacher dims, per-block widths and the overall kept fractions."""
     dims = meta.dims

@@ -170,8 +170,6 @@ class StreamingWriter:
             if exc_type is None and self._next != len(self.order):
                 raise PareFileError(f"{self.path}: only {self._next} of {len(self.order)} declared tensors were "
                                     f"written (next: '{self.order[self._next]}')")
-            self._file.flush()
-            os.fsync(self._file.fileno())
             self._file.close()
             if exc_type is None:
                 os.chmod(self._tmp, _mode_from_umask())  # mkstemp makes 0600; a model file is as readable as any

@@ -82,9 +82,9 @@ SEAMS: tuple[Seam, ...] = (
     Seam("WanAttentionBlock(cross_attn_type, dim, ffn_dim, num_heads, ..., operation_settings)",
          "PARE Load Pruned Wan", _params(WAN, "WanAttentionBlock.__init__", "cross_attn_type", "dim", "ffn_dim",
                                          "num_heads", "operation_settings")),
-    Seam("comfy.model_detection.detect_unet_config / model_config_from_unet_config", "PARE Load Pruned Wan",
-         lambda: _attr("comfy.model_detection", "detect_unet_config")() and
-         _attr("comfy.model_detection", "model_config_from_unet_config")()),
+    Seam("comfy.model_detection.model_config_from_unet (detection; pops the scaled_fp8 marker and sets "
+         "model_config.scaled_fp8)", "PARE Load Pruned Wan",
+         _source_has("comfy.model_detection", "model_config_from_unet", "scaled_fp8")),
     Seam("comfy.model_management.unet_dtype / unet_manual_cast / unet_offload_device", "PARE Load Pruned Wan",
          lambda: all(_attr("comfy.model_management", n)() for n in ("unet_dtype", "unet_manual_cast",
                                                                      "unet_offload_device", "get_torch_device"))),

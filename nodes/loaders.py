@@ -7,7 +7,8 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
-from ..comfyui_pare.pruned import describe, load_checkpoint
+from ..comfyui_pare.pruned import describe
+from ..comfyui_pare.wan_reader import open_wan
 from .comfy_compat import require
 from .folders import DIFFUSION_MODELS, file_fingerprint
 from .model_info import attach_meta
@@ -26,18 +27,23 @@ class PARELoadPrunedWan(io.ComfyNode):
             description=(
                 "Loads a width-pruned Wan2.1 checkpoint (or a plain Wan2.1 file, read as 0% pruned) from "
                 "models/diffusion_models, building ComfyUI's own Wan model with the per-block widths recorded "
-                "in the file. Works with every stock sampler, scheduler, CFG, LoRA patch and memory setting."
+                "in the file. Reads Wan-AI, ComfyUI-repackaged (fp8_scaled included), diffusers and sharded "
+                "releases. Works with every stock sampler, scheduler, CFG, LoRA patch and memory setting."
             ),
             inputs=[
                 io.Combo.Input(
                     "unet_name", options=folder_paths.get_filename_list(DIFFUSION_MODELS),
                     tooltip="A .safetensors Wan2.1 checkpoint in models/diffusion_models: a PARE student "
-                            "(pruned widths in its metadata) or a plain Wan2.1 T2V/I2V file.",
+                            "(pruned widths in its metadata) or a plain Wan2.1 T2V/I2V file (Wan-AI, ComfyUI "
+                            "repackaged, fp8_scaled, diffusers). For a sharded release, keep its folder with the "
+                            "index file and pick any shard: the whole release is loaded.",
                 ),
                 io.Combo.Input(
                     "weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                     tooltip="Storage dtype of the weights, as in the stock Load Diffusion Model node: fp8 "
-                            "halves memory; fp8_e4m3fn_fast also uses fp8 matrix multiplies where supported.",
+                            "halves memory; fp8_e4m3fn_fast also uses fp8 matrix multiplies where supported "
+                            "(widths must be multiples of 16; the load log warns otherwise). fp8_scaled files "
+                            "keep their own scaled fp8 weights.",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The Wan model, ready for KSampler and the other PARE nodes.")],
@@ -52,12 +58,18 @@ class PARELoadPrunedWan(io.ComfyNode):
     def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:
         require("PARE Load Pruned Wan")
         path = folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, unet_name)
-        sd, meta = load_checkpoint(path)
-        patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=path)
+        with open_wan(path) as reader:  # a shard of a sharded release loads the whole release, via its index
+            meta, layout, scaled = reader.meta, reader.layout, reader.scaled_fp8
+            source = str(reader.path)
+            # ComfyUI's own layout: fp8 weights stay fp8 beside their scales and the scaled_fp8 marker, so ComfyUI's
+            # scaled fp8 operations run them exactly as for the stock loader.
+            sd = reader.state_dict(dequantize=False)
+        patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=source)
         attach_meta(patcher, meta)
         summary = describe(meta)
         logger.info(
-            "PARE: loaded %s (%s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, meta.dims.variant,
-            meta.num_blocks, 100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
+            "PARE: loaded %s (%s layout%s, %s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, layout,
+            ", fp8_scaled" if scaled else "", meta.dims.variant, meta.num_blocks,
+            100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
         )
         return io.NodeOutput(patcher)

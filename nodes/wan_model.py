@@ -21,7 +21,7 @@ import torch
 from comfy.ldm.wan.model import WanAttentionBlock
 
 from ..comfyui_pare.errors import PareFormatError
-from ..comfyui_pare.pruned import PrunedWanMeta
+from ..comfyui_pare.pruned import FP8_MATMUL_MULTIPLE, PrunedWanMeta, unaligned_widths
 from ..comfyui_pare.wan import BlockWidth
 
 logger = logging.getLogger(__name__)
@@ -66,18 +66,35 @@ class _PrunedBlockFactory:
         return block
 
 
-def _unet_config(sd: dict[str, torch.Tensor], meta: PrunedWanMeta, source: str) -> dict:
-    """ComfyUI's own detected config, corrected with the dims the metadata records."""
-    config = comfy.model_detection.detect_unet_config(sd, "")
-    if config is None or config.get("image_model") != "wan2.1":
+def _model_config(sd: dict[str, torch.Tensor], meta: PrunedWanMeta, source: str):
+    """ComfyUI's own model config for the file (``model_config_from_unet``, as the stock loader: this is also where
+    the ``scaled_fp8`` marker is popped and scaled fp8 operations are chosen), corrected with the metadata's dims."""
+    model_config = comfy.model_detection.model_config_from_unet(sd, "")
+    config = model_config.unet_config if model_config is not None else {}
+    if config.get("image_model") != "wan2.1":
         raise PareFormatError(f"{source}: ComfyUI does not recognise this file as a Wan2.1 model")
     if config.get("model_type") != meta.dims.variant:
         raise PareFormatError(
             f"{source}: ComfyUI detects a Wan '{config.get('model_type')}' model but the metadata says "
             f"'{meta.dims.variant}'"
         )
+    # Detection assumes head dim 128 and text dim 4096 and reads the FFN width of block 0 only.
     config.update(num_heads=meta.dims.num_heads, ffn_dim=meta.dims.ffn_dim, text_dim=meta.dims.text_dim)
-    return config
+    return model_config
+
+
+def warn_fp8_unfriendly_widths(meta: PrunedWanMeta, source: str) -> list[str]:
+    """Warn (once per load) about widths fp8 matrix multiplies cannot take; returns the offending parts."""
+    bad = unaligned_widths(meta, FP8_MATMUL_MULTIPLE)
+    if bad:
+        shown = ", ".join(bad[:6]) + (", ..." if len(bad) > 6 else "")
+        logger.warning(
+            "PARE: %s has %d width(s) that are not multiples of %d (%s). fp8 matrix multiplies (weight_dtype "
+            "fp8_e4m3fn_fast, or an fp8_scaled file, on a GPU with fp8 support) need multiples of %d: there those "
+            "layers fall back to slower dequantized matmuls (fp8_e4m3fn_fast) or fail (fp8_scaled). Prune to "
+            "multiples of %d, or pick weight_dtype default / fp8_e4m3fn.",
+            source, len(bad), FP8_MATMUL_MULTIPLE, shown, FP8_MATMUL_MULTIPLE, FP8_MATMUL_MULTIPLE)
+    return bad
 
 
 def build_wan_patcher(
@@ -85,23 +102,26 @@ def build_wan_patcher(
 ) -> comfy.model_patcher.ModelPatcher:
     """Create the ComfyUI model for a validated (pruned or plain) Wan state dict; consumes ``sd``."""
     model_options = model_options or {}
-    unet_config = _unet_config(sd, meta, source)
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
-    if model_config is None:
-        raise PareFormatError(f"{source}: no ComfyUI model class matches this Wan {meta.dims.variant} config")
+    # Counted before detection pops the scaled_fp8 marker, as the stock loader counts them.
+    parameters = comfy.utils.calculate_parameters(sd)
+    weight_dtype = comfy.utils.weight_dtype(sd)
+    model_config = _model_config(sd, meta, source)
+    if model_config.scaled_fp8 is not None:
+        weight_dtype = None  # as the stock loader: scaled fp8 weights do not pick the compute dtype
 
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     dtype = model_options.get("dtype")
     if dtype is None:
-        dtype = mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd),
-                              supported_dtypes=list(model_config.supported_inference_dtypes),
-                              weight_dtype=comfy.utils.weight_dtype(sd))
+        dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=list(model_config.supported_inference_dtypes),
+                              weight_dtype=weight_dtype)
     manual_cast_dtype = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
     model_config.custom_operations = model_options.get("custom_operations", model_config.custom_operations)
     if model_options.get("fp8_optimizations", False):
         model_config.optimizations["fp8"] = True
+    if model_config.optimizations.get("fp8", False):
+        warn_fp8_unfriendly_widths(meta, source)
 
     if meta.is_pruned:
         model_config.unet_config["wan_attn_block_class"] = _PrunedBlockFactory(meta.blocks)

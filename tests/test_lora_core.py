@@ -342,3 +342,33 @@ def test_cli_round_trip(setup, tmp_path, caplog, capsys):
     assert main(["lora-slice", "--model", str(model), "--lora", str(model), "--out", str(tmp_path / "x.st")]) == 2
     assert "error:" in capsys.readouterr().err and not (tmp_path / "x.st").exists()
     assert main(["lora-slice", "--model", str(model), "--lora", str(lora), "--out", str(model)]) == 2
+
+
+def test_lightx2v_release_keys_diff_m_and_5d_patch_embedding_diff():
+    """lightx2v's distill LoRAs: ``blocks.N.diff_m`` / ``head.diff_m`` (modulation deltas) and a 5-D conv ``.diff``."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = PrunedWanMeta.teacher(TINY_T2V).expected_shapes()
+    sd = {f"diffusion_model.blocks.{i}.diff_m": torch.randn(shapes[f"blocks.{i}.modulation"], generator=gen)
+          for i in range(TINY_T2V.num_layers)}
+    sd["diffusion_model.head.diff_m"] = torch.randn(shapes["head.modulation"], generator=gen)
+    sd["diffusion_model.patch_embedding.diff"] = torch.randn(shapes["patch_embedding.weight"], generator=gen)
+    sd["diffusion_model.patch_embedding.diff_b"] = torch.randn(shapes["patch_embedding.bias"], generator=gen)
+    sd["diffusion_model.blocks.2.self_attn.q.lora_down.weight"] = torch.randn(4, 256, generator=gen)
+    sd["diffusion_model.blocks.2.self_attn.q.lora_up.weight"] = torch.randn(256, 4, generator=gen)
+    sd["diffusion_model.blocks.2.self_attn.q.diff_b"] = torch.randn(256, generator=gen)
+    parsed = parse_lora(sd, "lightx2v.safetensors")
+    assert not parsed.unmatched and not parsed.ignored
+    assert parsed.patches["patch_embedding"].diff.dim() == 5
+    student = slice_lora(parsed, PrunedWanMeta.teacher(TINY_T2V))
+    deltas = merged_deltas(student, strength=0.5)
+    for i in range(TINY_T2V.num_layers):
+        assert torch.equal(deltas[f"blocks.{i}.modulation"], 0.5 * sd[f"diffusion_model.blocks.{i}.diff_m"])
+    assert torch.equal(deltas["head.modulation"], 0.5 * sd["diffusion_model.head.diff_m"])
+    assert torch.equal(deltas["patch_embedding.weight"], 0.5 * sd["diffusion_model.patch_embedding.diff"])
+    # the same delta under both spellings in one file is ambiguous, and refused naming both keys
+    with pytest.raises(PareFormatError, match=r"'diffusion_model\.blocks\.0\.modulation\.diff' and "
+                                              r"'diffusion_model\.blocks\.0\.diff_m' both give the diff"):
+        parse_lora({**sd, "diffusion_model.blocks.0.modulation.diff": sd["diffusion_model.blocks.0.diff_m"]})
+    # lora_unet_ spelling of the owner
+    unet = parse_lora({"lora_unet_blocks_3.diff_m": sd["diffusion_model.blocks.3.diff_m"]})
+    assert list(unet.patches) == ["blocks.3.modulation"]
