@@ -7,14 +7,25 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
+from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.pruned import describe
-from ..comfyui_pare.wan_reader import open_wan
+from ..comfyui_pare.wan_reader import open_wan, resolve_checkpoint
 from .comfy_compat import require
 from .folders import DIFFUSION_MODELS, file_fingerprint
 from .model_info import attach_meta
 from .wan_model import WEIGHT_DTYPES, build_wan_patcher
 
 logger = logging.getLogger(__name__)
+
+
+def checkpoint_fingerprint(unet_name: str) -> str:
+    """Path, mtime and size of every file the checkpoint is made of (all shards of a sharded release)."""
+    path = folder_paths.get_full_path(DIFFUSION_MODELS, unet_name)
+    try:
+        _, files, _ = resolve_checkpoint(path)
+        return ";".join(f"{f}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files)
+    except (PareError, OSError, TypeError):  # a missing or broken file: execute reports it properly
+        return file_fingerprint(DIFFUSION_MODELS, unet_name)
 
 
 class PARELoadPrunedWan(io.ComfyNode):
@@ -51,8 +62,8 @@ class PARELoadPrunedWan(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, unet_name: str, weight_dtype: str) -> str:
-        # Reload when the file on disk changes (e.g. a new export with the same name).
-        return f"{file_fingerprint(DIFFUSION_MODELS, unet_name)}:{weight_dtype}"
+        # Reload when the file on disk changes (e.g. a new export with the same name), or any shard of its release.
+        return f"{checkpoint_fingerprint(unet_name)}:{weight_dtype}"
 
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:

@@ -163,7 +163,8 @@ class PARELoraLoader(io.ComfyNode):
                 "the LoRA is cut to the heads and FFN neurons the student kept, so it merges exactly, then "
                 "applied with ComfyUI's own patches (strength, stacking and unpatching as in Load LoRA). Reads "
                 "every common key style, diffusers names included, and also applies .diff patches on the "
-                "modulation tables, which the stock loader drops. A LoRA for another base is refused."
+                "modulation tables (lightx2v's diff_m keys too), which the stock loader drops. Works on fp8_scaled "
+                "models. A LoRA for another base is refused."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The Wan2.1 model to patch: a PARE student from PARE Load Pruned "
