@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
-from training.tiny import random_wan_state_dict
 from comfyui_pare.wan import WanDims
+from training.tiny import random_wan_state_dict
 
 # Head dim 128 and text dim 4096: what ComfyUI's stock detection assumes, so UNETLoader can load these.
 STOCK_T2V = WanDims(dim=512, num_heads=4, ffn_dim=384, num_layers=3, text_dim=4096)
@@ -77,3 +78,26 @@ def step_sigmas(steps: int, shift: float) -> list[float]:
     """Sigmas of ComfyUI's 'simple' schedule for Wan's shifted flow (the step start sigmas)."""
     table = [shifted_sigma(shift, (i + 1) / 1000.0) for i in range(1000)]
     return [table[-(1 + int(x * len(table) / steps))] for x in range(steps)]
+
+
+def zeroed_teacher(teacher: dict, plans: list[dict], head_dim: int, num_heads: int, ffn_dim: int) -> dict:
+    """The teacher with pruned units zeroed: an exact functional twin of the pruned student."""
+    sd = {k: v.clone() for k, v in teacher.items()}
+    for i, plan in enumerate(plans):
+        p = f"blocks.{i}."
+        ffn = plan.get("ffn", list(range(ffn_dim)))
+        drop = [j for j in range(ffn_dim) if j not in ffn]
+        sd[p + "ffn.0.weight"][drop] = 0
+        sd[p + "ffn.0.bias"][drop] = 0
+        sd[p + "ffn.2.weight"][:, drop] = 0
+        heads = plan.get("heads", list(range(num_heads)))
+        rows = [h * head_dim + c for h in range(num_heads) if h not in heads for c in range(head_dim)]
+        for n in ("q", "k", "v"):
+            sd[p + f"self_attn.{n}.weight"][rows] = 0
+            sd[p + f"self_attn.{n}.bias"][rows] = 0
+        sd[p + "self_attn.o.weight"][:, rows] = 0
+        # RMSNorm over the whole dim sees zeros for pruned heads; this factor makes it the kept-dim RMS.
+        scale = math.sqrt(len(heads) / num_heads)
+        for n in ("norm_q", "norm_k"):
+            sd[p + f"self_attn.{n}.weight"] *= scale
+    return sd

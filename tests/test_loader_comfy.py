@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import pickle
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 from comfy_harness import PromptError
 from conftest import REPO, run_latent
 from graphs import pare_loader, sample_graph, stock_loader
-from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, write_teacher
+from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, write_teacher, zeroed_teacher
 
 from comfyui_pare.pruned import load_checkpoint, read_meta
 from comfyui_pare.safetensors_io import save_atomic
@@ -70,33 +69,10 @@ def test_zero_pruned_i2v_is_bit_identical_to_stock_loader(comfy, models):
     assert torch.equal(ours, stock)
 
 
-def _zeroed_teacher(teacher: dict, plans: list[dict], head_dim: int, num_heads: int, ffn_dim: int) -> dict:
-    """The teacher with pruned units zeroed: an exact functional twin of the pruned student."""
-    sd = {k: v.clone() for k, v in teacher.items()}
-    for i, plan in enumerate(plans):
-        p = f"blocks.{i}."
-        ffn = plan.get("ffn", list(range(ffn_dim)))
-        drop = [j for j in range(ffn_dim) if j not in ffn]
-        sd[p + "ffn.0.weight"][drop] = 0
-        sd[p + "ffn.0.bias"][drop] = 0
-        sd[p + "ffn.2.weight"][:, drop] = 0
-        heads = plan.get("heads", list(range(num_heads)))
-        rows = [h * head_dim + c for h in range(num_heads) if h not in heads for c in range(head_dim)]
-        for n in ("q", "k", "v"):
-            sd[p + f"self_attn.{n}.weight"][rows] = 0
-            sd[p + f"self_attn.{n}.bias"][rows] = 0
-        sd[p + "self_attn.o.weight"][:, rows] = 0
-        # RMSNorm over the whole dim sees zeros for pruned heads; this factor makes it the kept-dim RMS.
-        scale = math.sqrt(len(heads) / num_heads)
-        for n in ("norm_q", "norm_k"):
-            sd[p + f"self_attn.{n}.weight"] *= scale
-    return sd
-
-
 @pytest.mark.parametrize("plan", ["ffn", "heads"])
 def test_pruning_equals_zeroed_teacher(comfy, models, plan):
     d = STOCK_T2V
-    zeroed = _zeroed_teacher(models["teacher"], models["plans"][plan], d.head_dim, d.num_heads, d.ffn_dim)
+    zeroed = zeroed_teacher(models["teacher"], models["plans"][plan], d.head_dim, d.num_heads, d.ffn_dim)
     name = f"zeroed_{plan}.safetensors"
     save_atomic(models["dm"] / name, zeroed, {"format": "pt"})
     kw = dict(cfg=4.0, steps=3, seed=21, sampler="euler")

@@ -35,8 +35,8 @@ from comfyui_pare.lora import (
 )
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
-from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 from comfyui_pare.wan import WAN21_1_3B, WAN21_14B
+from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 
 PLAN_BLOCKS = {  # block -> (kept heads, kept FFN neurons); None keeps all. Blocks 1 and 4 stay whole.
     0: ((0, 2, 3, 5, 7), tuple(range(0, 512, 2))),
