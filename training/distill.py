@@ -5,7 +5,12 @@ Each step draws a global batch from the calibration samples, a flow-matching tim
 ``compute_density_for_timestep_sampling``, then Wan's shift sigma = shift u / (1 + (shift - 1) u), the
 ``FlowMatchEulerDiscreteScheduler`` shift) and fresh noise, all from the run's generator; each rank takes its
 slice. Loss: ``compute_loss_weighting_for_sd3``-weighted MSE between student and teacher velocities, plus
-``feature_weight`` x the mean MSE of the block outputs (every block's output state, student vs teacher).
+``feature_weight`` x the mean MSE of the block outputs (every block's output state, student vs teacher), plus
+VDMini's options for depth-pruned students (``training.icmd``): ``content_weight`` (per-frame content distillation
+of block outputs), ``motion_weight`` (motion consistency on frame differences of block outputs) and
+``velocity_motion_weight`` (on frame differences of the predicted velocities). Student block i is always matched to
+the teacher block it came from (``kept_blocks`` of a depth-pruned student). VDMini's adversarial motion term is
+``adversarial_weight``, which is not implemented (a non-zero value is refused).
 The teacher is frozen (FSDP2-sharded per block under ``strategy = "fsdp"``). The velocity error on a fixed
 evaluation set is measured before and after (``velocity_error.json``); the result is ``student.safetensors`` in
 the pruned format that PARE Load Pruned Wan reads.
@@ -28,6 +33,7 @@ from comfyui_pare.safetensors_io import atomic_write_text
 
 from .config import ConfigError, InputPath, load_config
 from .data import PreparedSample, collate, noised, with_condition
+from .icmd import icmd_terms, matched_outputs
 from .loop import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -71,10 +77,25 @@ class FlowConfig:
 class LossConfig:
     feature_weight: float = 0.0  # block-output feature matching (0: velocity only)
     eval_samples: int = 8  # samples in the fixed velocity-error evaluation
+    content_weight: float = 0.0  # VDMini: per-frame content distillation of the block outputs
+    motion_weight: float = 0.0  # VDMini: motion consistency on frame differences of the block outputs
+    velocity_motion_weight: float = 0.0  # VDMini: motion consistency on frame differences of the velocities
+    adversarial_weight: float = 0.0  # VDMini's adversarial motion term: not implemented, must stay 0
 
     def validate(self) -> None:
         if self.feature_weight < 0 or self.eval_samples < 1:
             raise ConfigError("config fields 'distill.feature_weight' >= 0 and 'distill.eval_samples' >= 1")
+        for name in ("content_weight", "motion_weight", "velocity_motion_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config field 'distill.{name}' must be >= 0, got {getattr(self, name)}")
+        if self.adversarial_weight != 0:
+            raise ConfigError("config field 'distill.adversarial_weight': VDMini's adversarial motion term is not "
+                              "implemented; use 'distill.motion_weight' / 'distill.velocity_motion_weight' (the "
+                              "direct motion-consistency terms) and leave it at 0")
+
+    @property
+    def needs_states(self) -> bool:
+        return self.feature_weight > 0 or self.content_weight > 0 or self.motion_weight > 0
 
 
 @dataclass
@@ -124,7 +145,8 @@ class StageOne:
         noise = torch.randn((b, *self.samples[0].x0.shape), generator=gen)
         rows = self.info.local_slice(b)
         x, t, ctx, clip = self.inputs([self.samples[i] for i in idx[rows].tolist()], sigma[rows], noise[rows])
-        feat = self.cfg.distill.feature_weight > 0
+        opts = self.cfg.distill
+        feat = opts.needs_states
         with torch.no_grad(), self.autocast:
             target = self.teacher(x, t, ctx, clip, return_hidden_states=feat)
         with self.autocast:
@@ -136,11 +158,28 @@ class StageOne:
         velocity = (weight * per_row).mean()
         metrics = {"velocity_mse": float(per_row.detach().mean())}
         loss = velocity
-        if feat:
-            feature = torch.stack([(s.float() - t_.float()).pow(2).mean() for s, t_ in zip(s_states[1:], t_states[1:])])
-            loss = loss + self.cfg.distill.feature_weight * feature.mean()
+        if opts.feature_weight > 0:
+            pairs = matched_outputs(s_states, t_states, self.student.meta.teacher_blocks)
+            feature = torch.stack([(s.float() - t_.float()).pow(2).mean() for s, t_ in pairs])
+            loss = loss + opts.feature_weight * feature.mean()
             metrics["feature_mse"] = float(feature.detach().mean())
+        if opts.content_weight > 0 or opts.motion_weight > 0 or opts.velocity_motion_weight > 0:
+            loss = loss + self.icmd_loss(s_states if feat else None, t_states if feat else None, pred, target,
+                                         x.shape[2], metrics)
         return loss, metrics
+
+    def icmd_loss(self, s_states, t_states, pred, target, num_frames: int, metrics: dict[str, float]) -> torch.Tensor:
+        """VDMini's weighted content and motion terms (``training.icmd``); each is also logged."""
+        opts = self.cfg.distill
+        weights = {"content": opts.content_weight, "motion_feature": opts.motion_weight,
+                   "motion_velocity": opts.velocity_motion_weight}
+        terms = icmd_terms(s_states, t_states, self.student.meta.teacher_blocks, num_frames, pred, target)
+        total = pred.new_zeros((), dtype=torch.float32)
+        for name, term in terms.items():
+            if weights[name] > 0:
+                total = total + weights[name] * term
+                metrics[name] = float(term.detach())
+        return total
 
     @torch.no_grad()
     def velocity_error(self) -> float:

@@ -82,15 +82,16 @@ def matched_outputs(student_states: Sequence[torch.Tensor], teacher_states: Sequ
     return [(student_states[i + 1], teacher_states[j + 1]) for i, j in enumerate(teacher_blocks)]
 
 
-def icmd_terms(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
+def icmd_terms(student_states: Sequence[torch.Tensor] | None, teacher_states: Sequence[torch.Tensor] | None,
                teacher_blocks: Sequence[int], num_frames: int, pred: torch.Tensor | None = None,
                target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The content, feature-motion and (with velocities) velocity-motion terms, each averaged over blocks."""
-    pairs = matched_outputs(student_states, teacher_states, teacher_blocks)
-    out = {
-        "content": torch.stack([content_loss(s, t, num_frames) for s, t in pairs]).mean(),
-        "motion_feature": torch.stack([motion_loss(s, t, num_frames) for s, t in pairs]).mean(),
-    }
+    """The content and feature-motion terms (with states), each averaged over the matched blocks, and the
+    velocity-motion term (with velocities)."""
+    out = {}
+    if student_states is not None and teacher_states is not None:
+        pairs = matched_outputs(student_states, teacher_states, teacher_blocks)
+        out["content"] = torch.stack([content_loss(s, t, num_frames) for s, t in pairs]).mean()
+        out["motion_feature"] = torch.stack([motion_loss(s, t, num_frames) for s, t in pairs]).mean()
     if pred is not None and target is not None:
         out["motion_velocity"] = velocity_motion_loss(pred, target)
     return out

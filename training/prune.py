@@ -7,6 +7,11 @@ neurons each block keeps, rounded to a multiple of ``ffn_multiple`` (64: tensor-
 neurons are taken greedily in score order, skipping one whose ``ffn.0`` input weights have cosine similarity
 above ``dedup_threshold`` with a neuron already kept (near-duplicates add little), filling up from the skipped
 ones if needed. The plan is written with ``--plan-out`` and applied with ``comfyui_pare.surgery``.
+
+``--depth static`` (VDMini) also removes whole teacher blocks, chosen from the stats' ``block_contribution`` by
+``training.depth`` (``--remove-blocks K`` or a compute target ``--depth-target``, counted on the widths chosen
+above); the student has fewer, renumbered blocks and its metadata lists the teacher blocks it kept. Width targets
+default to 1 (keep every head and neuron), so depth pruning can be used alone.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import argparse
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,8 +28,10 @@ from comfyui_pare.errors import PareFormatError
 from comfyui_pare.pruned import PrunedWanMeta, describe, save_checkpoint
 from comfyui_pare.safetensors_io import atomic_write_text
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
+from comfyui_pare.wan import BlockWidth
 
 from .calibrate import CalibrationStats
+from .depth import add_depth_arguments, choose_kept_blocks, depth_options
 from .scores import adjust_importance, classify, parse_protection
 
 logger = logging.getLogger(__name__)
@@ -137,15 +144,11 @@ def make_plan(stats: CalibrationStats, sd: dict[str, torch.Tensor], meta: Pruned
     return PrunePlan(tuple(blocks))
 
 
-def plan_json(plan: PrunePlan) -> dict:
-    return {"blocks": [{"heads": list(b.heads), "ffn": list(b.ffn)} for b in plan.blocks]}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="the full-width Wan2.1 teacher the stats were computed on")
     p.add_argument("--stats", required=True, help="stats file from `python -m training calibrate`")
-    p.add_argument("--heads", type=float, required=True, help="kept fraction of all self-attention heads, e.g. 0.75")
-    p.add_argument("--ffn", type=float, required=True, help="kept fraction of all FFN neurons, e.g. 0.7")
+    p.add_argument("--heads", type=float, default=1.0, help="kept fraction of all self-attention heads, e.g. 0.75")
+    p.add_argument("--ffn", type=float, default=1.0, help="kept fraction of all FFN neurons, e.g. 0.7")
     p.add_argument("--out", required=True, help="student checkpoint to write (pruned format)")
     p.add_argument("--plan-out", default=None, help="also write the plan JSON here")
     p.add_argument("--protect", default="normalize", help="temporal head protection: normalize | scale:<k> | none")
@@ -154,6 +157,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-multiple", type=int, default=64, help="round FFN widths to a multiple of this (1: off)")
     p.add_argument("--dedup-threshold", type=float, default=0.95,
                    help="skip FFN neurons whose input weights have cosine above this with a kept one (>1: off)")
+    add_depth_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,15 +169,20 @@ def run(args: argparse.Namespace) -> int:
         targets.validate()
     except ValueError as e:
         raise PareFormatError(str(e)) from None
+    depth = depth_options(args)
     stats = CalibrationStats.load(args.stats)
     sd, meta = load_wan(args.teacher)
     check_stats(stats, meta, args.stats)
     plan = make_plan(stats, sd, meta, targets)
+    if depth is not None:
+        widths = [BlockWidth(b.heads, b.ffn) for b in plan.blocks]
+        plan = replace(plan, kept_blocks=choose_kept_blocks(stats.block_contribution, depth, meta.dims, widths))
     if args.plan_out:
-        atomic_write_text(args.plan_out, json.dumps(plan_json(plan)))
+        atomic_write_text(args.plan_out, json.dumps(plan.to_json()))
     student, student_meta = prune_state_dict(sd, meta, plan)
     save_checkpoint(args.out, student, student_meta)
     summary = describe(student_meta)
-    logger.info("wrote %s: %.1f%% of heads, %.1f%% of FFN neurons kept (protection %s)", args.out,
-                100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"], args.protect)
+    logger.info("wrote %s: %d of %d blocks, %.1f%% of heads, %.1f%% of FFN neurons kept (protection %s)", args.out,
+                student_meta.num_blocks, meta.dims.num_layers, 100 * summary["kept_heads_fraction"],
+                100 * summary["kept_ffn_fraction"], args.protect)
     return 0
