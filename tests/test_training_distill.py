@@ -38,9 +38,9 @@ def pruned(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "teacher": teacher, "samples": samples, "student": root / "student.safetensors"}
 
 
-def _config(pruned: dict, out: Path, **train_kw) -> Path:
+def _config(pruned: dict, out: Path, tables: str = "", **train_kw) -> Path:
     path = out.with_suffix(".toml")
-    path.write_text(distill_toml(pruned["teacher"], pruned["student"], pruned["samples"], out, **train_kw))
+    path.write_text(distill_toml(pruned["teacher"], pruned["student"], pruned["samples"], out, tables, **train_kw))
     return path
 
 
@@ -103,7 +103,8 @@ def test_sigkill_then_resume_latest_is_bitwise_equal(pruned, tmp_path):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_equal_one_process(pruned, tmp_path, strategy):
-    settings = dict(steps=3, batch_size=4, checkpointing_steps=2)  # the 2-rank run also saves a checkpoint-2
+    # Block-output feature matching on: the hidden states of every block go through DDP / FSDP2 too.
+    settings = dict(steps=3, batch_size=4, checkpointing_steps=2, tables="[distill]\nfeature_weight = 0.1\n")
     single = tmp_path / "single"
     _run_in_process(_config(pruned, single, strategy="none", **settings))
     cfg = _config(pruned, tmp_path / "ranks", strategy=strategy, **settings)
@@ -116,6 +117,7 @@ def test_torchrun_two_ranks_equal_one_process(pruned, tmp_path, strategy):
     assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
     # Same losses and gradient norms step by step, to float32 rounding (the ranks' halves are summed by the
     # all-reduce instead of inside one matmul) ...
+    assert (single / "loss.csv").read_text().startswith("step,lr,loss,velocity_mse,feature_mse,grad_norm")
     curve = [[float(v) for v in row.split(",")] for row in (single / "loss.csv").read_text().splitlines()[1:]]
     ranks_curve = [[float(v) for v in r.split(",")] for r in (tmp_path / "ranks" / "loss.csv").read_text()
                    .splitlines()[1:]]

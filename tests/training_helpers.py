@@ -39,9 +39,10 @@ def _toml(v) -> str:
     return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
-def distill_toml(teacher: Path, student: Path, samples: Path, out: Path, **train) -> str:
+def distill_toml(teacher: Path, student: Path, samples: Path, out: Path, tables: str = "", **train) -> str:
+    """A stage-1 config; ``train`` overrides [train] fields, ``tables`` is appended (e.g. a [distill] table)."""
     settings = {"steps": 6, "batch_size": 2, "learning_rate": 1e-3, "checkpointing_steps": 2,
                 "checkpoints_total_limit": 2, "device": "cpu", **train}
     body = "\n".join(f"{k} = {_toml(v)}" for k, v in settings.items())
     return (f'[model]\nteacher = "{teacher}"\nstudent = "{student}"\n[data]\nsamples = "{samples}"\n'
-            f'[train]\noutput_dir = "{out}"\n{body}\n')
+            f'[train]\noutput_dir = "{out}"\n{body}\n{tables}')
