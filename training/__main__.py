@@ -25,6 +25,8 @@ VERBS: dict[str, str] = {
     "distill": "training.distill",
     "asymrnr-calibrate": "training.token_calibrate",
     "toyworld": "training.toyworld.cli",
+    "route": "training.route",
+    "export": "training.export",
 }
 
 

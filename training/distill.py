@@ -200,12 +200,15 @@ class StageOne:
         return num / max(den, 1e-30)
 
 
-def build(cfg: DistillConfig):
-    """Load teacher, student and samples; place them for this rank. Returns (info, stage)."""
+def load_inputs(cfg):
+    """Teacher (frozen, placed for this rank), student (float32, not yet placed) and prepared samples.
+
+    Shared with stage 2 (``training.route``), whose config has the same [model], [data], [flow] and [train] tables.
+    Returns (info, teacher, student, samples)."""
     from comfyui_pare.calibration import read_folder
 
     from .data import prepare_sample
-    from .parallel import checkpoint_activations, init_distributed, shard_frozen, wrap_trainable
+    from .parallel import init_distributed, shard_frozen
     from .teacher import load_model
 
     info = init_distributed(cfg.train.device)
@@ -219,6 +222,14 @@ def build(cfg: DistillConfig):
     samples = [prepare_sample(s, teacher.dims, teacher, cfg.data.generate_steps, cfg.flow.shift)
                for s in read_folder(cfg.data.samples)]
     collate(samples)  # one latent shape for the whole set: fail now, not at step 1,000
+    return info, teacher, student, samples
+
+
+def build(cfg: DistillConfig):
+    """Load teacher, student and samples; place them for this rank. Returns (info, stage)."""
+    from .parallel import checkpoint_activations, wrap_trainable
+
+    info, teacher, student, samples = load_inputs(cfg)
     student.train()
     if cfg.train.gradient_checkpointing:
         checkpoint_activations(student)

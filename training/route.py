@@ -1,0 +1,236 @@
+"""``python -m training route --config cfg.toml [--resume latest]``: stage 2, the stage-1 student and a block router
+trained together under a compute budget.
+
+loss = distillation + budget_weight * (expected executed compute fraction - budget)^2
+
+* Distillation as in stage 1 (``training.distill``): the same calibration samples, Wan's shifted flow-matching
+  sigmas, noise from the run's generator, SD3 loss weighting; the student runs gated: every block's output is
+  x + g (B(x) - x) with straight-through hard gates on sigmoid((logit + noise) / tau) (``training.gates``).
+* The router (``comfyui_pare.router.BlockRouter``) reads what the nodes feed it at inference: Wan's timestep
+  embedding, mean/std of the patch-embedded tokens, optionally the mean text context.
+* Compute: each block's real MACs (``comfyui_pare.compute``) at the samples' token count; pinned blocks (the
+  node's ``pin_first``/``pin_last``) always run. Under torchrun the budget term uses the global batch's fraction.
+* Separate learning rates: ``train.learning_rate`` for the student, ``route.router_learning_rate`` for the router.
+
+At the end, on held-out noised inputs: the router's default threshold is calibrated to spend the budget, the
+budget error and the velocity errors (router vs the best static contiguous skip of the same compute from the
+calibration stats) go to ``route_report.json``, and ``student.safetensors`` + ``router.safetensors`` are written
+(the same code as ``python -m training export``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from comfyui_pare.safetensors_io import atomic_write_text
+from comfyui_pare.schedule import parse_schedule
+
+from .config import ConfigError, InputPath, load_config
+from .distill import DataConfig, FlowConfig, ModelConfig, StageOne, sample_sigmas
+from .gates import budget_penalty, compute_fraction, expected_compute_fraction, logistic_noise
+from .loop import TrainConfig
+from .routed import GatedWan
+
+logger = logging.getLogger(__name__)
+
+HELP = "stage 2: train the stage-1 student and a block router together under a compute budget (resumable, torchrun)"
+
+
+@dataclass
+class RouteSection:
+    """The ``[route]`` table."""
+
+    budget: float = 0.5  # share of the block compute to spend, pinned blocks included
+    budget_weight: float = 10.0  # lambda of the budget term
+    tau: float = 1.0  # gate temperature
+    gate_noise: bool = True  # logistic noise on the logits while training ...
+    gate_noise_final: float = 0.0  # ... its scale falls linearly from 1 to this at the last step, so the student
+    # ends up trained on the router's deterministic decisions (the ones inference makes)
+    router_learning_rate: float = 0.03  # the student uses train.learning_rate
+    hidden: int = 128  # router MLP width
+    text_input: bool = False  # also feed the router the mean text context
+    pin_first: int = 1  # blocks that always run (match PARE Apply Router's pin_first / pin_last)
+    pin_last: int = 1
+    stats: InputPath | None = None  # `calibrate` stats: seeds the router bias, picks the static baseline
+    init_spread: float = 1.0  # how far calibration contributions spread the initial logits
+    eval_samples: int = 8  # held-out evaluation: samples ...
+    eval_sigmas: int = 4  # ... x sigmas each (fixed noise, never the training generator)
+    # Ablation: "" learns the router; "auto" trains the student under the best contiguous skip from `stats` at the
+    # budget, "A-B" under skipping blocks A..B; the router file then holds that fixed schedule.
+    fixed_schedule: str = ""
+
+    def validate(self) -> None:
+        checks = [("budget", 0.0 < self.budget <= 1.0), ("budget_weight", self.budget_weight >= 0),
+                  ("tau", self.tau > 0), ("gate_noise_final", self.gate_noise_final >= 0),
+                  ("router_learning_rate", self.router_learning_rate > 0),
+                  ("hidden", self.hidden >= 1), ("pin_first", self.pin_first >= 0), ("pin_last", self.pin_last >= 0),
+                  ("eval_samples", self.eval_samples >= 1), ("eval_sigmas", self.eval_sigmas >= 1)]
+        for name, ok in checks:
+            if not ok:
+                raise ConfigError(f"config field 'route.{name}': value {getattr(self, name)!r} is out of range")
+        if self.fixed_schedule == "auto" and self.stats is None:
+            raise ConfigError("config field 'route.fixed_schedule': 'auto' needs route.stats (calibration stats)")
+        if self.fixed_schedule not in ("", "auto"):
+            parse_schedule(self.fixed_schedule)  # raises naming the entry at fault
+
+    @property
+    def learns_router(self) -> bool:
+        return not self.fixed_schedule
+
+
+@dataclass
+class RouteConfig:
+    model: ModelConfig  # model.student: the stage-1 result (`distill`'s student.safetensors)
+    data: DataConfig
+    train: TrainConfig
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    route: RouteSection = field(default_factory=RouteSection)
+
+
+class StageTwo(StageOne):
+    """Stage 1's data and inputs; the step's loss is the gated distillation plus the budget term."""
+
+    def __init__(self, cfg: RouteConfig, info, teacher, gated: GatedWan, wrapped, samples, costs: torch.Tensor) -> None:
+        super().__init__(cfg, info, teacher, gated.student, wrapped, samples)
+        self.gated, self.costs = gated, costs
+
+    def loss_fn(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        cfg, rc = self.cfg, self.cfg.route
+        b = cfg.train.batch_size
+        idx = torch.randint(len(self.samples), (b,), generator=gen)
+        sigma = sample_sigmas(cfg.flow, b, gen)
+        noise = torch.randn((b, *self.samples[0].x0.shape), generator=gen)
+        gate_noise = None
+        if rc.gate_noise and rc.learns_router:
+            scale = 1.0 + (rc.gate_noise_final - 1.0) * step / max(1, cfg.train.steps - 1)
+            gate_noise = scale * logistic_noise((b, self.gated.student.num_blocks), gen)
+        rows = self.info.local_slice(b)
+        x, t, ctx, clip = self.inputs([self.samples[i] for i in idx[rows].tolist()], sigma[rows], noise[rows])
+        with torch.no_grad(), self.autocast:
+            target = self.teacher(x, t, ctx, clip)
+        with self.autocast:
+            pred, logits, gates = self.wrapped(x, t, ctx, rc.tau, None if gate_noise is None else gate_noise[rows],
+                                               clip)
+        weight = compute_loss_weighting_for_sd3(cfg.flow.weighting_scheme, sigma[rows]).to(x.device)
+        per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        distill = (weight * per_row).mean()
+        local = expected_compute_fraction(logits, self.costs, self.gated.pinned)
+        glob = self._global_mean(local.detach())
+        # Value: the penalty of the global batch. Gradient: d/dlogits of it, which the data-parallel gradient average
+        # assembles from each rank's share (the square of a per-rank mean would not add up to the global one).
+        penalty = budget_penalty(glob, rc.budget, rc.budget_weight)
+        surrogate = 2.0 * rc.budget_weight * (glob - rc.budget) * (local - local.detach())
+        loss = distill + penalty + surrogate
+        return loss, {"velocity_mse": float(per_row.detach().mean()), "expected_compute": float(glob),
+                      "executed_compute": float(compute_fraction(gates.detach(), self.costs)),
+                      "budget_penalty": float(penalty)}
+
+    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.info.distributed:
+            return value
+        out = value.clone()
+        dist.all_reduce(out)
+        return out / self.info.world_size
+
+
+def build(cfg: RouteConfig):
+    """Teacher, stage-1 student + a new router (or the checkpoint's, on resume), samples; placed for this rank."""
+    from comfyui_pare.router import BlockRouter
+
+    from .distill import load_inputs
+    from .gates import normalized_costs
+    from .parallel import wrap_trainable
+    from .route_eval import student_contribution
+    from .routed import block_costs, initial_bias, pin_mask, router_spec_for
+
+    rc = cfg.route
+    info, teacher, student, samples = load_inputs(cfg)
+    meta = student.meta
+    tokens, text_tokens = tokens_of(samples)
+    raw_costs = block_costs(meta, tokens, text_tokens)
+    n = meta.num_blocks
+    costs = normalized_costs(raw_costs, n)
+    pinned = pin_mask(n, rc.pin_first, rc.pin_last)
+    contribution = None if rc.stats is None else student_contribution(rc.stats, meta).mean(dim=0)
+    spec = router_spec_for(meta, rc.hidden, rc.text_input, train_budget=rc.budget)
+    if rc.learns_router:
+        router = BlockRouter(spec, init_bias=initial_bias(n, rc.budget, raw_costs, pinned, contribution,
+                                                          rc.init_spread))
+    else:
+        run = fixed_mask(rc, meta, costs, pinned)
+        router = BlockRouter.constant(spec, torch.where(run, 30.0, -30.0)).requires_grad_(False)
+        logger.info("fixed schedule (ablation): blocks run %s", run.int().tolist())
+    gated = GatedWan(student, router, pinned).train()
+    wrapped = wrap_trainable(gated, cfg.train.strategy, info, cfg.train.compute_dtype)
+    return info, StageTwo(cfg, info, teacher, gated, wrapped, samples, costs.to(info.device))
+
+
+def fixed_mask(rc: RouteSection, meta, costs: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+    """Bool [N] of the ablation's fixed schedule (True: the block runs)."""
+    from .route_eval import best_contiguous_skip, student_contribution
+
+    num_blocks = meta.num_blocks
+    if rc.fixed_schedule == "auto":
+        contribution = student_contribution(rc.stats, meta)
+        return best_contiguous_skip(contribution, costs, pinned, rc.budget).mask(num_blocks)
+    run = torch.ones(num_blocks, dtype=torch.bool)
+    for rng in parse_schedule(rc.fixed_schedule, num_blocks):
+        run[rng.first_block:rng.last_block + 1] = False
+    return run
+
+
+def tokens_of(samples) -> tuple[int, int]:
+    """(video tokens, text tokens) of the training inputs: what the block costs are counted at."""
+    from comfyui_pare.wan import PATCH_SIZE
+
+    _, f, h, w = samples[0].x0.shape
+    tokens = -(-f // PATCH_SIZE[0]) * -(-h // PATCH_SIZE[1]) * -(-w // PATCH_SIZE[2])
+    return tokens, max(s.context.shape[0] for s in samples)
+
+
+def train(cfg: RouteConfig, resume: str | None = None) -> dict:
+    """Run stage 2 to ``train.steps``, then evaluate and export (rank 0). Returns the report."""
+    from .loop import Trainer, set_determinism
+    from .parallel import barrier, full_state_dict, shutdown
+    from .route_eval import finish_run
+
+    set_determinism(cfg.train)
+    info, stage = build(cfg)
+    try:
+        trainer = Trainer(cfg.train, info, stage.gated, stage.loss_fn, config=cfg,
+                          lr_scales={"router": cfg.route.router_learning_rate / cfg.train.learning_rate})
+        trainer.run(resume)
+        trainer.final_weights()
+        state = full_state_dict(stage.gated, info)  # collective under FSDP2: every rank takes part
+        report = {}
+        if info.is_main:
+            out = Path(cfg.train.output_dir)
+            report = finish_run(cfg, stage, state, out / "student.safetensors", out / "router.safetensors")
+            atomic_write_text(out / "route_report.json", json.dumps(report, indent=1))
+        barrier()
+        return report
+    finally:
+        shutdown()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True,
+                   help="TOML config: [model] teacher + student (the stage-1 result), [data], [train], [flow], [route]")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (name or path)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set route.budget=0.4 (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(RouteConfig, args.config, args.set)
+    train(cfg, args.resume)
+    return 0
