@@ -148,7 +148,7 @@ def build(cfg: RouteConfig):
 
     from .distill import load_inputs
     from .gates import normalized_costs
-    from .parallel import wrap_trainable
+    from .parallel import checkpoint_activations, wrap_trainable
     from .route_eval import student_contribution
     from .routed import block_costs, initial_bias, pin_mask, router_spec_for
 
@@ -169,6 +169,8 @@ def build(cfg: RouteConfig):
         run = fixed_mask(rc, meta, costs, pinned)
         router = BlockRouter.constant(spec, torch.where(run, 30.0, -30.0)).requires_grad_(False)
         logger.info("fixed schedule (ablation): blocks run %s", run.int().tolist())
+    if cfg.train.gradient_checkpointing:
+        checkpoint_activations(student)
     gated = GatedWan(student, router, pinned).train()
     wrapped = wrap_trainable(gated, cfg.train.strategy, info, cfg.train.compute_dtype)
     return info, StageTwo(cfg, info, teacher, gated, wrapped, samples, costs.to(info.device))
