@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import torch
-from training_helpers import write_samples
 
+from comfyui_pare.calibration import write_sample
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
 from comfyui_pare.wan import WanDims
@@ -65,8 +65,12 @@ def build_inputs(root: Path, seed: int = 0) -> dict[str, Path]:
     sd = when_blocks_matter_teacher(seed)
     teacher = root / "teacher.safetensors"
     save_checkpoint(teacher, sd, PrunedWanMeta.teacher(DIMS))
-    samples = write_samples(root / "samples", SAMPLES, text_dim=DIMS.text_dim, latent_shape=list(LATENT),
-                            seed=seed + 1, tokens=TEXT_TOKENS)
+    samples = root / "samples"
+    samples.mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for i in range(SAMPLES):
+        write_sample(samples / f"s{i}.safetensors", torch.randn(TEXT_TOKENS, DIMS.text_dim, generator=gen),
+                     latent_shape=LATENT, seed=100 + i, latent=torch.randn(LATENT, generator=gen), prompt=f"p{i}")
     stats = root / "stats.safetensors"
     assert training_main(["calibrate", "--teacher", str(teacher), "--samples", str(samples), "--out", str(stats),
                           "--timesteps", "6", "--shift", "1.0", "--query-rows", "16", "--device", "cpu"]) == 0
