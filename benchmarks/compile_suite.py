@@ -83,7 +83,7 @@ def run(config: BenchConfig, progress=None) -> dict:
     reference, _, _ = sample(routed)
     eager_blocks = template.last_run.block_calls
     models = {"eager": routed}
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {"eager": {}}
     for how in VARIANTS[1:]:
         torch._dynamo.reset()
         counters.clear()

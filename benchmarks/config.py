@@ -30,7 +30,7 @@ class MeasuredShape:
 @dataclass(frozen=True)
 class BenchConfig:
     device: str = "cpu"
-    suites: tuple[str, ...] = ("compute", "measured", "compile")
+    suites: tuple[str, ...] = ("compute", "measured")  # compile: --suite compile (inductor builds for minutes)
     dims: WanDims = MEASURED_CPU
     shape: MeasuredShape = field(default_factory=MeasuredShape)
     head_fraction: float = 0.5  # the pruned student keeps this share of each block's heads ...

@@ -51,6 +51,7 @@ def test_analytic_compute_matches_torch_flop_counter(dims, pruned):
     assert flops["Global"] / 2 == pytest.approx(total, rel=0.02)
 
 
+@pytest.mark.comfy  # the measured suite imports the pinned ComfyUI
 def test_bench_quick_writes_its_schema(tmp_path):
     """`python -m comfyui_pare bench --quick`: the real verb, the real ComfyUI sampler (narrow model, seconds)."""
     proc = subprocess.run([sys.executable, "-m", "comfyui_pare", "bench", "--quick", "--out", str(tmp_path)],
