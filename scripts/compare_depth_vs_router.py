@@ -156,10 +156,9 @@ class Variant:
     trained threshold), with the run masks of every call."""
 
     def __init__(self, student: Path, router: Path | None) -> None:
-        from training.routed import RoutedVelocity
-
         from comfyui_pare.router import RoutingPolicy, load_router
         from training.model import WanTransformer
+        from training.routed import RoutedVelocity
 
         self.model = WanTransformer.from_checkpoint(student)
         self.meta = self.model.meta
@@ -180,12 +179,11 @@ class Variant:
 
 
 def measure(variants: dict[str, dict], s: Settings, weights: Path) -> list[dict]:
+    from comfyui_pare.safetensors_io import load_tensors
     from comfyui_pare.toy_text import ToyTextEncoder
     from training.toyworld import evaluate, videos
     from training.toyworld.comfy_vae import load_vae
     from training.toyworld.teacher import SHIFT
-
-    from comfyui_pare.safetensors_io import load_tensors
 
     torch.set_num_threads(s.threads)
     text = ToyTextEncoder.load(weights / "pare_toy_text.safetensors")

@@ -16,8 +16,8 @@ from comfyui_pare.compute import (
     tokens_for,
 )
 from comfyui_pare.pruned import PrunedWanMeta
-from training.tiny import TINY_T2V
 from comfyui_pare.wan import WAN21_1_3B, WAN21_14B, BlockWidth, WanDims
+from training.tiny import TINY_T2V
 
 
 @pytest.mark.parametrize(

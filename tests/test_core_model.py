@@ -16,12 +16,12 @@ import pytest
 import torch
 from helpers import diffusers_module
 
-from training import sampling
-from training.model import WanTransformer
 from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
-from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 from comfyui_pare.wan import WanDims
+from training import sampling
+from training.model import WanTransformer
+from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 
 logger = logging.getLogger(__name__)
 

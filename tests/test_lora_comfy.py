@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 from comfyui_pare.lora import LoraPatch
 from comfyui_pare.pruned import PrunedWanMeta, load_checkpoint, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
-from training.tiny import TINY_T2V
 from comfyui_pare.wan import WanDims
+from training.tiny import TINY_T2V
 
 pytestmark = pytest.mark.comfy
 POS, NEG = "lora_cond4096_pos.safetensors", "lora_cond4096_neg.safetensors"

@@ -23,8 +23,8 @@ from comfyui_pare.pruned import (
 )
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import PrunePlan, prune_state_dict
-from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 from comfyui_pare.wan import WanDims
+from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 
 PLAIN = WanDims(dim=256, num_heads=2, ffn_dim=64, num_layers=2, text_dim=32)
 
