@@ -237,6 +237,10 @@ class MatchingCache:
         self._entries: dict[tuple, tuple[int, Matching]] = {}
         self.made = self.reused = 0
 
+    def clear(self) -> None:
+        """Drop every cached matching (the counts stay)."""
+        self._entries.clear()
+
     def get(self, block: int, feature: str, step: int, x: torch.Tensor, grid: tuple[int, int, int],
             rows_key: tuple = ()) -> Matching:
         """The matching for ``x`` [B, H, L, d] at ``step`` (made now, or reused from an earlier step)."""

@@ -199,6 +199,7 @@ def _outer_sample(executor, *args, **kwargs):
     try:
         return executor(*args, **kwargs)
     finally:
+        run.cache.clear()  # the matchings can be large (GPU memory); the run's statistics stay
         template.last_run = run
         logger.info("%s", run.summary())
         guider.model_options = original

@@ -121,6 +121,8 @@ def test_matching_cache_reuses_for_n_steps_then_remakes():
     other = MatchingCache(reuse_steps=3, stride=STRIDE)
     assert torch.equal(other.get(0, "q", 3, x, GRID).dst, remade.dst)  # same (seed, block, feature, step): same split
     assert cache.get(0, "q", 4, x[:, :1], GRID) is not remade  # another batch/head shape is never reused
+    cache.clear()
+    assert cache.get(0, "q", 4, x, GRID) is not remade and cache.made == 5
 
 
 # -- schedules ------------------------------------------------------------------------------------------------
