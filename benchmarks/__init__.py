@@ -27,6 +27,8 @@ class Suite:
 SUITES: dict[str, Suite] = {
     "compute": Suite(".analytic", "analytic MACs per step at real Wan2.1 shapes (1.3B/14B, 480p/720p, 81 frames)", False),
     "measured": Suite(".measured", "step time through ComfyUI's KSampler at 1.3B width: teacher, pruned, routed", True),
+    "token_reduction": Suite(".token_reduction", "PARE Token Reduction over ratios: analytic at real shapes, step "
+                             "time through ComfyUI at 1.3B width, alone and on the pruned / routed student", True),
     "compile": Suite(".compile_suite", "routing under TorchCompileModel and per-block torch.compile: recompiles, time",
                      True),
 }

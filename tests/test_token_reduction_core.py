@@ -243,3 +243,21 @@ def test_teacher_schedules_run_on_the_blocks_a_depth_pruned_student_kept():
     own = parse_schedule_text(_schedule(blocks="20-25").replace('"num_blocks": 6', '"num_blocks": 26'))
     with pytest.raises(PareError, match="made for 26 blocks, but the model has 6"):
         own.for_model(6, (0, 1, 2, 3, 4, 5), 30)
+
+
+def test_bench_suite_compute_falls_with_the_ratio_and_agrees_with_the_compute_suite():
+    from benchmarks import analytic
+    from benchmarks.config import BenchConfig
+    from benchmarks.token_reduction import RATIOS
+    from benchmarks.token_reduction import analytic as reduction_rows
+
+    config = BenchConfig()
+    rows = reduction_rows(config)
+    plain = {(r["model"], r["resolution"]): r["configs"] for r in analytic.run(config)["rows"]}
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["resolution"], row["config"]), []).append(row["teacher_equivalent"])
+    for (model, res, conf), values in groups.items():
+        assert len(values) == len(RATIOS) and all(a > b for a, b in zip(values, values[1:])), (model, res, conf)
+        base = plain[(model, res)]
+        assert math.isclose(values[0], base[conf]["total"] / base["teacher"]["total"], rel_tol=1e-12), (model, res, conf)
