@@ -56,8 +56,11 @@ def test_ratio_zero_is_bit_identical_to_no_node(comfy, variant):
     kw = dict(cfg=3.0, steps=3, seed=11, sampler="uni_pc", variant=variant)
     plain = run_latent(comfy, *sample_graph(pare_loader(name), **kw))
     zero = run_latent(comfy, *sample_graph(pare_loader(name), patch_model=reduce_tokens(ZERO), **kw))
+    assert torch.equal(plain, zero)
+    if variant == "i2v":  # the rest is the same code path as T2V (the image only adds channels and CLIP tokens)
+        return
     off = run_latent(comfy, *sample_graph(pare_loader(name), patch_model=reduce_tokens(SCHEDULE, strength=0.0), **kw))
-    assert torch.equal(plain, zero) and torch.equal(plain, off)
+    assert torch.equal(plain, off)
     on = run_latent(comfy, *sample_graph(pare_loader(name), patch_model=reduce_tokens(SCHEDULE), **kw))
     assert (on - plain).abs().max() > 1e-3, "a non-zero schedule must change the result"
     # every block's self-attention was reduced at every step (q is reduced everywhere), and only that call
