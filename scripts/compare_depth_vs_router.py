@@ -142,7 +142,7 @@ def build_variants(work: Path, s: Settings, weights: Path) -> dict[str, dict]:
             "budget": b}
         router_budget = min(1.0, b / c_w)
         variants[f"PARE width + learned router @ {b}"] = {**route(f"pare_{tag}", width_student, router_budget),
-                                                          "budget": b}
+                                                          "budget": b, "route_budget": router_budget}
         variants[f"width + static schedule @ {b}"] = {**route(f"static_{tag}", width_student, router_budget, "auto"),
                                                       "budget": b}
     return variants
@@ -152,10 +152,11 @@ def build_variants(work: Path, s: Settings, weights: Path) -> dict[str, dict]:
 
 
 class Variant:
-    """A velocity model for the sampler (the student alone, or routed like PAREApplyRouter with the router's
-    trained threshold), with the run masks of every call."""
+    """A velocity model for the sampler (the student alone, or routed like PAREApplyRouter), with the run masks of
+    every call. A learned router runs in the node's ``budget`` mode at ``route_budget`` (each call spends that share
+    of the student's block compute, so the rows meet at equal compute); a fixed schedule runs at its threshold."""
 
-    def __init__(self, student: Path, router: Path | None) -> None:
+    def __init__(self, student: Path, router: Path | None, route_budget: float | None = None) -> None:
         from comfyui_pare.router import RoutingPolicy, load_router
         from training.model import WanTransformer
         from training.routed import RoutedVelocity
@@ -165,7 +166,9 @@ class Variant:
         self.routed = None
         if router is not None:
             r = load_router(router)
-            self.routed = RoutedVelocity(self.model, r, RoutingPolicy(threshold=r.spec.default_threshold))
+            policy = (RoutingPolicy(budget=route_budget, pin_first=1, pin_last=1) if route_budget is not None
+                      else RoutingPolicy(threshold=r.spec.default_threshold))
+            self.routed = RoutedVelocity(self.model, r, policy)
         self.masks: list[torch.Tensor] = []
 
     def __call__(self, x, timestep, context, clip_fea=None):
@@ -190,7 +193,7 @@ def measure(variants: dict[str, dict], s: Settings, weights: Path) -> list[dict]
     vae = load_vae(load_tensors(weights / "pare_toy_vae.safetensors")[0])
     clips = [c for c in videos.single_clips("heldout") for _ in range(s.eval_seeds)]
     prompts, seeds = [c.prompt for c in clips], list(range(len(clips)))
-    models = {name: Variant(v["student"], v["router"]) for name, v in variants.items()}
+    models = {name: Variant(v["student"], v["router"], v.get("route_budget")) for name, v in variants.items()}
     latents, times = {}, {name: [] for name in models}
     for name, m in models.items():  # warm-up, and the latents every metric is computed on
         evaluate.sample(m, text, prompts[:1], seeds[:1], SHIFT)
