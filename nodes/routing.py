@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import comfy.model_patcher
-import comfy.patcher_extension as pe
 import numpy as np
 import torch
 
@@ -43,6 +42,7 @@ from ..comfyui_pare.pruned import PrunedWanMeta
 from ..comfyui_pare.report import CallRecord, StepRecord, steps_from_calls, summary_lines
 from ..comfyui_pare.router import BlockRouter, DecisionTensors, RoutingPolicy, decide
 from ..comfyui_pare.schedule import SkipRange
+from .patching import chain_block_patches, set_keyed_wrappers
 
 logger = logging.getLogger(__name__)
 
@@ -409,16 +409,8 @@ def apply_routing(model: comfy.model_patcher.ModelPatcher, template: RoutingTemp
     """A patched clone; replaces any PARE routing already on ``model`` (idempotent) and keeps other patches."""
     m = model.clone()
     m.model_options["transformer_options"][KEY] = template
-    dit = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-    for i in range(template.meta.num_blocks):
-        inner = dit.get(("double_block", i))
-        if isinstance(inner, RoutedBlock):
-            inner = inner.inner
-        m.set_model_patch_replace(RoutedBlock(i, inner), "dit", "double_block", i)
-    for wrapper_type, fn in ((pe.WrappersMP.OUTER_SAMPLE, _outer_sample),
-                             (pe.WrappersMP.DIFFUSION_MODEL, _diffusion_model)):
-        m.remove_wrappers_with_key(wrapper_type, KEY)
-        m.add_wrapper_with_key(wrapper_type, KEY, fn)
+    chain_block_patches(m, template.meta.num_blocks, RoutedBlock, own=RoutedBlock)
+    set_keyed_wrappers(m, KEY, _outer_sample, _diffusion_model)
     return m
 
 
