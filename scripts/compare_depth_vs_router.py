@@ -45,10 +45,13 @@ sys.path.insert(0, str(REPO))
 
 from comfyui_pare.compute import model_block_macs  # noqa: E402
 from comfyui_pare.pruned import PrunedWanMeta, read_meta  # noqa: E402
+from training.toyworld.evaluate import LATENT_SHAPE  # noqa: E402
 
 logger = logging.getLogger("compare_depth_vs_router")
 WEIGHTS = REPO / "training" / "toyworld" / "weights"
-TOKENS, TEXT_TOKENS = 80, 16  # the toy world's latent grid (5 x 8 x 8 after the 1x2x2 patch) and text length
+# The toy world's video tokens (its latent grid after the 1x2x2 patch) and text length.
+TOKENS = LATENT_SHAPE[1] * (LATENT_SHAPE[2] // 2) * (LATENT_SHAPE[3] // 2)
+TEXT_TOKENS = 16
 ICMD = {"content_weight": 0.5, "motion_weight": 0.5, "velocity_motion_weight": 0.5}
 # The toy teacher has 8 blocks: with the first and last pinned, the first half (blocks 1-3) cannot reach 0.45x, so
 # VDMini's shallow candidates are the first three quarters (blocks 1-5).

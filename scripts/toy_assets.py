@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from comfyui_pare.compute import model_block_macs, tokens_for  # noqa: E402
 from comfyui_pare.pruned import read_meta  # noqa: E402
+from training.toyworld.videos import FRAMES, SIZE  # noqa: E402
 
 TEACHER = "pare_toy_teacher.safetensors"
 STUDENT = "pare_toy_student.safetensors"
@@ -31,7 +32,6 @@ FOLDERS = {TEACHER: "diffusion_models", STUDENT: "diffusion_models", ROUTER: "pa
 
 # The toy world's sampler settings (the teacher was trained with flow shift 3).
 STEPS, CFG, SHIFT, SAMPLER, SCHEDULER = 20, 4.0, 3.0, "euler", "simple"
-FRAMES, SIZE = 17, 64
 TEXT_TOKENS = 16  # the toy text encoder's context length (umT5's is 512)
 
 

@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO
 from PIL import Image
 
+from training.toyworld import videos
+
 pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 
@@ -21,9 +23,9 @@ def test_demo_renders_teacher_and_student_with_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("toy_teacher.webp", "toy_student.webp"):
         with Image.open(tmp_path / name) as video:
-            assert video.n_frames == 17 and video.size == (64, 64), name
+            assert video.n_frames == 17 and video.size == (videos.SIZE, videos.SIZE), name
     with Image.open(tmp_path / "toy_side_by_side.webp") as both:
-        assert both.n_frames == 17 and both.size == (3 * 130, 3 * 64)
+        assert both.n_frames == 17 and both.size == (3 * (2 * videos.SIZE + 2), 3 * videos.SIZE)
     with Image.open(tmp_path / "toy_routing.png") as heat:
         colors = {c for _, c in heat.convert("RGB").getcolors(1 << 16)}
     assert (51, 191, 89) in colors, "the heat map shows blocks that ran"

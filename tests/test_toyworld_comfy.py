@@ -66,7 +66,7 @@ def test_stock_vae_loader_and_decode_match_the_training_side(toy_comfy):
     entry = toy_comfy.run(g.to_json())
     got = _frames(toy_comfy.output_files(entry, save, "images"))
     want = evaluate.decode(load_vae(load_tensors(WEIGHTS / VAE)[0]), latent)[0]
-    assert got.shape == want.shape == (3, 17, 64, 64)
+    assert got.shape == want.shape == (3, 17, videos.SIZE, videos.SIZE)
     assert (got - want).abs().max() <= 1.0 / 255 + 1e-4  # PNG's 8-bit rounding
     assert evaluate.judge(got, clip.objects[0]).direction_right  # the decoded clip shows its motion
 

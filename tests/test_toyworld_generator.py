@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training.sampling import process_in
 from training.toyworld import evaluate, videos
@@ -35,6 +36,26 @@ def test_clips_are_deterministic_and_training_never_shows_held_out_combos():
     assert {c.objects[0].direction for c in videos.single_clips("heldout")} == set(videos.DIRECTIONS)
 
 
+def test_a_lit_scene_tells_every_token_where_and_when_it_is_and_coverage_marks_only_objects(monkeypatch):
+    """Wan's RoPE is relative: only the scene's tint (videos.TINT, 0 in the shipped world) can tell a token its
+    absolute place and frame."""
+    assert videos.background().sub(torch.tensor(videos.BACKGROUND).view(3, 1, 1, 1)).abs().max() == 0
+    monkeypatch.setattr(videos, "TINT", 0.2)
+    empty = videos.background()[None]
+    feat = features(empty)  # [1, 16, 5, 8, 8]
+    assert feat[0, 12:].abs().max() == 0  # coverage: no object anywhere
+    tokens = feat[0, :12].unfold(2, 2, 2).unfold(3, 2, 2)  # [12, 5, 4, 4, 2, 2]: Wan's 1x2x2 patches
+    sig = tokens.permute(1, 2, 3, 0, 4, 5).reshape(-1, 12 * 4)  # one signature per (frame, row, column) token
+    gaps = torch.cdist(sig, sig) + torch.eye(len(sig)) * 1e9
+    assert gaps.min() > 0.1, gaps.min()  # every token of every frame looks different from every other
+    clip = videos.clip_at(3, "train", single_only=True)
+    cover = F.pixel_shuffle(features(videos.render(clip)[None])[0, 12:].transpose(0, 1), 2)[:, 0]  # [5, 16, 16]
+    centre = clip.objects[0].trajectory()[latent_frame_indices(videos.FRAMES)]  # [5, 2] pixels
+    cells = (torch.stack(torch.meshgrid(torch.arange(16), torch.arange(16), indexing="xy"), -1) + 0.5) * 4
+    near = (cells[None] - centre[:, None, None]).abs().amax(-1) <= videos.RADIUS + 2  # 4x4-px cells the shape reaches
+    assert (cover[near] > 0).float().mean() > 0.5 and (cover[~near] == 0).all()
+
+
 def test_rendered_motion_follows_the_ground_truth_trajectory():
     clip = videos.clip_at(3, "train", single_only=True)
     obj = clip.objects[0]
@@ -64,11 +85,11 @@ def test_designed_latents_describe_every_fourth_frame():
     clip = videos.clip_at(11, "train")
     video = videos.render(clip)[None]
     z = target_latents(video)
-    assert z.shape == (1, 16, 5, 8, 8) and latent_frame_indices(17) == [0, 4, 8, 12, 16]
+    assert z.shape == (1, 16, *evaluate.LATENT_SHAPE[1:]) and latent_frame_indices(17) == [0, 4, 8, 12, 16]
     feat = process_in(z)  # what ComfyUI's Wan21 latent format hands the model
     torch.testing.assert_close(feat, features(video), rtol=1e-5, atol=1e-5)
-    # Background cells are exactly zero; a cell covered by a shape is not.
+    # Coverage is exactly zero on the empty scene and not on a cell covered by a shape.
     obj = clip.objects[0]
     x, y = obj.trajectory()[8].tolist()
-    assert feat[0, :, 2, int(y) // 8, int(x) // 8].abs().sum() > 1.0
-    assert feat[0, :, 2, 0, 0].abs().sum() == 0
+    assert feat[0, 12:, 2, int(y) // 8, int(x) // 8].sum() > 1.0
+    assert feat[0, 12:, 2, 0, 0].abs().sum() == 0

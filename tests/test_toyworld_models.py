@@ -18,6 +18,8 @@ from training.toyworld import evaluate
 from training.toyworld.comfy_vae import load_vae
 from training.toyworld.teacher import SHIFT
 
+TOKENS = evaluate.LATENT_SHAPE[1] * (evaluate.LATENT_SHAPE[2] // 2) * (evaluate.LATENT_SHAPE[3] // 2)
+
 WEIGHTS = Path(__file__).resolve().parents[1] / "training" / "toyworld" / "weights"
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def test_aware_pruning_beats_magnitude_only_at_equal_compute(toy):
 
     students = {name: WanTransformer.from_checkpoint(WEIGHTS / f"pare_toy_student_{name}_stage1.safetensors",
                                                      dtype=torch.float32) for name in ("aware", "magnitude")}
-    macs = {n: sum(b.total for b in model_block_macs(m.meta, 80)) for n, m in students.items()}
+    macs = {n: sum(b.total for b in model_block_macs(m.meta, TOKENS)) for n, m in students.items()}
     assert macs["aware"] == macs["magnitude"], macs
     errs = {}
     for name, model in students.items():

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (the box is shared)")
     r.add_argument("--stages", nargs="*", default=[], help=f"only these stages, of {', '.join(STAGE_NAMES)}")
+    r.add_argument("--teacher-steps", type=int, default=None,
+                   help="teacher training steps (default 3000, the shipped teacher; a GPU affords far more)")
+    r.add_argument("--teacher-batch", type=int, default=None, help="teacher batch size (default 16)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,5 +27,10 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
-    rebuild(RebuildConfig(out=args.out, device=args.device, threads=args.threads, stages=args.stages))
+    for name in ("teacher_steps", "teacher_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    rebuild(RebuildConfig(out=args.out, device=args.device, threads=args.threads, stages=args.stages,
+                          teacher_steps=args.teacher_steps, teacher_batch=args.teacher_batch))
     return 0

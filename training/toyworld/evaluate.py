@@ -23,7 +23,7 @@ from ..sampling import Conditioning, flow_sigmas, initial_noise, ksampler_euler
 from . import videos
 
 STEPS, CFG = 20, 4.0  # the toy world's default sampler settings (Euler, simple scheduler, shift teacher.SHIFT)
-LATENT_SHAPE = (16, 5, 8, 8)
+LATENT_SHAPE = (16, 5, videos.SIZE // 8, videos.SIZE // 8)
 MIN_PIXELS = 12
 MIN_TRAVEL_PX = 8.0
 MISSING_PX = videos.SIZE / 2
@@ -32,7 +32,7 @@ MISSING_PX = videos.SIZE / 2
 @torch.no_grad()
 def sample(model: nn.Module, text: ToyTextEncoder, prompts: list[str], seeds: list[int], shift: float,
            steps: int = STEPS, cfg: float = CFG) -> torch.Tensor:
-    """VAE-space latents [B, 16, 5, 8, 8]: what separate KSampler runs (Euler, simple, one seed each) return."""
+    """VAE-space latents [B, *LATENT_SHAPE]: what separate KSampler runs (Euler, simple, one seed each) return."""
     noise = torch.cat([initial_noise((1, *LATENT_SHAPE), s) for s in seeds])
     cond = Conditioning(text(prompts))
     uncond = Conditioning(text([""] * len(prompts)))
@@ -41,7 +41,7 @@ def sample(model: nn.Module, text: ToyTextEncoder, prompts: list[str], seeds: li
 
 @torch.no_grad()
 def decode(vae: nn.Module, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """Frames [B, 3, 17, 64, 64] in [0, 1], as ComfyUI's VAEDecode post-processes a Wan VAE's output."""
+    """Frames [B, 3, 17, SIZE, SIZE] in [0, 1], as ComfyUI's VAEDecode post-processes a Wan VAE's output."""
     out = [vae.decode(latents[i:i + batch].float()) for i in range(0, len(latents), batch)]
     return ((torch.cat(out) + 1.0) / 2.0).clamp(0.0, 1.0)
 

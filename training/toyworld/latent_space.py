@@ -34,10 +34,19 @@ def latent_frame_indices(frames: int) -> list[int]:
 
 def features(video: torch.Tensor) -> torch.Tensor:
     """Video [B, 3, 4k+1, H, W] in [0, 1] -> model-space latent features [B, 16, k+1, H/8, W/8]."""
-    b, _, f, h, w = video.shape
-    frames = video[:, :, latent_frame_indices(f)].transpose(1, 2).reshape(-1, 3, h, w)  # [B*T, 3, H, W]
-    bg = torch.tensor(videos.BACKGROUND, dtype=video.dtype, device=video.device).view(1, 3, 1, 1)
-    fg = ((frames - bg).abs().amax(dim=1, keepdim=True) > 0.02).to(video.dtype)
+    indices = latent_frame_indices(video.shape[2])
+    return frame_features(video[:, :, indices], indices)
+
+
+def frame_features(latent_frames: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """The latent frames alone (video frames ``indices`` = 0, 4, 8, ...: [B, 3, k+1, H, W]) -> features
+    [B, 16, k+1, H/8, W/8]. RGB is centred on the scene's mean colour, so the scene's tint (its landmarks and clock)
+    stays in the features; coverage is measured against the tinted empty scene, so it marks objects only."""
+    b, _, f, h, w = latent_frames.shape
+    frames = latent_frames.transpose(1, 2).reshape(-1, 3, h, w)  # [B*T, 3, H, W]
+    scene = videos.background(indices, h).to(frames).transpose(0, 1).repeat(b, 1, 1, 1)  # [B*T, 3, H, W]
+    fg = ((frames - scene).abs().amax(dim=1, keepdim=True) > 0.02).to(frames.dtype)
+    bg = torch.tensor(videos.BACKGROUND, dtype=frames.dtype, device=frames.device).view(1, 3, 1, 1)
     rgb = F.pixel_unshuffle(F.avg_pool2d(frames - bg, 4), 2)
     cover = F.pixel_unshuffle(F.avg_pool2d(fg, 4), 2)
     feat = torch.cat([rgb * FEATURE_SCALE, cover * FEATURE_SCALE], dim=1)  # [B*T, 16, H/8, W/8]
@@ -52,6 +61,10 @@ def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def target_latents(video: torch.Tensor) -> torch.Tensor:
     """Video [B, 3, 4k+1, H, W] in [0, 1] -> the VAE-space latent the toy VAE's encoder is trained to output."""
-    feat = features(video)
+    return to_vae_space(features(video))
+
+
+def to_vae_space(feat: torch.Tensor) -> torch.Tensor:
+    """Model-space features -> VAE-space latents (the inverse of ComfyUI's Wan21 process_in)."""
     mean, std = _stats(feat)
     return feat * std + mean

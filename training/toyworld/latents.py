@@ -13,18 +13,20 @@ from tqdm import tqdm
 from comfyui_pare.safetensors_io import load_tensors, save_atomic
 
 from . import videos
-from .latent_space import target_latents
+from .latent_space import frame_features, latent_frame_indices, to_vae_space
 
 logger = logging.getLogger(__name__)
 
 
 def cache_latents(n: int, path: Path, batch: int = 32) -> None:
-    """VAE-space latents [n, 16, 5, 8, 8] of training clips 0..n-1, their prompts in the metadata."""
+    """VAE-space latents [n, 16, 5, H/8, W/8] of training clips 0..n-1, their prompts in the metadata (only the
+    video frames the latents describe are rendered)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     zs = []
+    keep = latent_frame_indices(videos.FRAMES)
     for start in tqdm(range(0, n, batch), desc="latents"):
-        clips = [videos.render(videos.clip_at(i, "train")) for i in range(start, min(n, start + batch))]
-        zs.append(target_latents(torch.stack(clips)))
+        clips = [videos.render(videos.clip_at(i, "train"), keep) for i in range(start, min(n, start + batch))]
+        zs.append(to_vae_space(frame_features(torch.stack(clips), keep)))
     z = torch.cat(zs)
     prompts = [videos.clip_at(i, "train").prompt for i in range(n)]
     save_atomic(path, {"latents": z.contiguous()}, {"prompts": json.dumps(prompts)})

@@ -26,6 +26,8 @@ class RebuildConfig:
     device: str = "cpu"
     threads: int = 1
     stages: list[str] = field(default_factory=list)  # empty: all
+    teacher_steps: int | None = None  # None: TeacherConfig's default (the shipped teacher's 3000)
+    teacher_batch: int | None = None
 
 
 def _stamp(cfg: RebuildConfig, stage: str) -> Path:
@@ -74,7 +76,15 @@ def stage_vae(cfg: RebuildConfig) -> dict:
 def stage_teacher(cfg: RebuildConfig) -> dict:
     from .teacher import TeacherConfig, save_teacher, train_teacher
 
-    model, text = train_teacher(TeacherConfig(), cfg.out / "latents.safetensors", cfg.out / "teacher", cfg.device)
+    teacher_cfg = TeacherConfig()
+    if cfg.teacher_steps is not None:
+        teacher_cfg.steps = cfg.teacher_steps
+    if cfg.teacher_batch is not None:
+        teacher_cfg.batch = cfg.teacher_batch
+    vae_path = cfg.out / "pare_toy_vae.safetensors"  # present when the vae stage ran first or beside: then probe
+    probe = _load_vae(vae_path) if vae_path.exists() else None
+    model, text = train_teacher(teacher_cfg, cfg.out / "latents.safetensors", cfg.out / "teacher", cfg.device,
+                                probe)
     save_teacher(model.cpu(), text.cpu(), cfg.out)
     return {}
 

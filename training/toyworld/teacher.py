@@ -8,6 +8,7 @@ works at sampling time. Latents are normalised exactly as ComfyUI's Wan21 latent
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -49,6 +50,7 @@ class TeacherConfig:
     warmup: int = 100
     cfg_dropout: float = 0.1
     save_every: int = 100
+    probe_every: int = 250  # steps between motion probes (0: none); needs the toy VAE
     seed: int = 0
 
 
@@ -61,7 +63,28 @@ def build_teacher(seed: int = 0) -> tuple[WanTransformer, ToyTextEncoder]:
     return model.train(), text.train()
 
 
-def train_teacher(cfg: TeacherConfig, latents_path: Path, work: Path, device: str = "cpu") -> tuple[WanTransformer, ToyTextEncoder]:
+def probe_motion(model: WanTransformer, text: ToyTextEncoder, vae: torch.nn.Module, step: int, log: Path) -> dict:
+    """The judge's rates on the held-out prompts (one seed each), appended to ``log`` as a JSON line: the
+    learning curve of colour and direction that the README quotes."""
+    from .evaluate import evaluate
+
+    was = model.training, text.training
+    model.eval(), text.eval()
+    device = next(model.parameters()).device
+    rep, _, _ = evaluate(model.cpu(), text.cpu(), vae, "heldout", SHIFT)
+    model.train(was[0]).to(device), text.train(was[1]).to(device)
+    row = {"step": step, **vars(rep)}
+    with open(log, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    logger.info("teacher step %d probe (held-out): colour %.2f direction %.2f trajectory error %.2f px", step,
+                rep.colour_rate, rep.direction_rate, rep.trajectory_error_px)
+    return row
+
+
+def train_teacher(cfg: TeacherConfig, latents_path: Path, work: Path, device: str = "cpu",
+                  probe_vae: torch.nn.Module | None = None) -> tuple[WanTransformer, ToyTextEncoder]:
+    """Train (or resume) the teacher; with ``probe_vae``, every ``probe_every`` steps ``probe_motion`` logs the
+    held-out colour/direction rates to ``work/probe.jsonl``."""
     work.mkdir(parents=True, exist_ok=True)
     state_path = work / "teacher_state.safetensors"
     model, text = build_teacher(cfg.seed)
@@ -103,6 +126,9 @@ def train_teacher(cfg: TeacherConfig, latents_path: Path, work: Path, device: st
             t0 = time.time()
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_state(state_path, {"model": model, "text": text}, opt, step)
+        if probe_vae is not None and cfg.probe_every and (step % cfg.probe_every == 0 or step == cfg.steps):
+            with torch.no_grad():
+                probe_motion(model, text, probe_vae, step, work / "probe.jsonl")
     return model.eval(), text.eval()
 
 

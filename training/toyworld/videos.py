@@ -1,11 +1,14 @@
 """The toy world's deterministic video generator: coloured shapes moving along known straight trajectories.
 
 Each video is 17 frames (4k + 1, like Wan) of 64x64 RGB on a plain grey background. An object is one of 4 colours
-x 3 shapes, moving left/right/up/down by ``STEP_PX`` pixels per frame. Motion is made learnable on purpose (a
-random start made the direction unlearnable in CPU minutes, see shared/TOYWORLD.md): every object starts near a
-fixed point on the side opposite its direction of travel (a few pixels of jitter) and crosses half the frame, so
-the named direction decides almost the whole trajectory. Two-object prompts ("... and ...") are a minority; their
-objects travel in separate lanes.
+x 3 shapes, moving left/right/up/down by ``STEP_PX`` pixels per frame. Every object starts near a fixed point on the
+side opposite its direction of travel (a few pixels of jitter) and crosses half the frame, so the named direction
+decides almost the whole trajectory. Two-object prompts ("... and ...") are a minority; their objects travel in
+separate lanes.
+
+``TINT`` > 0 lights the scene instead (red rising left to right, blue top to bottom, green over the clip): the
+landmarks and clock a Wan model lacks on a plain background (RoPE is relative, the patch embedding position-free).
+The shipped world uses 0; training/README.md ("Motion experiments") has what 0.2 measured.
 
 Some colour/shape combinations are held out of training (with every direction) so that tests can check the teacher
 composes words it never saw together. Everything is a pure function of an integer index and a split name.
@@ -24,7 +27,8 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-BACKGROUND = (0.5, 0.5, 0.5)
+BACKGROUND = (0.5, 0.5, 0.5)  # the scene's mean colour; ``background`` tints each pixel by TINT
+TINT = 0.0  # peak-to-peak tint of each scene gradient (red across x, blue down y, green over time); 0: plain grey
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square")})
 RADIUS = 7.0  # half the side of the shape's bounding box, in pixels
 STEP_PX = 2.0  # 16 steps of 2 px: 32 px, half the frame (4 latent cells of 8 px)
@@ -124,14 +128,30 @@ def _mask(shape: str, cx: float, cy: float) -> torch.Tensor:
     return inside.float().reshape(SIZE, _SS, SIZE, _SS).mean(dim=(1, 3))
 
 
-def render(clip: Clip) -> torch.Tensor:
-    """Video [3, FRAMES, SIZE, SIZE] in [0, 1]."""
-    video = torch.tensor(BACKGROUND).view(3, 1, 1, 1).expand(3, FRAMES, SIZE, SIZE).clone()
+def background(frames: list[int] | None = None, size: int = SIZE, tint: float | None = None) -> torch.Tensor:
+    """The empty scene [3, len(frames), size, size] (all FRAMES by default): BACKGROUND tinted by ``tint``
+    (default TINT) per axis."""
+    frames = list(range(FRAMES)) if frames is None else frames
+    tint = TINT if tint is None else tint
+    ramp = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5  # [-0.5, 0.5) across the frame
+    t = torch.tensor(frames, dtype=torch.float32) / (FRAMES - 1) - 0.5
+    bg = torch.tensor(BACKGROUND).view(3, 1, 1, 1).expand(3, len(frames), size, size).clone()
+    bg[0] += tint * ramp.view(1, 1, size)
+    bg[1] += tint * t.view(-1, 1, 1)
+    bg[2] += tint * ramp.view(1, size, 1)
+    return bg
+
+
+def render(clip: Clip, frames: list[int] | None = None) -> torch.Tensor:
+    """Video [3, FRAMES, SIZE, SIZE] in [0, 1]; with ``frames``, only those frames ([3, len(frames), SIZE, SIZE])."""
+    frames = list(range(FRAMES)) if frames is None else frames
+    video = background(frames)
     for obj in clip.objects:
         colour = torch.tensor(COLOURS[obj.colour]).view(3, 1, 1)
-        for f, (x, y) in enumerate(obj.trajectory().tolist()):
-            m = _mask(obj.shape, x, y)
-            video[:, f] = video[:, f] * (1 - m) + colour * m
+        path = obj.trajectory()
+        for i, f in enumerate(frames):
+            m = _mask(obj.shape, *path[f].tolist())
+            video[:, i] = video[:, i] * (1 - m) + colour * m
     return video
 
 
