@@ -4,6 +4,7 @@ gives the training-side reference sampler's latent."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_latent
+from conftest import REPO, read_latent
 from graphs import Graph, out
 from PIL import Image
 from toy_assets import (
@@ -25,6 +26,7 @@ from toy_assets import (
     routing_summary,
     toy_graph,
 )
+from workflow_api import ui_to_api
 
 from comfyui_pare.safetensors_io import load_tensors, save_atomic
 from comfyui_pare.toy_text import ToyTextEncoder
@@ -109,3 +111,38 @@ def test_pare_student_at_the_default_knobs_keeps_the_teacher(toy_comfy):
     assert max(ratios) <= 0.5, report
     assert sum(psnrs) / len(psnrs) >= 25.0, report
     assert mean["student"] <= 1.2 * mean["teacher"], report
+
+
+def test_demo_graph_samples_like_the_shipped_toy_workflow(toy_comfy):
+    """`make demo` and these tests build the toy graph in code (scripts/toy_assets.toy_graph); the artist opens
+    workflows/pare_toy_t2v.json. Both rows of the workflow (teacher; routed student) must reach KSampler through the
+    same nodes with the same settings as toy_graph, so what the demo measures is what the workflow renders."""
+    info = toy_comfy.object_info()
+    api = ui_to_api(json.loads((REPO / "workflows" / "pare_toy_t2v.json").read_text()), info)
+    knobs = node_defaults(info, "PAREApplyRouter")
+
+    def chain(graph: dict, sampler: str) -> dict[str, dict]:
+        """class_type -> widget inputs of every node upstream of ``sampler`` (seeds and prompt text dropped)."""
+        seen, todo, out = set(), [sampler], {}
+        while todo:
+            nid = todo.pop()
+            if nid in seen:
+                continue
+            seen.add(nid)
+            node = graph[nid]
+            widgets = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+            widgets.pop("seed", None)
+            if node["class_type"] == "PAREToyTextEncode":
+                widgets["text"] = "<prompt>" if widgets["text"] else ""
+            out.setdefault(node["class_type"], []).append(widgets)
+            todo += [v[0] for v in node["inputs"].values() if isinstance(v, list)]
+        return {k: sorted(v, key=json.dumps) for k, v in out.items()}
+
+    samplers = [nid for nid, n in api.items() if n["class_type"] == "KSampler"]
+    rows = {}
+    for nid in samplers:
+        row = chain(api, nid)
+        rows["student" if "PAREApplyRouter" in row else "teacher"] = row
+    for name, routed in (("teacher", False), ("student", True)):
+        graph = toy_graph("a red circle moving left", 1, routed, "x", router_knobs=knobs)
+        assert rows[name] == chain(graph, "6"), name
