@@ -94,12 +94,27 @@ def test_teacher_logs_its_motion_probe_and_the_rebuild_passes_teacher_settings(t
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["rebuild", "--out", str(tmp_path / "rb"), "--stages", "teacher",
-                              "--teacher-steps", "7", "--teacher-batch", "3"])
+                              "--teacher-steps", "7", "--teacher-batch", "3",
+                              "--teacher-object-weight", "4"])
     try:
         with pytest.raises(Stop):
             run(args)
     finally:
         torch.set_num_threads(n)
-    assert (seen["cfg"].steps, seen["cfg"].batch) == (7, 3)
+    assert (seen["cfg"].steps, seen["cfg"].batch, seen["cfg"].object_weight) == (7, 3, 4.0)
+    with pytest.raises(ValueError, match="--teacher-object-weight must be >= 0, got -1.0"):
+        run(parser.parse_args(["rebuild", "--out", str(tmp_path / "rb"), "--teacher-object-weight", "-1"]))
     with pytest.raises(ValueError, match="--teacher-steps must be a positive integer, got 0"):
         run(parser.parse_args(["rebuild", "--out", str(tmp_path / "rb"), "--teacher-steps", "0"]))
+
+
+def test_object_weights_cover_where_an_object_is_was_or_will_be():
+    """The object-weighted loss upweights a cell in the frame an object occupies and in the frames either side of
+    it, nowhere else; the empty scene (0 in every designed feature) keeps weight 1."""
+    x0 = torch.zeros(2, 16, 5, 8, 8)
+    x0[0, 13, 2, 3, 4] = 0.5  # one coverage feature of one cell, latent frame 2 of the first clip
+    w = teacher_module.object_weights(x0, 9.0)
+    assert w.shape == (2, 1, 5, 8, 8)
+    expected = torch.ones_like(w)
+    expected[0, 0, 1:4, 3, 4] = 10.0
+    assert torch.equal(w, expected)

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--teacher-steps", type=int, default=None,
                    help="teacher training steps (default 3000, the shipped teacher; a GPU affords far more)")
     r.add_argument("--teacher-batch", type=int, default=None, help="teacher batch size (default 16)")
+    r.add_argument("--teacher-object-weight", type=float, default=None,
+                   help="extra flow-matching loss weight on the cells objects cover (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.teacher_object_weight is not None and args.teacher_object_weight < 0:
+        raise ValueError(f"--teacher-object-weight must be >= 0, got {args.teacher_object_weight}")
     rebuild(RebuildConfig(out=args.out, device=args.device, threads=args.threads, stages=args.stages,
-                          teacher_steps=args.teacher_steps, teacher_batch=args.teacher_batch))
+                          teacher_steps=args.teacher_steps, teacher_batch=args.teacher_batch,
+                          teacher_object_weight=args.teacher_object_weight))
     return 0

@@ -28,6 +28,7 @@ class RebuildConfig:
     stages: list[str] = field(default_factory=list)  # empty: all
     teacher_steps: int | None = None  # None: TeacherConfig's default (the shipped teacher's 3000)
     teacher_batch: int | None = None
+    teacher_object_weight: float | None = None
 
 
 def _stamp(cfg: RebuildConfig, stage: str) -> Path:
@@ -81,6 +82,8 @@ def stage_teacher(cfg: RebuildConfig) -> dict:
         teacher_cfg.steps = cfg.teacher_steps
     if cfg.teacher_batch is not None:
         teacher_cfg.batch = cfg.teacher_batch
+    if cfg.teacher_object_weight is not None:
+        teacher_cfg.object_weight = cfg.teacher_object_weight
     vae_path = cfg.out / "pare_toy_vae.safetensors"  # present when the vae stage ran first or beside: then probe
     probe = _load_vae(vae_path) if vae_path.exists() else None
     model, text = train_teacher(teacher_cfg, cfg.out / "latents.safetensors", cfg.out / "teacher", cfg.device,
