@@ -17,10 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (the box is shared)")
     r.add_argument("--stages", nargs="*", default=[], help=f"only these stages, of {', '.join(STAGE_NAMES)}")
     r.add_argument("--teacher-steps", type=int, default=None,
-                   help="teacher training steps (default 3000, the shipped teacher; a GPU affords far more)")
+                   help="teacher training steps (default 8000, the shipped teacher)")
     r.add_argument("--teacher-batch", type=int, default=None, help="teacher batch size (default 16)")
     r.add_argument("--teacher-object-weight", type=float, default=None,
-                   help="extra flow-matching loss weight on the cells objects cover (default 0)")
+                   help="extra flow-matching loss weight on the cells objects cover (default 9)")
 
 
 def run(args: argparse.Namespace) -> int:

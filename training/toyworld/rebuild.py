@@ -26,7 +26,7 @@ class RebuildConfig:
     device: str = "cpu"
     threads: int = 1
     stages: list[str] = field(default_factory=list)  # empty: all
-    teacher_steps: int | None = None  # None: TeacherConfig's default (the shipped teacher's 3000)
+    teacher_steps: int | None = None  # None: TeacherConfig's default (the shipped teacher's 8000)
     teacher_batch: int | None = None
     teacher_object_weight: float | None = None
 

@@ -4,6 +4,11 @@ Rectified flow as Wan trains it: x_t = (1 - s) x0 + s noise, the model predicts 
 s * 1000, with s drawn from Wan's shifted schedule (uniform u, s = shift u / (1 + (shift - 1) u)). The prompt is
 dropped (all-zero conditioning: the toy encoder's empty prompt) for ``cfg_dropout`` of the samples so that CFG
 works at sampling time. Latents are normalised exactly as ComfyUI's Wan21 latent format does (process_in).
+
+The loss is object-weighted: cells an object covers in this or an adjacent latent frame count ``object_weight`` + 1
+times. With the plain loss the teacher learned colour in minutes but no motion in 3000-4600 steps (an object is ~5%
+of the frame, so its path is a sliver of the gradient); weighted 10x, the held-out direction rate left chance at
+~2500 steps and reached 100% by 5000 (training/README.md, "Toy world").
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def vocabulary() -> list[str]:
 
 @dataclass
 class TeacherConfig:
-    steps: int = 3000
+    steps: int = 8000
     batch: int = 16
     lr: float = 5e-4
     text_lr: float = 2e-3
@@ -51,7 +56,7 @@ class TeacherConfig:
     cfg_dropout: float = 0.1
     save_every: int = 100
     probe_every: int = 250  # steps between motion probes (0: none); needs the toy VAE
-    object_weight: float = 0.0  # extra loss weight on cells an object covers in this or an adjacent frame
+    object_weight: float = 9.0  # extra loss weight on cells an object covers in this or an adjacent frame
     seed: int = 0
 
 
