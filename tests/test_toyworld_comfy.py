@@ -1,6 +1,7 @@
 """The shipped toy files in the real ComfyUI: the stock VAELoader + VAEDecode decode the toy VAE exactly as the
 training side does, and the toy teacher sampled through PARE Load Pruned Wan + PARE Toy Text Encode + KSampler
-gives the training-side reference sampler's latent."""
+gives the training-side reference sampler's latent; the PARE student behind its router at the default knobs keeps
+issue 9's criteria against the teacher (compute, latent PSNR, trajectory error)."""
 
 from __future__ import annotations
 
@@ -83,11 +84,12 @@ def test_toy_teacher_in_comfyui_matches_the_reference_sampler(toy_comfy):
     torch.testing.assert_close(latent, want, rtol=1e-4, atol=1e-4)
 
 
-def test_pare_student_at_the_default_knobs_keeps_the_teacher(toy_comfy):
-    """Issue 9's student criteria, through the real ComfyUI with PARE Apply Router as added (default knobs), the
-    same prompts, seeds and sampler as the teacher: <= 0.5x the teacher's per-step block compute, latent PSNR vs
-    the teacher >= 25 dB, trajectory error (decoded frames vs the generator's ground truth) within 20% of the
-    teacher's. Prompts: the 4 held-out directions of a held-out pair and 4 seen prompts."""
+@pytest.fixture(scope="module")
+def default_knobs_run(toy_comfy) -> dict:
+    """Issue 9's student run, through the real ComfyUI with PARE Apply Router as added (default knobs), the same
+    prompts, seeds and sampler as the teacher. Prompts: the 4 held-out directions of a held-out pair and 4 seen
+    prompts. Returns per-prompt compute ratios (student / teacher per-step block compute), latent PSNRs vs the
+    teacher and mean trajectory errors (decoded frames vs the generator's ground truth)."""
     knobs = node_defaults(toy_comfy.object_info(), "PAREApplyRouter")
     clips = videos.single_clips("heldout")[4:8] + videos.single_clips("seen")[::9]
     vae = load_vae(load_tensors(WEIGHTS / VAE)[0])
@@ -105,12 +107,22 @@ def test_pare_student_at_the_default_knobs_keeps_the_teacher(toy_comfy):
         frames = evaluate.decode(vae, torch.cat([lat["teacher"], lat["student"]]))
         for name, f in zip(("teacher", "student"), frames):
             errs[name].append(evaluate.judge(f, clip.objects[0]).trajectory_error_px)
-    mean = {k: sum(v) / len(v) for k, v in errs.items()}
-    report = f"compute {ratios}, PSNR {psnrs}, trajectory error {mean}"
-    logging.getLogger(__name__).info("toy PARE student vs teacher in ComfyUI: %s", report)
-    assert max(ratios) <= 0.5, report
-    assert sum(psnrs) / len(psnrs) >= 25.0, report
-    assert mean["student"] <= 1.2 * mean["teacher"], report
+    run = {"compute": ratios, "psnr": psnrs, "trajectory": {k: sum(v) / len(v) for k, v in errs.items()}}
+    logging.getLogger(__name__).info("toy PARE student vs teacher in ComfyUI: %s", run)
+    return run
+
+
+def test_pare_student_at_the_default_knobs_spends_half_and_keeps_the_motion(default_knobs_run):
+    """<= 0.5x the teacher's per-step block compute on every prompt, trajectory error within 20% of the
+    teacher's."""
+    run = default_knobs_run
+    assert max(run["compute"]) <= 0.5, run
+    assert run["trajectory"]["student"] <= 1.2 * run["trajectory"]["teacher"], run
+
+
+def test_pare_student_at_the_default_knobs_keeps_25db_latent_psnr(default_knobs_run):
+    """Mean latent PSNR vs the teacher >= 25 dB over the 8 prompts."""
+    assert sum(default_knobs_run["psnr"]) / len(default_knobs_run["psnr"]) >= 25.0, default_knobs_run
 
 
 def test_demo_graph_samples_like_the_shipped_toy_workflow(toy_comfy):

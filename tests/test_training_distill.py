@@ -21,6 +21,7 @@ from comfyui_pare.wan_reader import open_wan
 from training.__main__ import main
 from training.config import load_config
 from training.distill import DistillConfig, train
+from training.salient import salient_weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one thread: same kernels in every process
 
@@ -141,6 +142,7 @@ def test_torchrun_two_ranks_equal_one_process(pruned, tmp_path, strategy):
     (lambda t: t.replace("steps = 6", 'steps = "six"'), "train.steps"),
     (lambda t: t.replace("[data]\nsamples = ", "[data]\nsamples = \"missing\"\nx = "), "data.x"),
     (lambda t: t.replace('student = "', 'student = "/nonexistent/'), "model.student"),
+    (lambda t: t + "[flow]\nsalient_weight = -1.0\n", "flow.salient_weight"),
 ])
 def test_bad_config_fails_before_any_compute(pruned, tmp_path, capsys, edit, field):
     cfg = _config(pruned, tmp_path / "run")
@@ -148,3 +150,18 @@ def test_bad_config_fails_before_any_compute(pruned, tmp_path, capsys, edit, fie
     assert main(["distill", "--config", str(cfg)]) == 2
     assert f"'{field}'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_salient_weights_mark_where_the_content_is_was_or_will_be():
+    """A cell is salient where the clean latent departs from its clip's per-channel median (the background, not
+    assumed 0) in this or an adjacent latent frame; a clip with nothing in it keeps weight 1 everywhere."""
+    x0 = torch.full((2, 16, 5, 8, 8), -0.7)
+    x0[:, 3] = 1.3  # another channel's background level
+    x0[0, 3, 2, 5, 1] = 1.6  # one cell of one channel, 0.3 above its background, latent frame 2 of clip 0
+    x0[0, 9, 4, 0, 0] = -0.75  # 0.05 off: under the threshold
+    w = salient_weights(x0, 9.0, threshold=0.1)
+    expected = torch.ones(2, 1, 5, 8, 8)
+    expected[0, 0, 1:4, 5, 1] = 10.0
+    assert torch.equal(w, expected)
+    with pytest.raises(ValueError, match=r"\[B, C, T, H, W\], got shape \[16, 5, 8, 8\]"):
+        salient_weights(x0[0], 9.0)

@@ -4,7 +4,8 @@ teacher's velocity.
 Each step draws a global batch from the calibration samples, a flow-matching time per row (``u`` from diffusers'
 ``compute_density_for_timestep_sampling``, then Wan's shift sigma = shift u / (1 + (shift - 1) u), the
 ``FlowMatchEulerDiscreteScheduler`` shift) and fresh noise, all from the run's generator; each rank takes its
-slice. Loss: ``compute_loss_weighting_for_sd3``-weighted MSE between student and teacher velocities, plus
+slice. Loss: ``compute_loss_weighting_for_sd3``-weighted MSE between student and teacher velocities
+(``flow.salient_weight`` counts the cells where the clip's content is more, ``training.salient``), plus
 ``feature_weight`` x the mean MSE of the block outputs (every block's output state, student vs teacher), plus
 VDMini's options for depth-pruned students (``training.icmd``): ``content_weight`` (per-frame content distillation
 of block outputs), ``motion_weight`` (motion consistency on frame differences of block outputs) and
@@ -35,6 +36,7 @@ from .config import ConfigError, InputPath, load_config
 from .data import PreparedSample, collate, noised, with_condition
 from .icmd import icmd_terms, matched_outputs
 from .loop import TrainConfig
+from .salient import salient_weights
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +69,15 @@ class FlowConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    salient_weight: float = 0.0  # extra loss weight on salient latent cells (training.salient; 0: plain MSE)
+    salient_threshold: float = 0.1  # departure from the clip's per-channel median that makes a cell salient
 
     def validate(self) -> None:
         if self.shift <= 0:
             raise ConfigError(f"config field 'flow.shift' must be positive, got {self.shift}")
+        if self.salient_weight < 0 or self.salient_threshold < 0:
+            raise ConfigError("config fields 'flow.salient_weight' and 'flow.salient_threshold' must be >= 0, got "
+                              f"{self.salient_weight} and {self.salient_threshold}")
 
 
 @dataclass
@@ -154,7 +161,7 @@ class StageOne:
         if feat:
             (target, t_states), (pred, s_states) = target, pred
         weight = compute_loss_weighting_for_sd3(self.cfg.flow.weighting_scheme, sigma[rows]).to(x.device)
-        per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        per_row = self.row_errors(pred, target, [self.samples[i] for i in idx[rows].tolist()])
         velocity = (weight * per_row).mean()
         metrics = {"velocity_mse": float(per_row.detach().mean())}
         loss = velocity
@@ -167,6 +174,15 @@ class StageOne:
             loss = loss + self.icmd_loss(s_states if feat else None, t_states if feat else None, pred, target,
                                          x.shape[2], metrics)
         return loss, metrics
+
+    def row_errors(self, pred: torch.Tensor, target: torch.Tensor, items: list[PreparedSample]) -> torch.Tensor:
+        """Per-row velocity MSE [B], salient cells weighted by ``flow.salient_weight`` (``training.salient``)."""
+        err = (pred.float() - target.float()).pow(2)
+        flow = self.cfg.flow
+        if flow.salient_weight > 0:
+            x0 = torch.stack([item.x0 for item in items]).to(err.device)
+            err = err * salient_weights(x0, flow.salient_weight, flow.salient_threshold)
+        return err.flatten(1).mean(1)
 
     def icmd_loss(self, s_states, t_states, pred, target, num_frames: int, metrics: dict[str, float]) -> torch.Tensor:
         """VDMini's weighted content and motion terms (``training.icmd``); each is also logged."""

@@ -121,7 +121,7 @@ class StageTwo(StageOne):
             pred, logits, gates = self.wrapped(x, t, ctx, rc.tau, None if gate_noise is None else gate_noise[rows],
                                                clip)
         weight = compute_loss_weighting_for_sd3(cfg.flow.weighting_scheme, sigma[rows]).to(x.device)
-        per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        per_row = self.row_errors(pred, target, [self.samples[i] for i in idx[rows].tolist()])
         distill = (weight * per_row).mean()
         local = expected_compute_fraction(logits, self.costs, self.gated.pinned)
         glob = self._global_mean(local.detach())

@@ -24,13 +24,15 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PareSettings:
     samples: int = 128
-    heads: float = 0.75  # kept fraction of the teacher's heads ...
-    ffn: float = 0.75  # ... and FFN neurons (block compute ~0.8x)
-    budget: float = 0.55  # router budget (share of the student's block compute): under 0.5x the teacher's in all
-    distill_steps: int = 200
-    route_steps: int = 200
+    uncond_samples: int = 32  # more samples with the empty prompt (the CFG branch; write_samples)
+    heads: float = 0.5  # kept fraction of the teacher's heads ...
+    ffn: float = 0.5  # ... and FFN neurons: block compute 0.595x the teacher's
+    budget: float = 0.82  # router budget (share of the student's block compute): ~0.49x the teacher's
+    distill_steps: int = 1000
+    route_steps: int = 1500
     batch: int = 8
     learning_rate: float = 3e-4
+    salient_weight: float = 9.0  # the teacher's object weighting, in stages 1 and 2 too (flow.salient_weight)
 
 
 SETTINGS = PareSettings()
@@ -49,8 +51,11 @@ def verb(args: list[str], log: Path, threads: int = 1) -> None:
         raise RuntimeError(f"`python -m training {args[0]}` failed (exit {rc}); see {log}")
 
 
-def write_samples(out: Path, latents_path: Path, text_path: Path, n: int) -> Path:
-    """Calibration/distillation samples: the first ``n`` cached training latents with their prompts' contexts."""
+def write_samples(out: Path, latents_path: Path, text_path: Path, n: int, uncond: int = 0) -> Path:
+    """Calibration/distillation samples: the first ``n`` cached training latents with their prompts' contexts, then
+    ``uncond`` more latents with the empty prompt's context. Why the empty prompt: under CFG the sampler's velocity
+    is v_uncond + cfg (v_cond - v_uncond), so with the toy's CFG 4 the student's unconditional velocity weighs 3x
+    against it; samples with prompts alone never train it."""
     from comfyui_pare.calibration import write_sample
     from comfyui_pare.toy_text import ToyTextEncoder
 
@@ -61,11 +66,12 @@ def write_samples(out: Path, latents_path: Path, text_path: Path, n: int) -> Pat
     z, prompts = read_latents(latents_path)
     text = ToyTextEncoder.load(text_path)
     with torch.no_grad():
-        for i in range(n):
+        for i in range(n + uncond):
             path = folder / f"sample_{i:04d}.safetensors"
+            prompt = prompts[i] if i < n else ""
             if not path.exists():
-                write_sample(path, text([prompts[i]])[0], latent_shape=tuple(z.shape[1:]), seed=i,
-                             prompt=prompts[i], latent=z[i])
+                write_sample(path, text([prompt])[0], latent_shape=tuple(z.shape[1:]), seed=i, prompt=prompt,
+                             latent=z[i])
     return folder
 
 
@@ -89,7 +95,7 @@ def distill_config(teacher: Path, student: Path, samples: Path, out: Path, steps
         "train": {"output_dir": out, "steps": steps, "batch_size": s.batch, "learning_rate": s.learning_rate,
                   "warmup_steps": 20, "checkpointing_steps": 50, "checkpoints_total_limit": 2, "device": device,
                   "log_every": 10},
-        "flow": {"shift": shift},
+        "flow": {"shift": shift, "salient_weight": s.salient_weight},
     })
 
 
@@ -101,7 +107,7 @@ def route_config(teacher: Path, student: Path, samples: Path, stats: Path, out: 
         "train": {"output_dir": out, "steps": s.route_steps, "batch_size": s.batch, "learning_rate": s.learning_rate,
                   "warmup_steps": 20, "checkpointing_steps": 50, "checkpoints_total_limit": 2, "device": device,
                   "log_every": 10},
-        "flow": {"shift": shift},
+        "flow": {"shift": shift, "salient_weight": s.salient_weight},
         "route": {"budget": s.budget, "stats": stats},
     })
 
@@ -111,7 +117,7 @@ def run_pipeline(out: Path, device: str, shift: float, s: PareSettings = SETTING
     teacher, text = out / "pare_toy_teacher.safetensors", out / "pare_toy_text.safetensors"
     work = out / "pare"
     log = work / "verbs.log"
-    samples = write_samples(work, out / "latents.safetensors", text, s.samples)
+    samples = write_samples(work, out / "latents.safetensors", text, s.samples, s.uncond_samples)
     stats = work / "stats.safetensors"
     if not stats.exists():
         verb(["calibrate", "--teacher", str(teacher), "--samples", str(samples), "--out", str(stats),

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.toy_text import ToyTextEncoder
 from comfyui_pare.wan import WanDims
 
 from ..model import WanTransformer
+from ..salient import salient_weights
 from ..sampling import process_in, time_snr_shift
 from ..tiny import random_wan_state_dict
 from . import videos
@@ -62,12 +62,10 @@ class TeacherConfig:
 
 def object_weights(x0: torch.Tensor, extra: float) -> torch.Tensor:
     """Per-cell loss weights [B, 1, T, H, W]: 1 + ``extra`` where an object is, was or will be one latent frame
-    away. The empty scene is 0 in every designed feature, so "an object is here" is any feature away from 0. Why:
-    an object covers ~5% of the frame, so the plain loss is mostly the background's noise, and where the object
-    goes next (the motion) is a sliver of the gradient."""
-    occupied = (x0.abs().amax(dim=1, keepdim=True) > 0.1).float()
-    near = F.max_pool3d(occupied, kernel_size=(3, 1, 1), stride=1, padding=(1, 0, 0))
-    return 1.0 + extra * near
+    away (``training.salient``: the empty scene is the clip's median, 0 in every designed feature). Why: an object
+    covers ~5% of the frame, so the plain loss is mostly the background's noise, and where the object goes next
+    (the motion) is a sliver of the gradient."""
+    return salient_weights(x0, extra)
 
 
 def build_teacher(seed: int = 0) -> tuple[WanTransformer, ToyTextEncoder]:
