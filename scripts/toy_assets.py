@@ -68,10 +68,12 @@ def node_defaults(object_info: dict, node: str) -> dict:
 
 
 def toy_graph(prompt: str, seed: int, routed: bool, prefix: str, decode: bool = True,
-              router_knobs: dict | None = None) -> dict:
+              router_knobs: dict | None = None, shift: float = SHIFT, cfg: float = CFG) -> dict:
     """API-format graph. ``routed``: the PARE student behind PARE Apply Router with ``router_knobs`` (pass
-    ``node_defaults(object_info, "PAREApplyRouter")`` for the node as added); otherwise the teacher. Node ids: "7" SaveLatent, "9" SaveAnimatedWEBP,
-    "11" SaveImage (heat map, routed only), "15" PreviewAny (the routing summary text, routed only)."""
+    ``node_defaults(object_info, "PAREApplyRouter")`` for the node as added); otherwise the teacher. ``shift`` and
+    ``cfg``: ModelSamplingSD3's shift and KSampler's CFG (default: the toy world's). Node ids: "7" SaveLatent,
+    "9" SaveAnimatedWEBP, "11" SaveImage (heat map, routed only), "15" PreviewAny (the routing summary text, routed
+    only)."""
     g: dict[str, dict] = {
         "1": {"class_type": "PARELoadPrunedWan",
               "inputs": {"unet_name": STUDENT if routed else TEACHER, "weight_dtype": "default"}},
@@ -79,9 +81,9 @@ def toy_graph(prompt: str, seed: int, routed: bool, prefix: str, decode: bool = 
         "3": {"class_type": "PAREToyTextEncode", "inputs": {"text_encoder": TEXT, "text": ""}},
         "4": {"class_type": "EmptyHunyuanLatentVideo",
               "inputs": {"width": SIZE, "height": SIZE, "length": FRAMES, "batch_size": 1}},
-        "5": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": SHIFT}},
+        "5": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": shift}},
         "6": {"class_type": "KSampler",
-              "inputs": {"model": ["5", 0], "seed": seed, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER,
+              "inputs": {"model": ["5", 0], "seed": seed, "steps": STEPS, "cfg": cfg, "sampler_name": SAMPLER,
                          "scheduler": SCHEDULER, "positive": ["2", 0], "negative": ["3", 0],
                          "latent_image": ["4", 0], "denoise": 1.0}},
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"{prefix}_latent"}},

@@ -19,7 +19,7 @@ from training.gates import (
     straight_through_gates,
 )
 from training.model import WanTransformer
-from training.route_eval import best_contiguous_skip, calibrate_threshold
+from training.route_eval import best_contiguous_skip, calibrate_threshold, static_baseline
 from training.routed import GatedWan, RoutedVelocity, block_costs, initial_bias, pin_mask, router_spec_for
 from training.tiny import random_wan_state_dict
 
@@ -158,3 +158,15 @@ def test_best_contiguous_skip_by_brute_force():
     assert (one.first, one.last) == (3, 3)
     with pytest.raises(ValueError, match="no contiguous skip"):
         best_contiguous_skip(cheap_ends, costs, pin_mask(7, 3, 4), target=0.5)
+
+
+def test_a_router_that_skips_less_than_one_block_has_no_static_baseline():
+    """A high budget can leave the router running (nearly) every block: no contiguous skip spends that much, and the
+    end-of-run evaluation reports no static baseline instead of failing after the whole run."""
+    costs = normalized_costs([1.0] * 7, 7)
+    contribution = torch.tensor([0.0, 0.5, 0.4, 0.3, 0.6, 0.7, 0.0])
+    assert static_baseline(contribution, costs, pin_mask(7, 1, 1), target=1.0) is None
+    assert static_baseline(contribution, costs, pin_mask(7, 1, 1), target=0.85) == best_contiguous_skip(
+        contribution, costs, pin_mask(7, 1, 1), target=0.85)
+    with pytest.raises(ValueError, match="blocks, the model has 7"):  # other errors still raise
+        static_baseline(contribution[:5], costs, pin_mask(7, 1, 1), target=0.5)

@@ -34,6 +34,7 @@ from comfyui_pare.toy_text import ToyTextEncoder
 from training.model import WanTransformer
 from training.toyworld import evaluate, videos
 from training.toyworld.comfy_vae import load_vae
+from training.toyworld.evaluate import CFG
 from training.toyworld.latent_space import target_latents
 from training.toyworld.teacher import SHIFT
 
@@ -84,32 +85,37 @@ def test_toy_teacher_in_comfyui_matches_the_reference_sampler(toy_comfy):
     torch.testing.assert_close(latent, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def default_knobs_run(toy_comfy) -> dict:
-    """Issue 9's student run, through the real ComfyUI with PARE Apply Router as added (default knobs), the same
-    prompts, seeds and sampler as the teacher. Prompts: the 4 held-out directions of a held-out pair and 4 seen
-    prompts. Returns per-prompt compute ratios (student / teacher per-step block compute), latent PSNRs vs the
-    teacher and mean trajectory errors (decoded frames vs the generator's ground truth)."""
-    knobs = node_defaults(toy_comfy.object_info(), "PAREApplyRouter")
-    clips = videos.single_clips("heldout")[4:8] + videos.single_clips("seen")[::9]
+def student_vs_teacher(comfy, clips: list, seed: int, shift: float = SHIFT, cfg: float = CFG) -> dict:
+    """The PARE student behind PARE Apply Router as added (default knobs) and the teacher, the same prompts, seeds
+    (``seed`` + i) and sampler: per-prompt compute ratios (student / teacher per-step block compute), latent PSNRs
+    vs the teacher and mean trajectory errors (decoded frames vs the generator's ground truth)."""
+    knobs = node_defaults(comfy.object_info(), "PAREApplyRouter")
     vae = load_vae(load_tensors(WEIGHTS / VAE)[0])
-    ratios, psnrs, errs = [], [], {"teacher": [], "student": []}
+    ratios, psnrs, errs, moves = [], [], {"teacher": [], "student": []}, {"teacher": [], "student": []}
     for i, clip in enumerate(clips):
         lat = {}
         for name, routed in (("teacher", False), ("student", True)):
-            entry = toy_comfy.run(toy_graph(clip.prompt, 200 + i, routed, f"st_{name}_{i}", decode=False,
-                                            router_knobs=knobs))
-            lat[name] = read_latent(toy_comfy.output_files(entry, "7", "latents")[0])
+            entry = comfy.run(toy_graph(clip.prompt, seed + i, routed, f"st_{name}_{seed}_{shift}_{cfg}_{i}",
+                                        decode=False, router_knobs=knobs, shift=shift, cfg=cfg))
+            lat[name] = read_latent(comfy.output_files(entry, "7", "latents")[0])
             if routed:
-                ratios.append(block_compute_ratio(routing_summary(entry),
-                                                  toy_comfy.base / "models" / "diffusion_models"))
+                ratios.append(block_compute_ratio(routing_summary(entry), comfy.base / "models" / "diffusion_models"))
         psnrs.append(evaluate.latent_psnr(lat["student"], lat["teacher"]))
         frames = evaluate.decode(vae, torch.cat([lat["teacher"], lat["student"]]))
         for name, f in zip(("teacher", "student"), frames):
-            errs[name].append(evaluate.judge(f, clip.objects[0]).trajectory_error_px)
-    run = {"compute": ratios, "psnr": psnrs, "trajectory": {k: sum(v) / len(v) for k, v in errs.items()}}
-    logging.getLogger(__name__).info("toy PARE student vs teacher in ComfyUI: %s", run)
+            verdict = evaluate.judge(f, clip.objects[0])
+            errs[name].append(verdict.trajectory_error_px)
+            moves[name].append(verdict.direction_right)
+    run = {"compute": ratios, "psnr": psnrs, "trajectory": {k: sum(v) / len(v) for k, v in errs.items()},
+           "direction_rate": {k: sum(v) / len(v) for k, v in moves.items()}}
+    logging.getLogger(__name__).info("toy PARE student vs teacher in ComfyUI (shift %s, CFG %s): %s", shift, cfg, run)
     return run
+
+
+@pytest.fixture(scope="module")
+def default_knobs_run(toy_comfy) -> dict:
+    """Issue 9's student run: the 4 held-out directions of a held-out pair and 4 seen prompts, the toy sampler."""
+    return student_vs_teacher(toy_comfy, videos.single_clips("heldout")[4:8] + videos.single_clips("seen")[::9], 200)
 
 
 def test_pare_student_at_the_default_knobs_spends_half_and_keeps_the_motion(default_knobs_run):
@@ -123,6 +129,19 @@ def test_pare_student_at_the_default_knobs_spends_half_and_keeps_the_motion(defa
 def test_pare_student_at_the_default_knobs_keeps_25db_latent_psnr(default_knobs_run):
     """Mean latent PSNR vs the teacher >= 25 dB over the 8 prompts."""
     assert sum(default_knobs_run["psnr"]) / len(default_knobs_run["psnr"]) >= 25.0, default_knobs_run
+
+
+@pytest.mark.parametrize("shift,cfg", [(1.0, 4.0), (8.0, 4.0), (3.0, 7.0)])
+def test_pare_student_off_the_training_sampler_settings(toy_comfy, shift, cfg):
+    """Other held-out prompts and seeds under a ModelSamplingSD3 shift and a CFG the router was not trained at: still
+    <= 0.5x the teacher's block compute, the student moves the object the named way in >= 80% of the prompts (the
+    teacher's own criterion), and its trajectory error stays within 20% of the teacher's. (Latent PSNR is not
+    asserted here: CFG 7 amplifies every velocity difference, 23.9 dB measured.)"""
+    clips = videos.single_clips("heldout")[0:4] + videos.single_clips("heldout")[8:12]
+    run = student_vs_teacher(toy_comfy, clips, 500, shift, cfg)
+    assert max(run["compute"]) <= 0.5, run
+    assert run["direction_rate"]["student"] >= 0.8, run
+    assert run["trajectory"]["student"] <= 1.2 * run["trajectory"]["teacher"], run
 
 
 def test_demo_graph_samples_like_the_shipped_toy_workflow(toy_comfy):

@@ -131,6 +131,18 @@ def best_contiguous_skip(contribution: torch.Tensor, costs: torch.Tensor, pinned
     return min(near, key=lambda o: (o.contribution, o.fraction, o.first))
 
 
+def static_baseline(contribution: torch.Tensor, costs: torch.Tensor, pinned: torch.Tensor,
+                    target: float) -> StaticSkip | None:
+    """``best_contiguous_skip`` at ``target``, or None when no contiguous skip spends that much (a router that
+    skips less than the cheapest unpinned block, e.g. at a high budget, has no static twin to compare with)."""
+    try:
+        return best_contiguous_skip(contribution, costs, pinned, target)
+    except ValueError as e:
+        if "no contiguous skip" not in str(e):
+            raise
+        return None
+
+
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (x_t, timestep, context, clip)
 VelocityFn = Callable[..., torch.Tensor]  # (x, timestep, context, clip_fea) -> velocity
 
@@ -224,7 +236,11 @@ def velocity_errors(cfg, stage, gated, routed, batches: list[Batch], executed: f
         logger.info("no route.stats: the static baseline (best contiguous skip from calibration) is not measured")
         return errors
     contribution = student_contribution(cfg.route.stats, student.meta)
-    static = best_contiguous_skip(contribution, stage.costs.cpu(), gated.pinned, executed)
+    static = static_baseline(contribution, stage.costs.cpu(), gated.pinned, executed)
+    if static is None:
+        logger.info("no static baseline: no contiguous skip of unpinned blocks spends the router's compute %.3f",
+                    executed)
+        return {**errors, "static_schedule": None}
     run = static.mask(student.num_blocks)
 
     def skipping(model):
