@@ -151,7 +151,8 @@ class StageOne:
         sigma = sample_sigmas(self.cfg.flow, b, gen)
         noise = torch.randn((b, *self.samples[0].x0.shape), generator=gen)
         rows = self.info.local_slice(b)
-        x, t, ctx, clip = self.inputs([self.samples[i] for i in idx[rows].tolist()], sigma[rows], noise[rows])
+        items = [self.samples[i] for i in idx[rows].tolist()]
+        x, t, ctx, clip = self.inputs(items, sigma[rows], noise[rows])
         opts = self.cfg.distill
         feat = opts.needs_states
         with torch.no_grad(), self.autocast:
@@ -161,7 +162,7 @@ class StageOne:
         if feat:
             (target, t_states), (pred, s_states) = target, pred
         weight = compute_loss_weighting_for_sd3(self.cfg.flow.weighting_scheme, sigma[rows]).to(x.device)
-        per_row = self.row_errors(pred, target, [self.samples[i] for i in idx[rows].tolist()])
+        per_row = self.row_errors(pred, target, items)
         velocity = (weight * per_row).mean()
         metrics = {"velocity_mse": float(per_row.detach().mean())}
         loss = velocity

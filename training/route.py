@@ -114,14 +114,15 @@ class StageTwo(StageOne):
             scale = 1.0 + (rc.gate_noise_final - 1.0) * step / max(1, cfg.train.steps - 1)
             gate_noise = scale * logistic_noise((b, self.gated.student.num_blocks), gen)
         rows = self.info.local_slice(b)
-        x, t, ctx, clip = self.inputs([self.samples[i] for i in idx[rows].tolist()], sigma[rows], noise[rows])
+        items = [self.samples[i] for i in idx[rows].tolist()]
+        x, t, ctx, clip = self.inputs(items, sigma[rows], noise[rows])
         with torch.no_grad(), self.autocast:
             target = self.teacher(x, t, ctx, clip)
         with self.autocast:
             pred, logits, gates = self.wrapped(x, t, ctx, rc.tau, None if gate_noise is None else gate_noise[rows],
                                                clip)
         weight = compute_loss_weighting_for_sd3(cfg.flow.weighting_scheme, sigma[rows]).to(x.device)
-        per_row = self.row_errors(pred, target, [self.samples[i] for i in idx[rows].tolist()])
+        per_row = self.row_errors(pred, target, items)
         distill = (weight * per_row).mean()
         local = expected_compute_fraction(logits, self.costs, self.gated.pinned)
         glob = self._global_mean(local.detach())

@@ -100,6 +100,10 @@ def student_contribution(path: str, meta) -> torch.Tensor:
     return contribution[:, list(meta.teacher_blocks)]
 
 
+class NoStaticSkip(ValueError):
+    """No contiguous skip of unpinned blocks spends the target compute."""
+
+
 def best_contiguous_skip(contribution: torch.Tensor, costs: torch.Tensor, pinned: torch.Tensor, target: float,
                          tolerance: float = 0.05) -> StaticSkip:
     """The calibration-best contiguous skip that spends at least ``target`` of the block compute.
@@ -123,7 +127,7 @@ def best_contiguous_skip(contribution: torch.Tensor, costs: torch.Tensor, pinned
             if frac >= target - 1e-6:
                 options.append(StaticSkip(a, b, frac, float(per_block[a:b + 1].sum())))
     if not options:
-        raise ValueError(f"no contiguous skip of unpinned blocks spends at least {target:.3f} of the compute")
+        raise NoStaticSkip(f"no contiguous skip of unpinned blocks spends at least {target:.3f} of the compute")
     near = [o for o in options if o.fraction <= target + tolerance]
     if not near:
         least = min(o.fraction for o in options)
@@ -137,9 +141,7 @@ def static_baseline(contribution: torch.Tensor, costs: torch.Tensor, pinned: tor
     skips less than the cheapest unpinned block, e.g. at a high budget, has no static twin to compare with)."""
     try:
         return best_contiguous_skip(contribution, costs, pinned, target)
-    except ValueError as e:
-        if "no contiguous skip" not in str(e):
-            raise
+    except NoStaticSkip:
         return None
 
 

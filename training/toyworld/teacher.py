@@ -8,7 +8,7 @@ works at sampling time. Latents are normalised exactly as ComfyUI's Wan21 latent
 The loss is object-weighted: cells an object covers in this or an adjacent latent frame count ``object_weight`` + 1
 times. With the plain loss the teacher learned colour in minutes but no motion in 3000-4600 steps (an object is ~5%
 of the frame, so its path is a sliver of the gradient); weighted 10x, the held-out direction rate left chance at
-~2500 steps and reached 100% by 5000 (training/README.md, "Toy world").
+~2500 steps, was 92% at 3000 and 100% from 3250 on (training/README.md, "Toy world").
 """
 
 from __future__ import annotations
