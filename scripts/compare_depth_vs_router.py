@@ -63,6 +63,7 @@ class Settings:
     budgets: tuple[float, ...] = (0.6, 0.45)
     width: float = 0.75  # PARE's kept fraction of heads and FFN neurons
     samples: int = 128
+    uncond_samples: int = 32  # empty-prompt samples: the CFG branch (pare_stages.write_samples)
     distill_steps: int = 300
     route_steps: int = 300
     eval_seeds: int = 1  # seeds per held-out prompt
@@ -94,10 +95,10 @@ def build_variants(work: Path, s: Settings, weights: Path) -> dict[str, dict]:
     log = work / "verbs.log"
     latents = work / "latents.safetensors"
     if not latents.exists():
-        cache_latents(s.samples, latents)
-    samples = write_samples(work, latents, text, s.samples)
-    ps = PareSettings(samples=s.samples, heads=s.width, ffn=s.width, distill_steps=s.distill_steps,
-                      route_steps=s.route_steps)
+        cache_latents(s.samples + s.uncond_samples, latents)
+    samples = write_samples(work, latents, text, s.samples, s.uncond_samples)
+    ps = PareSettings(samples=s.samples, uncond_samples=s.uncond_samples, heads=s.width, ffn=s.width,
+                      distill_steps=s.distill_steps, route_steps=s.route_steps)
     stats = work / "stats.safetensors"
     if not stats.exists():
         verb(["calibrate", "--teacher", str(teacher), "--samples", str(samples), "--out", str(stats),
@@ -252,15 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=float, default=0.75, help="PARE's kept fraction of heads and FFN neurons")
     p.add_argument("--steps", type=int, default=300, help="training steps of every stage-1 and stage-2 run")
     p.add_argument("--samples", type=int, default=128, help="training/calibration clips")
+    p.add_argument("--uncond-samples", type=int, default=32,
+                   help="extra distillation samples with the empty prompt (the CFG branch the sampler also runs)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the verbs and the timing")
     p.add_argument("--repeats", type=int, default=3, help="timing rounds")
     p.add_argument("--quick", action="store_true", help="a plumbing check: 16 samples, 10 steps, 1 timing round")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    s = Settings(tuple(float(b) for b in args.budgets.split(",")), args.width, args.samples, args.steps, args.steps,
+    s = Settings(budgets=tuple(float(b) for b in args.budgets.split(",")), width=args.width, samples=args.samples,
+                 uncond_samples=args.uncond_samples, distill_steps=args.steps, route_steps=args.steps,
                  repeats=args.repeats, threads=args.threads)
     if args.quick:
-        s = dataclasses.replace(s, samples=16, distill_steps=10, route_steps=10, repeats=1)
+        s = dataclasses.replace(s, samples=16, uncond_samples=4, distill_steps=10, route_steps=10, repeats=1)
     variants = build_variants(args.work, s, args.weights)
     rows = measure(variants, s, args.weights)
     table = markdown(rows, s)
