@@ -104,8 +104,9 @@ def ablate_heads(model: torch.nn.Module, text, vae, shift: float, seed: int = 0)
 
 def write_report(out: str | os.PathLike, result: HeadAblation, ratio: torch.Tensor, types: torch.Tensor,
                  raw: torch.Tensor) -> dict:
-    """``out`` (.json) with the per-head table and the comparison, and a heat map of the damage beside it (.png)."""
-    from ..plots import heatmap_png
+    """``out`` (.json) with the per-head table and the comparison; beside it a heat map of the damage (.png) and
+    the head types on the same grid (_types.png)."""
+    from ..plots import category_grid_png, heatmap_png
 
     report = {"baseline_trajectory_error_px": result.baseline_px, "splits": [s for s, _ in SPLITS],
               "heads": [{"block": b, "head": h, "type": TYPE_NAMES[int(types[b, h])], "ratio": float(ratio[b, h]),
@@ -114,6 +115,8 @@ def write_report(out: str | os.PathLike, result: HeadAblation, ratio: torch.Tens
               **result.compare(ratio, types, raw)}
     out = Path(out)
     atomic_write_text(out, json.dumps(report, indent=1) + "\n")
-    heatmap_png(out.with_suffix(".png"), result.damage_px.numpy(),
-                "trajectory error rise (px) when one head is ablated", "blocks", "heads", cell=28)
+    heatmap_png(out.with_suffix(".png"), result.damage_px.numpy(), "trajectory error rise (px), one head ablated",
+                "blocks", "heads", cell=28)
+    category_grid_png(out.with_name(out.stem + "_types.png"), types.numpy(), TYPE_NAMES, "head type (calibration)",
+                      "blocks", "heads", cell=28)
     return report
