@@ -83,7 +83,9 @@ class PAREApplyRouter(io.ComfyNode):
                                        "threshold, so the compute follows the router."),
                 io.Float.Input("budget", default=0.75, min=0.0, max=1.0, step=0.01,
                                tooltip="mode 'budget': fraction of the block compute to spend per step; the router "
-                                       "keeps its highest-scoring blocks within it. 1.0 runs every block."),
+                                       "keeps its highest-scoring blocks within it. 1.0 runs every block. The same "
+                                       "share at every step is not how the router was trained: on the toy world "
+                                       "it lost the motion that mode 'trained' keeps."),
                 io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01, **ADVANCED,
                                tooltip="mode 'threshold': run a block when the router's probability exceeds this. "
                                        "Ignored in mode 'budget'."),

@@ -10,7 +10,9 @@ tokens with ``comfyui_pare.compute``):
   is the nearest block count at or under b), then stage 1 with the
   content and motion-consistency losses (``distill.content_weight``, ``motion_weight``, ``velocity_motion_weight``).
 * **PARE**: the width-pruned student (``--width`` of heads and FFN) after stage 1, then ``route`` with the router
-  budget b / c_w (c_w: the width student's compute fraction), so a routed step costs b of the teacher's.
+  budget b / c_w (c_w: the width student's compute fraction), so a routed step costs b of the teacher's. Measured
+  twice: at the router's own threshold (compute varies by step, as trained) and in the node's budget mode (the
+  same compute at every step).
 * **static schedule**: the same stage-1 student trained by ``route`` with ``fixed_schedule = "auto"`` (the best
   contiguous skip from the calibration stats at the same budget), the baseline a router must beat.
 * **teacher**.
@@ -145,8 +147,10 @@ def build_variants(work: Path, s: Settings, weights: Path) -> dict[str, dict]:
             "student": distill(f"depth_{tag}", depth_init, s.distill_steps + s.route_steps, ICMD), "router": None,
             "budget": b}
         router_budget = min(1.0, b / c_w)
-        variants[f"PARE width + learned router @ {b}"] = {**route(f"pare_{tag}", width_student, router_budget),
-                                                          "budget": b, "route_budget": router_budget}
+        pare = route(f"pare_{tag}", width_student, router_budget)
+        variants[f"PARE width + learned router (its threshold) @ {b}"] = {**pare, "budget": b}
+        variants[f"PARE width + learned router (budget mode) @ {b}"] = {**pare, "budget": b,
+                                                                      "route_budget": router_budget}
         variants[f"width + static schedule @ {b}"] = {**route(f"static_{tag}", width_student, router_budget, "auto"),
                                                       "budget": b}
     return variants
@@ -157,8 +161,10 @@ def build_variants(work: Path, s: Settings, weights: Path) -> dict[str, dict]:
 
 class Variant:
     """A velocity model for the sampler (the student alone, or routed like PAREApplyRouter), with the run masks of
-    every call. A learned router runs in the node's ``budget`` mode at ``route_budget`` (each call spends that share
-    of the student's block compute, so the rows meet at equal compute); a fixed schedule runs at its threshold."""
+    every call. A learned router runs at its stored default threshold (what ``PAREApplyRouter`` does when the knob is
+    left at its default), or, given ``route_budget``, in the node's ``budget`` mode (each call runs the top-scoring
+    blocks that fit that share of the student's block compute, rounded down to whole blocks); a fixed schedule runs
+    at its threshold."""
 
     def __init__(self, student: Path, router: Path | None, route_budget: float | None = None) -> None:
         from comfyui_pare.router import RoutingPolicy, load_router
