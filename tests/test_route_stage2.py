@@ -211,3 +211,44 @@ def test_route_under_torchrun_two_processes_equals_one_process(short_runs):
     one = json.loads((short_runs["whole"] / "route_report.json").read_text())
     two = json.loads((short_runs["ddp"] / "route_report.json").read_text())
     assert two["executed_fraction"] == pytest.approx(one["executed_fraction"], abs=1e-6)
+
+
+def test_hard_gate_phase_trains_the_student_under_the_frozen_routers_decisions(stage2, inputs, tmp_path):
+    """`route.frozen_router` (the hard-gate phase): the student keeps training, the router does not, and the exported
+    router at its stored threshold makes exactly the decisions the input router made at its own threshold."""
+    first, report = stage2
+    cfg = write_config(tmp_path / "polish.toml", {**inputs, "student": first / "student.safetensors"}, tmp_path / "out",
+                       8, budget=BUDGET, checkpointing_steps=8, extra=f'frozen_router = "{first / "router.safetensors"}"')
+    assert training_main(["route", "--config", str(cfg)]) == 0
+    before, after = load_router(first / "router.safetensors"), load_router(tmp_path / "out" / "router.safetensors")
+    assert before.spec.default_threshold == pytest.approx(report["default_threshold"])
+    assert before.spec.default_threshold != 0.5  # the shift below is exercised
+    assert after.spec.default_threshold == 0.5
+    for name in ("fc1.weight", "fc1.bias", "fc2.weight"):
+        assert torch.equal(before.state_dict()[name], after.state_dict()[name]), name
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(64, 10, DIMS.dim, generator=g)
+    t = torch.rand(64, generator=g) * 1000
+    with torch.no_grad():
+        old = torch.sigmoid(before(t, tokens)) > before.spec.default_threshold
+        new = torch.sigmoid(after(t, tokens)) > after.spec.default_threshold
+    assert torch.equal(old, new) and 0 < int(old.sum()) < old.numel()
+    s0, s1 = load_file(first / "student.safetensors"), load_file(tmp_path / "out" / "student.safetensors")
+    assert s0.keys() == s1.keys() and any(not torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_frozen_router_errors_name_the_field_and_file(stage2, inputs, tmp_path):
+    from training.config import ConfigError, load_config
+    from training.route import RouteConfig, build
+
+    first, _ = stage2
+    both = write_config(tmp_path / "both.toml", inputs, tmp_path / "o1", 2,
+                        extra=f'frozen_router = "{first / "router.safetensors"}"\nfixed_schedule = "1-2"')
+    with pytest.raises(ConfigError, match="'route.fixed_schedule' and 'route.frozen_router' exclude each other"):
+        load_config(RouteConfig, both, [])
+    wide = write_config(tmp_path / "wide.toml", inputs, tmp_path / "o2", 2,
+                        extra=f'frozen_router = "{first / "router.safetensors"}"').read_text()
+    wide_cfg = tmp_path / "wide2.toml"
+    wide_cfg.write_text(wide.replace("hidden = 32", "hidden = 16"))
+    with pytest.raises(ConfigError, match=r"route.frozen_router': .*router.safetensors is a router for .* need"):
+        build(load_config(RouteConfig, wide_cfg, []))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,10 @@ class RouteSection:
     # Ablation: "" learns the router; "auto" trains the student under the best contiguous skip from `stats` at the
     # budget, "A-B" under skipping blocks A..B; the router file then holds that fixed schedule.
     fixed_schedule: str = ""
+    # Hard-gate phase: a router file from an earlier `route` run for this student, frozen; the student trains under
+    # its deterministic decisions at its default threshold (no gate noise, no budget term), so it is trained for
+    # exactly the schedule inference runs. The exported router makes the same decisions.
+    frozen_router: InputPath | None = None
 
     def validate(self) -> None:
         checks = [("budget", 0.0 < self.budget <= 1.0), ("budget_weight", self.budget_weight >= 0),
@@ -79,10 +84,12 @@ class RouteSection:
             raise ConfigError("config field 'route.fixed_schedule': 'auto' needs route.stats (calibration stats)")
         if self.fixed_schedule not in ("", "auto"):
             parse_schedule(self.fixed_schedule)  # raises naming the entry at fault
+        if self.fixed_schedule and self.frozen_router is not None:
+            raise ConfigError("config fields 'route.fixed_schedule' and 'route.frozen_router' exclude each other")
 
     @property
     def learns_router(self) -> bool:
-        return not self.fixed_schedule
+        return not self.fixed_schedule and self.frozen_router is None
 
 
 @dataclass
@@ -163,7 +170,9 @@ def build(cfg: RouteConfig):
     pinned = pin_mask(n, rc.pin_first, rc.pin_last)
     contribution = None if rc.stats is None else student_contribution(rc.stats, meta).mean(dim=0)
     spec = router_spec_for(meta, rc.hidden, rc.text_input, train_budget=rc.budget)
-    if rc.learns_router:
+    if rc.frozen_router is not None:
+        router = frozen_router(rc.frozen_router, spec)
+    elif rc.learns_router:
         router = BlockRouter(spec, init_bias=initial_bias(n, rc.budget, raw_costs, pinned, contribution,
                                                           rc.init_spread))
     else:
@@ -175,6 +184,25 @@ def build(cfg: RouteConfig):
     gated = GatedWan(student, router, pinned).train()
     wrapped = wrap_trainable(gated, cfg.train.strategy, info, cfg.train.compute_dtype)
     return info, StageTwo(cfg, info, teacher, gated, wrapped, samples, costs.to(info.device))
+
+
+def frozen_router(path, spec):
+    """The router in ``path`` with its bias moved by -logit(default threshold), so that the training gate
+    (logit > 0) makes its decisions at that threshold; no gradients. Its shape must fit ``spec`` (this student)."""
+    from comfyui_pare.router import load_router
+
+    router = load_router(path)
+    have = (router.spec.num_blocks, router.spec.dim, router.spec.freq_dim, router.spec.text_dim, router.spec.hidden)
+    want = (spec.num_blocks, spec.dim, spec.freq_dim, spec.text_dim, spec.hidden)
+    if have != want:
+        raise ConfigError(f"config field 'route.frozen_router': {path} is a router for (blocks, dim, freq_dim, "
+                          f"text_dim, hidden) = {have}; this student and [route] need {want}")
+    t = min(max(router.spec.default_threshold, 1e-6), 1.0 - 1e-6)
+    shifted = type(router)(spec)
+    shifted.load_state_dict(router.state_dict())
+    with torch.no_grad():
+        shifted.bias -= math.log(t / (1.0 - t))
+    return shifted.requires_grad_(False)
 
 
 def fixed_mask(rc: RouteSection, meta, costs: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:

@@ -205,7 +205,8 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
     student, router, pinned, costs = gated.student, gated.router, gated.pinned, stage.costs.cpu()
     calib, held_out = eval_batches(stage, seed + 2_000_003), eval_batches(stage, seed + 3_000_017)
     logits = torch.cat([gated.logits(t, student.patch_embed(x).float(), ctx).cpu() for x, t, ctx, _ in calib])
-    threshold = calibrate_threshold(logits, costs, pinned, rc.budget)
+    # A fixed or frozen router's decisions are the ones the student trained under: keep them (logit > 0).
+    threshold = calibrate_threshold(logits, costs, pinned, rc.budget) if rc.learns_router else 0.5
     export_dtype = torch.bfloat16 if cfg.model.export_dtype == "bfloat16" else torch.float32
     export_student_and_router(student, router, student_out, router_out, threshold, rc.budget, export_dtype)
 
