@@ -189,7 +189,7 @@ def build(cfg: RouteConfig):
 def frozen_router(path, spec):
     """The router in ``path`` with its bias moved by -logit(default threshold), so that the training gate
     (logit > 0) makes its decisions at that threshold; no gradients. Its shape must fit ``spec`` (this student)."""
-    from comfyui_pare.router import load_router
+    from comfyui_pare.router import BlockRouter, load_router
 
     router = load_router(path)
     have = (router.spec.num_blocks, router.spec.dim, router.spec.freq_dim, router.spec.text_dim, router.spec.hidden)
@@ -198,7 +198,7 @@ def frozen_router(path, spec):
         raise ConfigError(f"config field 'route.frozen_router': {path} is a router for (blocks, dim, freq_dim, "
                           f"text_dim, hidden) = {have}; this student and [route] need {want}")
     t = min(max(router.spec.default_threshold, 1e-6), 1.0 - 1e-6)
-    shifted = type(router)(spec)
+    shifted = BlockRouter(spec)  # this student's spec: its fingerprint and the [route] budget
     shifted.load_state_dict(router.state_dict())
     with torch.no_grad():
         shifted.bias -= math.log(t / (1.0 - t))
