@@ -129,6 +129,7 @@ class RoutingTemplate:
     cfg_disagreement: str = "subset"
     label: str = "PARE routing"
     last_run: "RoutingRun | None" = None  # the finished run the report node shows
+    notes: tuple[str, ...] = ()  # what the report adds about the setting (e.g. budget-mode warnings)
 
     def __deepcopy__(self, memo) -> "RoutingTemplate":
         return self

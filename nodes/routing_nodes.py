@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.report import heatmap
 from ..comfyui_pare.router import BlockRouter, RoutingPolicy, check_router_fits, load_router
+from ..comfyui_pare.router_budget import BudgetCalibration, read_budget_calibration
 from ..comfyui_pare.schedule import parse_schedule
 from .folders import ROUTERS, file_fingerprint
 from .model_info import model_meta
@@ -56,8 +57,10 @@ class PARELoadRouter(io.ComfyNode):
 
     @classmethod
     def execute(cls, router_name: str) -> io.NodeOutput:
-        router = load_router(folder_paths.get_full_path_or_raise(ROUTERS, router_name))
+        path = folder_paths.get_full_path_or_raise(ROUTERS, router_name)
+        router = load_router(path)
         router.pare_name = router_name
+        router.pare_budget = read_budget_calibration(path)  # None: the file has no budget calibration
         return io.NodeOutput(router)
 
 
@@ -78,14 +81,18 @@ class PAREApplyRouter(io.ComfyNode):
                 io.Combo.Input("mode", options=ROUTE_MODES, default="trained",
                                tooltip="'trained': the router's own threshold, set in training so it spends its "
                                        "training budget; the decisions are the ones the student was trained with. "
-                                       "'budget': spend a fixed fraction of the block compute per step. "
+                                       "'budget': spend the budget's share of the block compute over the whole run "
+                                       "(the router's calibrated threshold for it). "
                                        "'threshold': run each block whose router probability exceeds the "
                                        "threshold, so the compute follows the router."),
                 io.Float.Input("budget", default=0.75, min=0.0, max=1.0, step=0.01,
-                               tooltip="mode 'budget': fraction of the block compute to spend per step; the router "
-                                       "keeps its highest-scoring blocks within it. 1.0 runs every block. The same "
-                                       "share at every step is not how the router was trained: on the toy world "
-                                       "it lost the motion that mode 'trained' keeps."),
+                               tooltip="mode 'budget': share of the block compute to spend over the whole "
+                                       "sampling run (1.0 runs every block). The router keeps its own preferences: "
+                                       "steps and inputs it rates higher run more blocks, through the threshold "
+                                       "calibrated for this budget and stored in the router file. Outside the "
+                                       "budgets the file was validated for, or with a file without calibration "
+                                       "(then the same share runs at every step), it warns in the log and the "
+                                       "routing report."),
                 io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01, **ADVANCED,
                                tooltip="mode 'threshold': run a block when the router's probability exceeds this. "
                                        "Ignored in mode 'budget'."),
@@ -108,17 +115,21 @@ class PAREApplyRouter(io.ComfyNode):
                           text_dim=meta.dims.text_dim if router.spec.text_dim else None)
         if mode not in ROUTE_MODES:
             raise PareError(f"PARE Apply Router: mode must be one of {ROUTE_MODES}, got {mode!r}")
-        by_threshold = mode != "budget"
-        if mode == "trained":  # the router file's defaults, written by `python -m training route` / `export`
-            threshold = router.spec.default_threshold
-        policy = RoutingPolicy(budget=budget, threshold=threshold if by_threshold else None,
-                               pin_first=pin_first, pin_last=pin_last)
+        notes: tuple[str, ...] = ()
+        if mode == "budget":
+            policy, label, notes = budget_policy(router, name, budget, pin_first, pin_last, meta.fingerprint())
+        else:
+            if mode == "trained":  # the router file's defaults, written by `python -m training route` / `export`
+                threshold = router.spec.default_threshold
+            policy = RoutingPolicy(budget=budget, threshold=threshold, pin_first=pin_first, pin_last=pin_last)
+            label = f"PARE router {name} ({mode} {threshold:g})"
+            if mode == "trained" and router.spec.train_budget is not None:
+                label = f"PARE router {name} (trained threshold {threshold:g}, budget {router.spec.train_budget:g})"
         _check_range(start_percent, end_percent, cfg_disagreement)
-        label = f"PARE router {name} ({mode} {threshold if by_threshold else budget:g})"
-        if mode == "trained" and router.spec.train_budget is not None:
-            label = f"PARE router {name} (trained threshold {threshold:g}, budget {router.spec.train_budget:g})"
+        for note in notes:
+            logger.warning("%s: %s", label, note)
         template = RoutingTemplate(RouterDecider(router, policy), meta, start_percent, end_percent,
-                                   cfg_disagreement, label)
+                                   cfg_disagreement, label, notes=notes)
         return io.NodeOutput(apply_routing(model, template))
 
 
@@ -184,10 +195,40 @@ class PARERoutingReport(io.ComfyNode):
             raise PareError("PARE Routing Report needs the model output of PARE Apply Router or PARE Static Block Schedule")
         run = template.last_run
         steps = run.step_records() if run is not None else []
-        summary = "\n".join(run.summary() if run is not None else
-                            ["PARE routing: no sampling run recorded yet for this model"])
+        lines = run.summary() if run is not None else ["PARE routing: no sampling run recorded yet for this model"]
+        summary = "\n".join([*lines, f"setting: {template.label}", *(f"warning: {n}" for n in template.notes)])
         image = torch.from_numpy(heatmap(steps, template.meta.num_blocks).copy()).float().div(255.0).unsqueeze(0)
         return io.NodeOutput(image, summary)
+
+
+def budget_policy(router: BlockRouter, name: str, budget: float, pin_first: int, pin_last: int,
+                  fingerprint: str) -> tuple[RoutingPolicy, str, tuple[str, ...]]:
+    """Budget mode: (policy, label, warnings). With the router file's budget calibration the budget becomes the
+    threshold calibrated to spend it over a whole run; without one, the old rule (the same share at every step)."""
+    pins = dict(pin_first=pin_first, pin_last=pin_last)
+    if budget >= 1.0:
+        return RoutingPolicy(budget=1.0, **pins), f"PARE router {name} (budget 1: every block)", ()
+    cal: BudgetCalibration | None = getattr(router, "pare_budget", None)
+    if cal is None:
+        note = (f"the router file has no budget calibration, so budget {budget:g} is spent at every step (the "
+                "top-scoring blocks that fit), which is not how a router is trained and can lose quality; calibrate "
+                "it with `python -m training calibrate-router` (or re-export it), or use mode 'trained'")
+        return RoutingPolicy(budget=budget, **pins), f"PARE router {name} (budget {budget:g} per step)", (note,)
+    threshold = cal.threshold_for(budget)
+    label = f"PARE router {name} (budget {budget:g} over the run: calibrated threshold {threshold:.4g})"
+    notes = []
+    if not cal.is_validated(budget):
+        clamped = ("" if cal.is_calibrated(budget) else f" (it is also outside the calibrated budgets "
+                   f"{cal.budgets[0]:g}-{cal.budgets[-1]:g}, so the nearest calibrated threshold is used)")
+        notes.append(f"budget {budget:g} is outside the budgets this router was validated for "
+                     f"({cal.describe_validated()}){clamped}; the compute spent and the quality are unchecked there")
+    if (cal.pin_first, cal.pin_last) != (pin_first, pin_last):
+        notes.append(f"the budget calibration assumed pin_first={cal.pin_first}, pin_last={cal.pin_last}; with "
+                     f"{pin_first}/{pin_last} the compute spent differs from the budget")
+    if cal.model_fingerprint and fingerprint and cal.model_fingerprint != fingerprint:
+        notes.append(f"the budget calibration was made with model {cal.model_fingerprint}, this model is "
+                     f"{fingerprint}; the compute spent may differ from the budget")
+    return RoutingPolicy(threshold=threshold, **pins), label, tuple(notes)
 
 
 def _check_range(start: float, end: float, cfg_disagreement: str) -> None:

@@ -1,0 +1,182 @@
+"""``python -m training calibrate-router``: give an existing router file its budget calibration.
+
+PARE Apply Router's ``budget`` mode spends a share of the block compute over the whole sampling run. This verb
+finds, for each budget, the one threshold on the router's probabilities that spends it on average over a whole
+schedule, keeping the router's own preferences between steps and inputs
+(``comfyui_pare.router_budget``). Inputs: the student the router drives (its patch embedding makes the tokens the
+router reads), the router file and calibration samples (``PARE Save Calibration Sample``; each needs its clean
+latent). Each sample is noised with its own noise at every sigma of the sampler's schedule (``--steps``,
+``--shift``), which is where a sampling run's latents are on average, and the router's probabilities are taken
+there. Half the samples calibrate the thresholds; the other half checks them: a budget is *validated* when the
+held-out half spends within ``--tolerance`` of it. The result is written into the router file's header (key
+``pare_router_budget``; tensors unchanged), in place or to ``--out``.
+
+``export`` (and ``route`` at its end) run the same calibration on their held-out inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Sequence
+
+import torch
+
+from comfyui_pare.errors import PareError
+from comfyui_pare.router_budget import BudgetCalibration
+
+logger = logging.getLogger(__name__)
+
+HELP = "calibrate a router file's budget mode: one threshold per budget over a whole schedule (stored in the file)"
+DEFAULT_BUDGETS = tuple(round(0.3 + 0.05 * k, 2) for k in range(15))  # 0.30, 0.35, ..., 1.00
+TOLERANCE = 0.03
+
+
+def spent(logits: torch.Tensor, costs: torch.Tensor, pinned: torch.Tensor, threshold: float) -> float:
+    """Executed share of the block compute over ``logits`` [M, N] at ``threshold`` (pinned blocks always run),
+    exactly as ``comfyui_pare.router.decide`` decides with that threshold."""
+    run = (torch.sigmoid(logits.double()) > threshold) | pinned.cpu()[None]
+    c = costs.double().cpu() / costs.double().sum()
+    return float((run.double() * c).sum(dim=1).mean())
+
+
+def calibrate_family(logits: torch.Tensor, costs: torch.Tensor, pinned: torch.Tensor,
+                     budgets: Sequence[float]) -> tuple[list[float], list[float]]:
+    """(thresholds, spent) for ascending ``budgets`` over ``logits`` [M, N].
+
+    Each threshold is ``route_eval.calibrate_threshold``'s (the one whose decisions spend closest to the budget);
+    the family is then made non-increasing in the budget, so turning the budget up never skips a block that a
+    lower budget ran.
+    """
+    from .route_eval import calibrate_threshold
+
+    if list(budgets) != sorted(budgets) or len(set(budgets)) != len(budgets):
+        raise ValueError(f"budgets must be strictly ascending, got {list(budgets)}")
+    thresholds: list[float] = []
+    for b in budgets:
+        t = calibrate_threshold(logits, costs, pinned, b)
+        thresholds.append(min(t, thresholds[-1]) if thresholds else t)
+    return thresholds, [spent(logits, costs, pinned, t) for t in thresholds]
+
+
+def budget_calibration(calib_logits: torch.Tensor, held_out_logits: torch.Tensor, costs: torch.Tensor,
+                       pinned: torch.Tensor, budgets: Sequence[float], pin_first: int, pin_last: int,
+                       fingerprint: str, note: str, tolerance: float = TOLERANCE) -> BudgetCalibration:
+    """The family calibrated on ``calib_logits`` and validated on ``held_out_logits`` (spend within ``tolerance``)."""
+    thresholds, calib_spent = calibrate_family(calib_logits, costs, pinned, budgets)
+    held = [spent(held_out_logits, costs, pinned, t) for t in thresholds]
+    validated = [b for b, s in zip(budgets, held) if abs(s - b) <= tolerance]
+    return BudgetCalibration(
+        budgets=tuple(float(b) for b in budgets), thresholds=tuple(thresholds), spent=tuple(calib_spent),
+        held_out_spent=tuple(held), validated_budgets=tuple(float(b) for b in validated), pin_first=pin_first,
+        pin_last=pin_last, model_fingerprint=fingerprint, inputs=int(calib_logits.shape[0]),
+        note=f"{note}; validated: held-out spend within {tolerance:g} of the budget")
+
+
+@torch.no_grad()
+def schedule_logits(student, router, samples, steps: int, shift: float, seed: int) -> torch.Tensor:
+    """Router logits [len(samples) x steps, N]: every sample noised (one noise each, from ``seed``) at every sigma
+    of the ``steps``-step schedule, read through the student's patch embedding, as the node feeds the router."""
+    from .data import collate, noised, with_condition
+    from .sampling import flow_sigmas
+
+    sigmas = flow_sigmas(steps, shift)[:-1].float()
+    gen = torch.Generator().manual_seed(seed)
+    device = next(student.parameters()).device
+    out = []
+    for item in samples:
+        x0, _, ctx, _ = collate([item])
+        noise = torch.randn(x0.shape, generator=gen)
+        x = with_condition(noised(x0.expand(steps, *x0.shape[1:]), noise.expand(steps, *x0.shape[1:]), sigmas),
+                           x0.expand(steps, *x0.shape[1:]), student.dims)
+        tokens = student.patch_embed(x.to(device)).float()
+        text = ctx.expand(steps, -1, -1).to(device) if router.spec.text_dim else None
+        out.append(router((sigmas * 1000).to(device), tokens, text).cpu())
+    return torch.cat(out)
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    """'0.3,0.5,1' or 'start:stop:step' (stop included)."""
+    try:
+        if ":" in text:
+            a, b, s = (float(v) for v in text.split(":"))
+            n = int(round((b - a) / s))
+            values = [round(a + s * k, 6) for k in range(n + 1)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise PareError(f"--budgets: {text!r} is not a comma-separated list or start:stop:step ({e})") from e
+    if not values or any(not 0.0 < v <= 1.0 for v in values) or values != sorted(set(values)):
+        raise PareError(f"--budgets: need ascending values in (0, 1], got {values}")
+    return tuple(values)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student", required=True, help="the student the router drives (pruned-format .safetensors)")
+    p.add_argument("--router", required=True, help="the router file (.safetensors) to calibrate")
+    p.add_argument("--samples", required=True, help="folder of calibration samples with clean latents "
+                   "(held out from training if you can); half calibrate, half validate")
+    p.add_argument("--out", default=None, help="write the calibrated router here (default: in place)")
+    p.add_argument("--budgets", default="0.3:1.0:0.05", help="budgets to calibrate: a list or start:stop:step "
+                   "(default 0.3:1.0:0.05)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps of the schedule to calibrate over")
+    p.add_argument("--shift", type=float, default=5.0, help="flow shift of the schedule (ModelSamplingSD3)")
+    p.add_argument("--pin-first", type=int, default=1, help="PARE Apply Router's pin_first (blocks that always run)")
+    p.add_argument("--pin-last", type=int, default=1, help="PARE Apply Router's pin_last")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE, help="validated: held-out spend within this")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
+def calibrate_router_file(student_path: str, router_path: str, samples_dir: str, out: str | None,
+                          budgets: Sequence[float], steps: int, shift: float, pin_first: int, pin_last: int,
+                          tolerance: float = TOLERANCE, seed: int = 0, device: str = "cpu") -> BudgetCalibration:
+    """Calibrate ``router_path`` against ``student_path`` on the samples in ``samples_dir``; write and return it."""
+    from comfyui_pare.calibration import read_folder
+    from comfyui_pare.errors import PareFormatError
+    from comfyui_pare.router import check_router_fits, load_router
+    from comfyui_pare.router_budget import write_budget_calibration
+
+    from .data import prepare_sample
+    from .gates import normalized_costs
+    from .route import tokens_of
+    from .routed import block_costs, pin_mask
+    from .teacher import load_model
+
+    if steps < 1:
+        raise PareFormatError(f"--steps must be at least 1, got {steps}")
+    student = load_model(student_path, dtype=torch.float32, device=device).eval()
+    router = load_router(router_path).to(device)
+    meta = student.meta
+    check_router_fits(router.spec, meta.num_blocks, meta.dims.dim, meta.fingerprint(), source=str(router_path))
+    samples = [prepare_sample(s, meta.dims) for s in read_folder(samples_dir)]
+    if len(samples) < 2:
+        raise PareFormatError(f"{samples_dir}: calibrate-router needs at least 2 samples (half calibrate, half "
+                              f"validate), found {len(samples)}")
+    tokens, text_tokens = tokens_of(samples)
+    costs = normalized_costs(block_costs(meta, tokens, text_tokens), meta.num_blocks)
+    pinned = pin_mask(meta.num_blocks, pin_first, pin_last)
+    logits = schedule_logits(student, router, samples, steps, shift, seed).view(len(samples), steps, -1)
+    calib, held = logits[0::2].reshape(-1, meta.num_blocks), logits[1::2].reshape(-1, meta.num_blocks)
+    note = (f"calibrate-router: {len(samples[0::2])} samples x {steps} steps (shift {shift:g}) calibrate, "
+            f"{len(samples[1::2])} x {steps} validate; {tokens} video / {text_tokens} text tokens")
+    cal = budget_calibration(calib, held, costs, pinned, budgets, pin_first, pin_last, meta.fingerprint(), note,
+                             tolerance)
+    write_budget_calibration(router_path, cal, out)
+    return cal
+
+
+def log_table(cal: BudgetCalibration) -> None:
+    logger.info("budget  threshold  spent(calib)  spent(held out)  validated")
+    for b, t, s, h in zip(cal.budgets, cal.thresholds, cal.spent, cal.held_out_spent or cal.spent):
+        logger.info("%6.2f  %9.4f  %12.3f  %15.3f  %s", b, t, s, h, "yes" if cal.is_validated(b) else "no")
+    logger.info("validated budgets: %s", cal.describe_validated())
+
+
+def run(args: argparse.Namespace) -> int:
+    cal = calibrate_router_file(args.student, args.router, args.samples, args.out, parse_budgets(args.budgets),
+                                args.steps, args.shift, args.pin_first, args.pin_last, args.tolerance, args.seed,
+                                args.device)
+    log_table(cal)
+    logger.info("wrote the budget calibration into %s", args.out or args.router)
+    return 0
