@@ -252,3 +252,24 @@ def test_frozen_router_errors_name_the_field_and_file(stage2, inputs, tmp_path):
     wide_cfg.write_text(wide.replace("hidden = 32", "hidden = 16"))
     with pytest.raises(ConfigError, match=r"route.frozen_router': .*router.safetensors is a router for .* need"):
         build(load_config(RouteConfig, wide_cfg, []))
+
+
+def test_export_records_the_budgets_it_was_validated_for(stage2):
+    """The router file carries its budget family (pare_router_budget): calibrated on one set of held-out inputs,
+    validated on another by spend and by velocity error against the static skip of the same compute."""
+    from comfyui_pare.router_budget import read_budget_calibration
+
+    _, report = stage2
+    cal = read_budget_calibration(report["router"])
+    part = report["budget_calibration"]
+    assert cal is not None and list(cal.budgets) == part["budgets"] and list(cal.thresholds) == part["thresholds"]
+    assert all(a >= b for a, b in zip(cal.thresholds, cal.thresholds[1:]))  # more budget never skips more
+    for b, s in zip(cal.budgets, cal.spent):
+        if b >= 2 / 6:  # the two pinned blocks of six cost a third: lower budgets cannot be met
+            assert abs(s - b) <= 0.03, (b, s)
+    rows = {r["budget"]: r for r in part["quality"]}
+    for b in cal.validated_budgets:  # validated: the held-out half spends it, and the router is no worse than static
+        assert abs(cal.held_out_spent[cal.budgets.index(b)] - b) <= 0.03 and rows[b]["ok"]
+    assert cal.is_validated(BUDGET), cal.describe_validated()  # the budget it was trained for
+    assert cal.pin_first == 1 and cal.pin_last == 1
+    assert cal.model_fingerprint == load_router(report["router"]).spec.model_fingerprint

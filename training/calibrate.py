@@ -243,4 +243,16 @@ def run(args: argparse.Namespace) -> int:
     stats.save(args.out)
     logger.info("wrote %s: %s heads over %d samples x %d timesteps", args.out, stats.summary["type_counts"],
                 len(samples), len(sigmas))
+    print_suggestions(args.out, stats, args.shift)
     return 0
+
+
+def print_suggestions(stats_path: str, stats: CalibrationStats, shift: float) -> None:
+    """The training-free start: static schedules the block contributions suggest, printed and written beside the
+    stats (``training.schedule_suggest``)."""
+    from .schedule_suggest import write_suggestions
+
+    path, out = write_suggestions(stats_path, stats.block_contribution, stats.summary["sigmas"], shift)
+    print(f"PARE Static Block Schedule suggestions (shift {shift:g}; first and last block kept; {path}):")
+    for s in out:
+        print(f"  budget {s.budget:.2f} (nominal {s.compute:.3f}): {s.schedule or '(nothing to skip)'}")

@@ -180,3 +180,71 @@ def run(args: argparse.Namespace) -> int:
     log_table(cal)
     logger.info("wrote the budget calibration into %s", args.out or args.router)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- at export
+
+
+@torch.no_grad()
+def quality_check(cal: BudgetCalibration, teacher, student, router, pinned: torch.Tensor, costs: torch.Tensor,
+                  batches: list, contribution: torch.Tensor | None) -> list[dict]:
+    """Per calibrated budget, on ``batches`` of (x_t, timestep, context, clip): the router's velocity error against
+    the teacher at the budget's threshold, its measured compute, and the best static contiguous skip of that compute
+    (``route_eval.static_baseline``) with its error. ``ok``: no worse than the static skip (or no static twin)."""
+    from comfyui_pare.router import RoutingPolicy
+
+    from .gates import compute_fraction
+    from .route_eval import static_baseline, velocity_error
+    from .routed import RoutedVelocity
+
+    rows = []
+    pins = dict(pin_first=cal.pin_first, pin_last=cal.pin_last)
+    for b, t in zip(cal.budgets, cal.thresholds):
+        routed = RoutedVelocity(student, router, RoutingPolicy(threshold=t, **pins))
+        err = velocity_error(teacher, routed, batches)
+        frac = float(compute_fraction(torch.cat(routed.masks).float(), costs.cpu()))
+        static = None if contribution is None else static_baseline(contribution, costs.cpu(), pinned.cpu(), frac)
+        static_err = None
+        if static is not None:
+            run = static.mask(student.num_blocks)
+            static_err = velocity_error(teacher, lambda x, ts, ctx, clip, run=run: student(
+                x, ts, ctx, clip, block_mask=run.expand(x.shape[0], -1).to(x.device)), batches)
+        rows.append({"budget": b, "threshold": t, "executed_fraction": frac, "velocity_error": err,
+                     "static_schedule": None if static is None else static.schedule,
+                     "static_fraction": None if static is None else static.fraction, "static_velocity_error": static_err,
+                     "ok": static_err is None or err <= static_err})
+    return rows
+
+
+def export_calibration(cfg, stage, gated, calib_logits: torch.Tensor, held_out: list, router_out, measure_quality: bool
+                       ) -> dict:
+    """What ``route``/``export`` add to the router file: the budget family calibrated on ``calib_logits`` (their
+    held-out inputs), validated on the other held-out inputs ``held_out`` by spend and, with ``measure_quality`` and
+    ``route.stats``, by velocity error against the static skip of the same compute. Returns the report's part."""
+    import dataclasses
+
+    from comfyui_pare.router_budget import write_budget_calibration
+
+    from .route_eval import student_contribution
+
+    rc, student, router, pinned = cfg.route, gated.student, gated.router, gated.pinned
+    costs = stage.costs.cpu()
+    held_logits = torch.cat([gated.logits(t, student.patch_embed(x).float(), ctx).cpu() for x, t, ctx, _ in held_out])
+    note = (f"export: {calib_logits.shape[0]} held-out noised inputs calibrate, {held_logits.shape[0]} others "
+            "validate (training sigma density)")
+    cal = budget_calibration(calib_logits, held_logits, costs, pinned, DEFAULT_BUDGETS, rc.pin_first, rc.pin_last,
+                             student.meta.fingerprint(), note)
+    part: dict = {"budgets": list(cal.budgets), "thresholds": list(cal.thresholds),
+                  "held_out_spent": list(cal.held_out_spent)}
+    if measure_quality:
+        contribution = None if rc.stats is None else student_contribution(rc.stats, student.meta)
+        rows = quality_check(cal, stage.teacher, student, router, pinned, costs, held_out, contribution)
+        good = {r["budget"] for r in rows if r["ok"]}
+        cal = dataclasses.replace(cal, validated_budgets=tuple(b for b in cal.validated_budgets if b in good),
+                                  note=cal.note + "; and velocity error no worse than the best static contiguous "
+                                                  "skip of the same compute (when one exists)")
+        part["quality"] = rows
+    write_budget_calibration(router_out, cal)
+    part["validated"] = cal.describe_validated()
+    logger.info("router budget calibration: validated budgets %s", part["validated"])
+    return part

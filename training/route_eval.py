@@ -196,6 +196,7 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
     """Calibrate the default threshold, export both files, measure budget error and velocity errors (rank 0)."""
     from comfyui_pare.router import RoutingPolicy
 
+    from .calibrate_router import export_calibration
     from .export import export_student_and_router
     from .parallel import resolve_strategy
     from .routed import RoutedVelocity
@@ -209,6 +210,8 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
     threshold = calibrate_threshold(logits, costs, pinned, rc.budget) if rc.learns_router else 0.5
     export_dtype = torch.bfloat16 if cfg.model.export_dtype == "bfloat16" else torch.float32
     export_student_and_router(student, router, student_out, router_out, threshold, rc.budget, export_dtype)
+    fsdp = resolve_strategy(cfg.train.strategy, stage.info) == "fsdp"  # the teacher is sharded: no velocity errors
+    budget_part = export_calibration(cfg, stage, gated, logits, held_out, router_out, measure_quality=not fsdp)
 
     policy = RoutingPolicy(threshold=threshold, pin_first=rc.pin_first, pin_last=rc.pin_last)
     routed = RoutedVelocity(student, router, policy)
@@ -217,9 +220,9 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
     executed = float(compute_fraction(torch.cat(routed.masks).float(), costs))
     report = {"budget": rc.budget, "default_threshold": threshold, "executed_fraction": executed,
               "budget_error": executed - rc.budget, "held_out_inputs": sum(b[0].shape[0] for b in held_out),
-              "student": str(student_out), "router": str(router_out)}
+              "student": str(student_out), "router": str(router_out), "budget_calibration": budget_part}
     logger.info("router: default threshold %.4g, held-out compute %.4f (budget %.4f)", threshold, executed, rc.budget)
-    if resolve_strategy(cfg.train.strategy, stage.info) == "fsdp":
+    if fsdp:
         logger.info("velocity errors are not measured under FSDP (the teacher is sharded); run export instead")
         return report
     report["velocity_error"] = velocity_errors(cfg, stage, gated, routed, held_out, executed)
