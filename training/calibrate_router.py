@@ -52,6 +52,7 @@ def calibrate_family(logits: torch.Tensor, costs: torch.Tensor, pinned: torch.Te
 
     if list(budgets) != sorted(budgets) or len(set(budgets)) != len(budgets):
         raise ValueError(f"budgets must be strictly ascending, got {list(budgets)}")
+    costs = costs.double().cpu() / costs.double().sum()  # calibrate_threshold counts in shares of the total
     thresholds: list[float] = []
     for b in budgets:
         t = calibrate_threshold(logits, costs, pinned, b)

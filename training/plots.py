@@ -120,3 +120,48 @@ def heatmap_png(path: str | os.PathLike, values: np.ndarray, title: str, row_lab
     colors = (low + t[..., None] * (high - low)).astype(np.uint8)
     legend = [(f"low {lo:.3g}", tuple(int(v) for v in low)), (f"high {hi:.3g}", tuple(int(v) for v in high))]
     _save(_grid(values, colors, row_label, col_label, title, legend, cell), path)
+
+
+def xy_panels_png(path: str | os.PathLike,
+                  panels: Sequence[tuple[str, str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
+                  size: tuple[int, int] = (520, 360)) -> None:
+    """Panels side by side, each (title, y label, {series: (xs, ys)}): points joined in x order, shared legend in
+    each panel, linear axes with min/max ticks. For quality-against-compute curves."""
+    w, h = size
+    left, right, top, bottom = 60, 16, 30, 36
+    img = Image.new("RGB", (w * len(panels), h), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for p, (title, y_label, series) in enumerate(panels):
+        ox = p * w
+        pts_all = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if np.isfinite(x) and np.isfinite(y)]
+        if not pts_all:
+            continue
+        x0, x1 = min(a for a, _ in pts_all), max(a for a, _ in pts_all)
+        y0, y1 = min(b for _, b in pts_all), max(b for _, b in pts_all)
+        x1, y1 = (x1 if x1 > x0 else x0 + 1.0), (y1 if y1 > y0 else y0 + 1.0)
+        pad = 0.05 * (y1 - y0)
+        y0, y1 = y0 - pad, y1 + pad
+
+        def px(xv: float, yv: float, ox=ox, x0=x0, x1=x1, y0=y0, y1=y1) -> tuple[float, float]:
+            return (ox + left + (xv - x0) / (x1 - x0) * (w - left - right),
+                    top + (1 - (yv - y0) / (y1 - y0)) * (h - top - bottom))
+
+        draw.rectangle([ox + left, top, ox + w - right, h - bottom], outline=AXIS)
+        for i, (name, (xs, ys)) in enumerate(series.items()):
+            color = PALETTE[i % len(PALETTE)]
+            pts = sorted((a, b) for a, b in zip(xs, ys) if np.isfinite(a) and np.isfinite(b))
+            pix = [px(a, b) for a, b in pts]
+            if len(pix) > 1:
+                draw.line(pix, fill=color, width=2)
+            for cx, cy in pix:
+                draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
+            draw.text((ox + left + 6, top + 4 + 11 * i), name, fill=color, font=font)
+        draw.text((ox + 4, top), f"{y1:.3g}", fill=AXIS, font=font)
+        draw.text((ox + 4, h - bottom - 10), f"{y0:.3g}", fill=AXIS, font=font)
+        draw.text((ox + 4, top + 14), y_label[:9], fill=AXIS, font=font)
+        draw.text((ox + left, h - bottom + 4), f"{x0:.3g}", fill=AXIS, font=font)
+        draw.text((ox + w - right - 30, h - bottom + 4), f"{x1:.3g}", fill=AXIS, font=font)
+        draw.text((ox + left + 60, h - bottom + 18), "block compute / teacher (measured)", fill=AXIS, font=font)
+        draw.text((ox + left, 8), title, fill=AXIS, font=font)
+    _save(img, path)

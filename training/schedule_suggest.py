@@ -7,8 +7,10 @@ the block compute over a run, each phase weighted by its share of the schedule) 
 last blocks stay (PARE Apply Router's default pins). The result is a PARE Static Block Schedule string
 (``comfyui_pare.schedule``): a first speed-up with only a teacher and a few prompts, before any training.
 
-Phases: calibration sigma s_k sits at schedule position p_k (``percent_of_sigma``); phase k covers [p_k, p_k+1]
-(the first from 0, the last to 1), i.e. the steps that start at or below s_k's noise.
+Phases: calibration sigma s_k sits at schedule position p_k (``percent_of_sigma``); phase k is the part of the
+schedule nearer to p_k than to its neighbours (boundaries at the midpoints, the first from 0, the last to 1), so a
+step uses the statistics of the nearest calibration timestep. The node's ranges include both ends, so a skip range
+is written to end ``EDGE`` before its phase's upper boundary: a step exactly on a boundary belongs to the later phase.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from comfyui_pare.schedule import SkipRange
 from .sampling import percent_to_sigma
 
 SUGGESTED_BUDGETS = (0.5, 0.6, 0.7, 0.8)
+EDGE = 0.001  # schedule positions are written to 3 decimals
 
 
 def percent_of_sigma(sigma: float, shift: float) -> float:
@@ -36,11 +39,12 @@ def percent_of_sigma(sigma: float, shift: float) -> float:
 
 
 def phase_bounds(sigmas: Sequence[float], shift: float) -> list[tuple[float, float]]:
-    """(start, end) schedule positions of each calibration timestep's phase (noisiest first)."""
+    """(start, end) schedule positions of each calibration timestep's phase (noisiest first), 3 decimals."""
     p = [percent_of_sigma(float(s), shift) for s in sigmas]
-    if any(b < a for a, b in zip(p, p[1:])):
-        raise ValueError(f"calibration sigmas must be in descending order (noisiest first), got {list(sigmas)}")
-    return [(0.0 if k == 0 else p[k], p[k + 1] if k + 1 < len(p) else 1.0) for k in range(len(p))]
+    if any(b <= a for a, b in zip(p, p[1:])):
+        raise ValueError(f"calibration sigmas must be distinct and descending (noisiest first), got {list(sigmas)}")
+    mid = [round((a + b) / 2, 3) for a, b in zip(p, p[1:])]
+    return list(zip([0.0, *mid], [*mid, 1.0]))
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,8 @@ def format_schedule(skipped: torch.Tensor, bounds: Sequence[tuple[float, float]]
             j = k
             while j + 1 < s and bool(skipped[j + 1, b]):
                 j += 1
-            runs.append((bounds[k][0], bounds[j][1], b))
+            end = bounds[j][1]
+            runs.append((bounds[k][0], end if end >= 1.0 else round(end - EDGE, 3), b))
             k = j + 1
     runs.sort()
     entries: list[list] = []  # [first, last, start, end]
