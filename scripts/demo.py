@@ -6,7 +6,8 @@
    VAEDecode, animated WebP) twice with the same prompt, seed and sampler: once with the teacher, once with the
    PARE student behind PARE Apply Router at the node's default budget;
 3. writes demo-output/toy_teacher.webp, toy_student.webp, toy_side_by_side.webp (+ a PNG strip of its frames)
-   and toy_routing.png (the routing heat map), and prints the table: per-step compute ratio, measured sampling-time
+   toy_routing.png (the routing heat map) and toy_budget_curve.png (the router in mode `budget` at 0.6-1.0:
+   compute spent and latent PSNR, ``demo_budget.py``), and prints the table: per-step compute ratio, measured sampling-time
    ratio, latent PSNR vs the teacher, trajectory error vs the generator's ground truth.
 """
 
@@ -25,6 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_budget  # noqa: E402
 import toy_assets  # noqa: E402
 from comfy_harness import REPO, ComfyServer  # noqa: E402
 
@@ -98,6 +100,8 @@ def main() -> int:
                 g = toy_assets.toy_graph(PROMPT, SEED + 1000 + k, routed, f"time_{name}", decode=False,
                                          router_knobs=knobs)
                 times[name].append(timed(server, g))
+        curve = demo_budget.budget_curve(server, knobs, PROMPT, SEED, OUT / "toy_teacher_latent.latent",
+                                         base / "models" / "diffusion_models", OUT / "toy_budget_curve.png")
     side_by_side(OUT / "toy_teacher.webp", OUT / "toy_student.webp", OUT / "toy_side_by_side.webp",
                  OUT / "toy_side_by_side_frames.png")
     lat = {n: load_file(str(OUT / f"toy_{n}_latent.latent"))["latent_tensor"] for n in runs}
@@ -120,10 +124,13 @@ def main() -> int:
           f"{toy_assets.CFG}, shift {toy_assets.SHIFT}; PARE Apply Router at its defaults {knobs}")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+    print("  router budget curve (mode 'budget'; compute / teacher measured, latent PSNR): " +
+          ", ".join(f"{b:g}: {c:.3f} {p:.1f} dB" for b, c, p in curve))
     for line in summary.splitlines():
         log.info("%s", line)
-    log.info("wrote %s (teacher left, student right), %s, %s in %.0f s", OUT / "toy_side_by_side.webp",
-             OUT / "toy_side_by_side_frames.png", OUT / "toy_routing.png", time.time() - t_start)
+    log.info("wrote %s (teacher left, student right), %s, %s, %s in %.0f s", OUT / "toy_side_by_side.webp",
+             OUT / "toy_side_by_side_frames.png", OUT / "toy_routing.png", OUT / "toy_budget_curve.png",
+             time.time() - t_start)
     return 0
 
 

@@ -35,3 +35,11 @@ def test_demo_renders_teacher_and_student_with_the_table(tmp_path):
     assert 0.0 < ratio <= 0.5 and psnr > 0, out
     assert re.search(r"trajectory error vs ground truth, teacher\s+[0-9.]+ px", out), out
     assert re.search(r"sampling time \(student / teacher, best of 3\)\s+[0-9.]+", out), out
+    # the router's budget curve beside the videos: mode 'budget' spends each budget over the run (student's share)
+    with Image.open(tmp_path / "toy_budget_curve.png") as curve:
+        assert curve.size == (420, 260)
+    points = re.findall(r"([0-9.]+): ([0-9.]+) ([0-9.]+) dB", re.search(r"router budget curve.*", out).group(0))
+    budgets = [float(b) for b, _, _ in points]
+    assert budgets == [0.6, 0.7, 0.8, 0.9, 1.0], out
+    full = float(points[-1][1])  # budget 1: every block of the student
+    assert all(abs(float(c) / full - float(b)) <= 0.03 for b, c, _ in points), out

@@ -35,7 +35,8 @@ def budget_routers(comfy):
 def run(server, router: str, **apply):
     def patch(g, model):
         r = g.add("PARELoadRouter", router_name=router)
-        return g.add("PAREApplyRouter", model=out(model), router=out(r), **{"pin_first": 0, "pin_last": 0, **apply})
+        knobs = {"budget": 1.0, "pin_first": 0, "pin_last": 0, **apply}
+        return g.add("PAREApplyRouter", model=out(model), router=out(r), **knobs)
 
     g, save = sample_graph(pare_loader(tiny_assets.TEACHER_T2V), cfg=3.0, steps=4, seed=5, patch_model=patch)
     _, txt = with_report(g, routed_model_id(g))

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 HELP = "calibrate a router file's budget mode: one threshold per budget over a whole schedule (stored in the file)"
 DEFAULT_BUDGETS = tuple(round(0.3 + 0.05 * k, 2) for k in range(15))  # 0.30, 0.35, ..., 1.00
 TOLERANCE = 0.03
+QUALITY_NOTE = "; and velocity error no worse than the best static contiguous skip of the same compute (if one exists)"
 
 
 def spent(logits: torch.Tensor, costs: torch.Tensor, pinned: torch.Tensor, threshold: float) -> float:
@@ -37,7 +38,7 @@ def spent(logits: torch.Tensor, costs: torch.Tensor, pinned: torch.Tensor, thres
     exactly as ``comfyui_pare.router.decide`` decides with that threshold."""
     run = (torch.sigmoid(logits.double()) > threshold) | pinned.cpu()[None]
     c = costs.double().cpu() / costs.double().sum()
-    return float((run.double() * c).sum(dim=1).mean())
+    return min(1.0, max(0.0, float((run.double() * c).sum(dim=1).mean())))  # no 1.0000000000000002
 
 
 def calibrate_family(logits: torch.Tensor, costs: torch.Tensor, pinned: torch.Tensor,
@@ -75,9 +76,9 @@ def budget_calibration(calib_logits: torch.Tensor, held_out_logits: torch.Tensor
 
 
 @torch.no_grad()
-def schedule_logits(student, router, samples, steps: int, shift: float, seed: int) -> torch.Tensor:
-    """Router logits [len(samples) x steps, N]: every sample noised (one noise each, from ``seed``) at every sigma
-    of the ``steps``-step schedule, read through the student's patch embedding, as the node feeds the router."""
+def schedule_batches(student, samples, steps: int, shift: float, seed: int) -> list:
+    """One batch (x_t, timestep, context, clip) per sample: the sample noised (one noise each, from ``seed``) at every
+    sigma of the ``steps``-step schedule."""
     from .data import collate, noised, with_condition
     from .sampling import flow_sigmas
 
@@ -86,14 +87,20 @@ def schedule_logits(student, router, samples, steps: int, shift: float, seed: in
     device = next(student.parameters()).device
     out = []
     for item in samples:
-        x0, _, ctx, _ = collate([item])
+        x0, _, ctx, clip = collate([item])
         noise = torch.randn(x0.shape, generator=gen)
-        x = with_condition(noised(x0.expand(steps, *x0.shape[1:]), noise.expand(steps, *x0.shape[1:]), sigmas),
-                           x0.expand(steps, *x0.shape[1:]), student.dims)
-        tokens = student.patch_embed(x.to(device)).float()
-        text = ctx.expand(steps, -1, -1).to(device) if router.spec.text_dim else None
-        out.append(router((sigmas * 1000).to(device), tokens, text).cpu())
-    return torch.cat(out)
+        x0s = x0.expand(steps, *x0.shape[1:])
+        x = with_condition(noised(x0s, noise.expand(steps, *x0.shape[1:]), sigmas), x0s, student.dims)
+        out.append((x.to(device), (sigmas * 1000).to(device), ctx.expand(steps, -1, -1).to(device),
+                     None if clip is None else clip.expand(steps, -1, -1).to(device)))
+    return out
+
+
+@torch.no_grad()
+def schedule_logits(student, router, batches: list) -> torch.Tensor:
+    """Router logits [inputs, N] on ``batches``, read through the student's patch embedding as the node feeds it."""
+    return torch.cat([router(t, student.patch_embed(x).float(), ctx if router.spec.text_dim else None).cpu()
+                      for x, t, ctx, _ in batches])
 
 
 def parse_budgets(text: str) -> tuple[float, ...]:
@@ -126,12 +133,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin-last", type=int, default=1, help="PARE Apply Router's pin_last")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="validated: held-out spend within this")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--teacher", default=None, help="also validate quality: at each budget the router's velocity error "
+                   "against this teacher must be no worse than the best static contiguous skip of the same compute "
+                   "(needs --stats)")
+    p.add_argument("--stats", default=None, help="`calibrate`'s stats of the teacher (picks the static skips)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
 def calibrate_router_file(student_path: str, router_path: str, samples_dir: str, out: str | None,
                           budgets: Sequence[float], steps: int, shift: float, pin_first: int, pin_last: int,
-                          tolerance: float = TOLERANCE, seed: int = 0, device: str = "cpu") -> BudgetCalibration:
+                          tolerance: float = TOLERANCE, seed: int = 0, device: str = "cpu",
+                          teacher_path: str | None = None, stats: str | None = None) -> BudgetCalibration:
     """Calibrate ``router_path`` against ``student_path`` on the samples in ``samples_dir``; write and return it."""
     from comfyui_pare.calibration import read_folder
     from comfyui_pare.errors import PareFormatError
@@ -157,12 +169,28 @@ def calibrate_router_file(student_path: str, router_path: str, samples_dir: str,
     tokens, text_tokens = tokens_of(samples)
     costs = normalized_costs(block_costs(meta, tokens, text_tokens), meta.num_blocks)
     pinned = pin_mask(meta.num_blocks, pin_first, pin_last)
-    logits = schedule_logits(student, router, samples, steps, shift, seed).view(len(samples), steps, -1)
-    calib, held = logits[0::2].reshape(-1, meta.num_blocks), logits[1::2].reshape(-1, meta.num_blocks)
+    if (teacher_path is None) != (stats is None):
+        raise PareFormatError("calibrate-router: --teacher and --stats go together (quality validation needs both)")
+    batches = schedule_batches(student, samples, steps, shift, seed)
+    calib, held = schedule_logits(student, router, batches[0::2]), schedule_logits(student, router, batches[1::2])
     note = (f"calibrate-router: {len(samples[0::2])} samples x {steps} steps (shift {shift:g}) calibrate, "
             f"{len(samples[1::2])} x {steps} validate; {tokens} video / {text_tokens} text tokens")
     cal = budget_calibration(calib, held, costs, pinned, budgets, pin_first, pin_last, meta.fingerprint(), note,
                              tolerance)
+    if teacher_path is not None:
+        import dataclasses
+
+        from .route_eval import student_contribution
+
+        teacher = load_model(teacher_path, dtype=torch.float32, device=device).eval()
+        rows = quality_check(cal, teacher, student, router, pinned, costs, batches[1::2],
+                             student_contribution(stats, meta))
+        good = {r["budget"] for r in rows if r["ok"]}
+        for r in rows:
+            logger.info("budget %.2f: velocity error %.4g at compute %.3f; static %s %s", r["budget"],
+                        r["velocity_error"], r["executed_fraction"], r["static_schedule"], r["static_velocity_error"])
+        cal = dataclasses.replace(cal, validated_budgets=tuple(b for b in cal.validated_budgets if b in good),
+                                  note=cal.note + QUALITY_NOTE)
     write_budget_calibration(router_path, cal, out)
     return cal
 
@@ -177,7 +205,7 @@ def log_table(cal: BudgetCalibration) -> None:
 def run(args: argparse.Namespace) -> int:
     cal = calibrate_router_file(args.student, args.router, args.samples, args.out, parse_budgets(args.budgets),
                                 args.steps, args.shift, args.pin_first, args.pin_last, args.tolerance, args.seed,
-                                args.device)
+                                args.device, args.teacher, args.stats)
     log_table(cal)
     logger.info("wrote the budget calibration into %s", args.out or args.router)
     return 0
@@ -242,8 +270,7 @@ def export_calibration(cfg, stage, gated, calib_logits: torch.Tensor, held_out: 
         rows = quality_check(cal, stage.teacher, student, router, pinned, costs, held_out, contribution)
         good = {r["budget"] for r in rows if r["ok"]}
         cal = dataclasses.replace(cal, validated_budgets=tuple(b for b in cal.validated_budgets if b in good),
-                                  note=cal.note + "; and velocity error no worse than the best static contiguous "
-                                                  "skip of the same compute (when one exists)")
+                                  note=cal.note + QUALITY_NOTE)
         part["quality"] = rows
     write_budget_calibration(router_out, cal)
     part["validated"] = cal.describe_validated()
