@@ -137,13 +137,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "against this teacher must be no worse than the best static contiguous skip of the same compute "
                    "(needs --stats)")
     p.add_argument("--stats", default=None, help="`calibrate`'s stats of the teacher (picks the static skips)")
+    p.add_argument("--max-error-ratio", type=float, default=None, help="with --teacher: a validated budget's velocity "
+                   "error is also at most this multiple of the router's error at its trained threshold (the "
+                   "operating point its student was trained at)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
 def calibrate_router_file(student_path: str, router_path: str, samples_dir: str, out: str | None,
                           budgets: Sequence[float], steps: int, shift: float, pin_first: int, pin_last: int,
                           tolerance: float = TOLERANCE, seed: int = 0, device: str = "cpu",
-                          teacher_path: str | None = None, stats: str | None = None) -> BudgetCalibration:
+                          teacher_path: str | None = None, stats: str | None = None,
+                          max_error_ratio: float | None = None) -> BudgetCalibration:
     """Calibrate ``router_path`` against ``student_path`` on the samples in ``samples_dir``; write and return it."""
     from comfyui_pare.calibration import read_folder
     from comfyui_pare.errors import PareFormatError
@@ -186,11 +190,27 @@ def calibrate_router_file(student_path: str, router_path: str, samples_dir: str,
         rows = quality_check(cal, teacher, student, router, pinned, costs, batches[1::2],
                              student_contribution(stats, meta))
         good = {r["budget"] for r in rows if r["ok"]}
+        note = QUALITY_NOTE
+        if max_error_ratio is not None:
+            from comfyui_pare.router import RoutingPolicy
+
+            from .route_eval import velocity_error
+            from .routed import RoutedVelocity
+
+            trained = RoutedVelocity(student, router, RoutingPolicy(threshold=router.spec.default_threshold,
+                                                                    pin_first=pin_first, pin_last=pin_last))
+            cap = max_error_ratio * velocity_error(teacher, trained, batches[1::2])
+            good &= {r["budget"] for r in rows if r["velocity_error"] <= cap}
+            note += (f"; and velocity error at most {max_error_ratio:g}x the trained threshold's "
+                     f"({cap / max_error_ratio:.4g})")
+            logger.info("velocity error cap %.4g (%g x the trained threshold's)", cap, max_error_ratio)
         for r in rows:
             logger.info("budget %.2f: velocity error %.4g at compute %.3f; static %s %s", r["budget"],
                         r["velocity_error"], r["executed_fraction"], r["static_schedule"], r["static_velocity_error"])
         cal = dataclasses.replace(cal, validated_budgets=tuple(b for b in cal.validated_budgets if b in good),
-                                  note=cal.note + QUALITY_NOTE)
+                                  note=cal.note + note)
+    elif max_error_ratio is not None:
+        raise PareFormatError("calibrate-router: --max-error-ratio needs --teacher and --stats")
     write_budget_calibration(router_path, cal, out)
     return cal
 
@@ -205,7 +225,7 @@ def log_table(cal: BudgetCalibration) -> None:
 def run(args: argparse.Namespace) -> int:
     cal = calibrate_router_file(args.student, args.router, args.samples, args.out, parse_budgets(args.budgets),
                                 args.steps, args.shift, args.pin_first, args.pin_last, args.tolerance, args.seed,
-                                args.device, args.teacher, args.stats)
+                                args.device, args.teacher, args.stats, args.max_error_ratio)
     log_table(cal)
     logger.info("wrote the budget calibration into %s", args.out or args.router)
     return 0
