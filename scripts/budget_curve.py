@@ -235,14 +235,16 @@ def chart(rows: list[dict], path: Path) -> None:
     from training.plots import xy_panels_png
 
     families: dict[str, list[dict]] = {}
-    for r in rows:
-        families.setdefault(r["family"], []).append(r)
+    for r in rows:  # the teacher is the title's reference; "every block" is budget mode's 1.0 point
+        if r["family"] not in ("teacher", "student, every block"):
+            families.setdefault(r["family"], []).append(r)
+    teacher = next(r for r in rows if r["family"] == "teacher")
     panels = []
-    for metric, name in (("trajectory_error_px", "trajectory error (px), lower is better"),
-                         ("latent_psnr_db", "latent PSNR vs teacher (dB), higher is better")):
+    for metric, name in (("trajectory_error_px", f"trajectory error (px; teacher {teacher['trajectory_error_px']:.2f})"),
+                         ("latent_psnr_db", "latent PSNR vs teacher (dB)")):
         series = {f: ([r["compute_teacher"] for r in rs], [r[metric] for r in rs]) for f, rs in families.items()
                   if all(r[metric] is not None for r in rs)}
-        panels.append((name, metric.split("_")[0], series))
+        panels.append((name, series))
     xy_panels_png(path, panels)
 
 

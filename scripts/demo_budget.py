@@ -28,6 +28,6 @@ def budget_curve(server: ComfyServer, knobs: dict, prompt: str, seed: int, teach
         latent = load_file(str(server.output_files(entry, "7")[0]))["latent_tensor"]
         ratio = toy_assets.block_compute_ratio(toy_assets.routing_summary(entry), diffusion_models)
         rows.append((b, ratio, evaluate.latent_psnr(latent, reference)))
-    xy_panels_png(png, [(f"router, budget mode {BUDGETS[0]:g}-{BUDGETS[-1]:g}: latent PSNR vs teacher (dB)", "PSNR",
+    xy_panels_png(png, [(f"router, budget mode {BUDGETS[0]:g}-{BUDGETS[-1]:g}: latent PSNR vs teacher (dB)",
                          {"PARE student + router": ([r[1] for r in rows], [r[2] for r in rows])})], size=(420, 260))
     return rows

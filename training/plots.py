@@ -123,16 +123,16 @@ def heatmap_png(path: str | os.PathLike, values: np.ndarray, title: str, row_lab
 
 
 def xy_panels_png(path: str | os.PathLike,
-                  panels: Sequence[tuple[str, str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
+                  panels: Sequence[tuple[str, dict[str, tuple[Sequence[float], Sequence[float]]]]],
                   size: tuple[int, int] = (520, 360)) -> None:
-    """Panels side by side, each (title, y label, {series: (xs, ys)}): points joined in x order, shared legend in
+    """Panels side by side, each (title naming the y axis, {series: (xs, ys)}): points joined in x order, a legend in
     each panel, linear axes with min/max ticks. For quality-against-compute curves."""
     w, h = size
     left, right, top, bottom = 60, 16, 30, 36
     img = Image.new("RGB", (w * len(panels), h), BACKGROUND)
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    for p, (title, y_label, series) in enumerate(panels):
+    for p, (title, series) in enumerate(panels):
         ox = p * w
         pts_all = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if np.isfinite(x) and np.isfinite(y)]
         if not pts_all:
@@ -159,7 +159,6 @@ def xy_panels_png(path: str | os.PathLike,
             draw.text((ox + left + 6, top + 4 + 11 * i), name, fill=color, font=font)
         draw.text((ox + 4, top), f"{y1:.3g}", fill=AXIS, font=font)
         draw.text((ox + 4, h - bottom - 10), f"{y0:.3g}", fill=AXIS, font=font)
-        draw.text((ox + 4, top + 14), y_label[:9], fill=AXIS, font=font)
         draw.text((ox + left, h - bottom + 4), f"{x0:.3g}", fill=AXIS, font=font)
         draw.text((ox + w - right - 30, h - bottom + 4), f"{x1:.3g}", fill=AXIS, font=font)
         draw.text((ox + left + 60, h - bottom + 18), "block compute / teacher (measured)", fill=AXIS, font=font)
