@@ -297,3 +297,15 @@ def test_calibrate_router_verb_calibrates_an_existing_router_file(stage2, inputs
     assert read_budget_calibration(report["router"]).note != cal.note  # the source file was left alone
     assert training_main(["calibrate-router", "--student", report["student"], "--router", report["router"],
                           "--samples", str(inputs["samples"]), "--budgets", "0.7,0.5"]) == 2  # a clear error
+
+
+def test_calibrate_writes_static_schedule_suggestions_the_node_parses(inputs):
+    """`calibrate` (run by the inputs fixture) wrote its training-free schedules beside the stats."""
+    from comfyui_pare.schedule import parse_schedule
+
+    body = json.loads((inputs["stats"].parent / "stats_schedules.json").read_text())
+    assert [s["budget"] for s in body["schedules"]] == [0.5, 0.6, 0.7, 0.8]
+    for s in body["schedules"]:
+        ranges = parse_schedule(s["schedule"], 6)  # the tiny teacher's 6 blocks; raises if malformed
+        assert s["nominal_compute"] <= s["budget"] + 1e-9
+        assert all(r.first_block >= 1 and r.last_block <= 4 for r in ranges)  # first and last block kept

@@ -150,3 +150,13 @@ def test_calibrate_suggestions_parse_and_spend_at_most_their_budget():
     positions = [percent_of_sigma(s, 3.0) for s in sigmas]
     assert positions[2] == pytest.approx(0.4, abs=2e-3)
     assert all(a < p < e for p, (a, e) in zip(positions[1:], bounds[1:]))  # each timestep inside its own phase
+
+
+def test_suggestions_do_not_depend_on_the_order_of_the_calibration_sigmas():
+    sigmas = [0.9, 0.6, 0.3]
+    contribution = torch.tensor([[1.0, 0.2, 0.9, 1.0], [1.0, 0.8, 0.1, 1.0], [1.0, 0.5, 0.5, 1.0]])
+    a = suggest(contribution, sigmas, 1.0, 0.75)
+    b = suggest(contribution[[2, 0, 1]], [0.3, 0.9, 0.6], 1.0, 0.75)
+    assert a.schedule == b.schedule and a.compute == b.compute
+    with pytest.raises(ValueError, match="distinct"):
+        suggest(contribution, [0.9, 0.9, 0.3], 1.0, 0.75)

@@ -252,7 +252,11 @@ def print_suggestions(stats_path: str, stats: CalibrationStats, shift: float) ->
     stats (``training.schedule_suggest``)."""
     from .schedule_suggest import write_suggestions
 
-    path, out = write_suggestions(stats_path, stats.block_contribution, stats.summary["sigmas"], shift)
+    try:
+        path, out = write_suggestions(stats_path, stats.block_contribution, stats.summary["sigmas"], shift)
+    except ValueError as e:  # e.g. repeated --sigmas: the stats are written; only the suggestions are skipped
+        logger.warning("no static schedule suggestions: %s", e)
+        return
     print(f"PARE Static Block Schedule suggestions (shift {shift:g}; first and last block kept; {path}):")
     for s in out:
         print(f"  budget {s.budget:.2f} (nominal {s.compute:.3f}): {s.schedule or '(nothing to skip)'}")

@@ -95,6 +95,8 @@ def suggest(contribution: torch.Tensor, sigmas: Sequence[float], shift: float, b
     s, n = contribution.shape
     if len(sigmas) != s:
         raise ValueError(f"block_contribution has {s} timesteps but {len(sigmas)} sigmas were given")
+    order = sorted(range(s), key=lambda k: -float(sigmas[k]))  # calibrate takes --sigmas in any order
+    contribution, sigmas = contribution[order], [float(sigmas[k]) for k in order]
     bounds = phase_bounds(sigmas, shift)
     weight = torch.tensor([e - a for a, e in bounds], dtype=torch.float64)
     c = torch.ones(n, dtype=torch.float64) if costs is None else torch.as_tensor(costs, dtype=torch.float64)
