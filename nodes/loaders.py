@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..comfyui_pare.errors import PareError
-from ..comfyui_pare.pruned import describe
+from ..comfyui_pare.pruned import METADATA_KEY, describe
 from ..comfyui_pare.wan_reader import open_wan, resolve_checkpoint
 from .comfy_compat import require
 from .folders import DIFFUSION_MODELS, file_fingerprint
@@ -75,7 +75,8 @@ class PARELoadPrunedWan(io.ComfyNode):
             # ComfyUI's own layout: fp8 weights stay fp8 beside their scales and the scaled_fp8 marker, so ComfyUI's
             # scaled fp8 operations run them exactly as for the stock loader.
             sd = reader.state_dict(dequantize=False)
-        patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=source)
+            metadata = {k: v for k, v in reader.metadata.items() if k != METADATA_KEY}
+        patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=source, metadata=metadata)
         attach_meta(patcher, meta)
         summary = describe(meta)
         logger.info(

@@ -27,7 +27,7 @@ from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan_reader import open_wan
 from training.tiny import random_wan_state_dict
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 POS, NEG = "rel_cond4096_pos.safetensors", "rel_cond4096_neg.safetensors"
 D = STOCK_T2V  # dim 512, 4 heads of 128, FFN 384, 3 blocks, text dim 4096
 # Block 0 keeps FFN 192 (a multiple of 16); blocks 1 and 2 keep 200, which fp8 matmuls cannot take.

@@ -20,7 +20,7 @@ from comfyui_pare import report
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router
 from comfyui_pare.safetensors_io import save_atomic
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 N = tiny_assets.TINY_T2V.num_layers
 SPEC = RouterSpec(num_blocks=N, dim=tiny_assets.TINY_T2V.dim)
 KEEP_ALL = "r_keep_all.safetensors"

@@ -19,7 +19,7 @@ from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
 from comfyui_pare.token_schedule import parse_schedule_text
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 N = tiny_assets.TINY_T2V.num_layers
 STUDENT = "tr_tiny_student.safetensors"
 LORA = "tr_tiny_student_lora.safetensors"
