@@ -68,20 +68,28 @@ class PARELoadPrunedWan(io.ComfyNode):
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:
         require("PARE Load Pruned Wan")
-        path = folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, unet_name)
-        with open_wan(path) as reader:  # a shard of a sharded release loads the whole release, via its index
-            meta, layout, scaled = reader.meta, reader.layout, reader.scaled_fp8
-            source = str(reader.path)
-            # ComfyUI's own layout: fp8 weights stay fp8 beside their scales and the scaled_fp8 marker, so ComfyUI's
-            # scaled fp8 operations run them exactly as for the stock loader.
-            sd = reader.state_dict(dequantize=False)
-            metadata = {k: v for k, v in reader.metadata.items() if k != METADATA_KEY}
-        patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=source, metadata=metadata)
-        attach_meta(patcher, meta)
-        summary = describe(meta)
-        logger.info(
-            "PARE: loaded %s (%s layout%s, %s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, layout,
-            ", fp8_scaled" if scaled else "", meta.dims.variant, meta.num_blocks,
-            100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
-        )
-        return io.NodeOutput(patcher)
+        return io.NodeOutput(load_pruned_wan(unet_name, weight_dtype))
+
+
+def load_pruned_wan(unet_name: str, weight_dtype: str = "default", disable_dynamic: bool | None = None):
+    """The model of PARE Load Pruned Wan. Also the patcher's ``cached_patcher_init``: newer ComfyUI releases call it
+    to build a fresh copy (multi-GPU cloning, ``clone(disable_dynamic=True)``), with ``disable_dynamic``."""
+    path = folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, unet_name)
+    with open_wan(path) as reader:  # a shard of a sharded release loads the whole release, via its index
+        meta, layout, scaled = reader.meta, reader.layout, reader.scaled_fp8
+        source = str(reader.path)
+        # ComfyUI's own layout: fp8 weights stay fp8 beside their scales, so the running ComfyUI's quantized
+        # operations run them exactly as for the stock loader.
+        sd = reader.state_dict(dequantize=False)
+        metadata = {k: v for k, v in reader.metadata.items() if k != METADATA_KEY}
+    patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=source, metadata=metadata,
+                                disable_dynamic=disable_dynamic)
+    patcher.cached_patcher_init = (load_pruned_wan, (unet_name, weight_dtype))
+    attach_meta(patcher, meta)
+    summary = describe(meta)
+    logger.info(
+        "PARE: loaded %s (%s layout%s, %s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, layout,
+        ", fp8_scaled" if scaled else "", meta.dims.variant, meta.num_blocks,
+        100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
+    )
+    return patcher
