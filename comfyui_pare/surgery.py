@@ -20,6 +20,7 @@ import torch
 
 from .errors import PareFormatError
 from .pruned import PrunedWanMeta
+from .quant_layout import COMFY_QUANT
 from .safetensors_io import StreamingWriter
 from .wan import BlockWidth, block_prefix
 from .wan_reader import SCALE_INPUT, SCALE_WEIGHT, SCALED_FP8_MARKER, WanReader
@@ -203,9 +204,11 @@ def prune_state_dict(
 def prune_file(reader: WanReader, plan: PrunePlan, out: str | os.PathLike) -> PrunedWanMeta:
     """Write the student of ``plan`` to ``out``, streaming: one input tensor is held at a time.
 
-    The student is in the original layout whatever the input's. A scaled fp8 input gives a scaled student: each
-    weight keeps its stored fp8 values and its own 0-d ``scale_weight`` / ``scale_input`` (a per-tensor scale is the
-    same for every row and column kept), and the ``scaled_fp8`` marker is kept as stored.
+    The student is in the original layout whatever the input's. A scaled fp8 input gives a scaled student in the
+    same quantization layout: each weight keeps its stored fp8 values and its own 0-d weight / input scale (a
+    per-tensor scale is the same for every row and column kept), and the ``scaled_fp8`` marker is kept as stored,
+    or each kept layer its ``.comfy_quant`` config (written as a tensor, also where the input had it in its header:
+    layer names change when blocks are removed).
     """
     sel, out_meta = plan_selections(reader.meta, plan)
     rename = block_renames(reader.meta, plan)
@@ -221,8 +224,14 @@ def prune_file(reader: WanReader, plan: PrunePlan, out: str | os.PathLike) -> Pr
         base = new[: -len(".weight")]
         for kind, tensor in ((SCALE_WEIGHT, reader.scale(key)), (SCALE_INPUT, reader.input_scale(key))):
             if tensor is not None:  # 0-d: read now, they are tiny
-                specs[f"{base}.{kind}"] = (tensor.dtype, tuple(tensor.shape))
-                sources[f"{base}.{kind}"] = lambda t=tensor: t
+                name = f"{base}.{reader.stored_scale_name(kind)}"
+                specs[name] = (tensor.dtype, tuple(tensor.shape))
+                sources[name] = lambda t=tensor: t
+        conf = reader.layer_quant(key)
+        if conf is not None:
+            encoded = conf.encode()
+            specs[f"{base}.{COMFY_QUANT}"] = (encoded.dtype, tuple(encoded.shape))
+            sources[f"{base}.{COMFY_QUANT}"] = lambda t=encoded: t
     marker = reader.marker()
     if marker is not None:
         specs[SCALED_FP8_MARKER] = (marker.dtype, tuple(marker.shape))

@@ -9,11 +9,12 @@ from comfy_api.latest import io
 
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.pruned import METADATA_KEY, describe
+from ..comfyui_pare.quant_layout import QUANT_METADATA
 from ..comfyui_pare.wan_reader import open_wan, resolve_checkpoint
 from .comfy_compat import require
 from .folders import DIFFUSION_MODELS, file_fingerprint
 from .model_info import attach_meta
-from .wan_model import WEIGHT_DTYPES, build_wan_patcher
+from .wan_model import WEIGHT_DTYPES, build_wan_patcher, quant_layout_for_comfy
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,10 @@ def load_pruned_wan(unet_name: str, weight_dtype: str = "default", disable_dynam
         source = str(reader.path)
         # ComfyUI's own layout: fp8 weights stay fp8 beside their scales, so the running ComfyUI's quantized
         # operations run them exactly as for the stock loader.
-        sd = reader.state_dict(dequantize=False)
-        metadata = {k: v for k, v in reader.metadata.items() if k != METADATA_KEY}
+        sd = reader.state_dict(dequantize=False, quant_layout=quant_layout_for_comfy())
+        # The per-layer quantization configs travel as .comfy_quant tensors (or as the marker layout): the header's
+        # copy would be read a second time (0.8+) or by 0.3.75's different, older mixed-precision path.
+        metadata = {k: v for k, v in reader.metadata.items() if k not in (METADATA_KEY, QUANT_METADATA)}
     patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=source, metadata=metadata,
                                 disable_dynamic=disable_dynamic)
     patcher.cached_patcher_init = (load_pruned_wan, (unet_name, weight_dtype))

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Sequence
 import comfy.model_detection
 import comfy.model_patcher
 import comfy.sd
+import comfy.utils
 import torch
 from comfy.ldm.wan.model import WanAttentionBlock
 
@@ -118,6 +119,12 @@ def _detection_corrected(meta: PrunedWanMeta, source: str) -> Iterator[list]:
             yield corrected
         finally:
             comfy.model_detection.model_config_from_unet = original
+
+
+def quant_layout_for_comfy() -> str | None:
+    """The scaled fp8 layout to hand the running ComfyUI: as stored where it converts layouts itself
+    (``comfy.utils.convert_old_quants``, 0.8 and later), else the ``scaled_fp8`` marker layout that 0.3.x reads."""
+    return None if hasattr(comfy.utils, "convert_old_quants") else "scaled_fp8"
 
 
 def _accepted(fn: Callable, **kwargs) -> dict:
