@@ -42,6 +42,15 @@ def comfy_install(version: str):
     return install
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, two threads waiting on each other cost far more wall time."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def assets_dir() -> Path:
     return tiny_assets.ensure_assets()
