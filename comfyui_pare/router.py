@@ -1,6 +1,6 @@
 """The PARE router: which transformer blocks run at this step, for this sample.
 
-Three parts (../shared/PARE.md, "Depth: the router"):
+Three parts (docs/method.md, "Depth: the router"):
 
 * ``BlockRouter``: a small MLP from (Wan's sinusoidal timestep embedding, mean and std over tokens of the
   patch-embedded latent, optionally the mean text context) to one logit per block. Its cost is a pooling

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+# The checkout's root, scripts/ and tests/ are on the import path by pytest's ``pythonpath`` (pyproject.toml): this
+# checkout's core wins over an editable install made from another one.
 import pytest
+import tiny_assets
 import torch
+from comfy_harness import INSTALLS, ComfyServer
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"  # test-only nodes (block call counter)
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))  # this checkout's core, whatever an editable install elsewhere points to
-
-import tiny_assets  # noqa: E402
-from comfy_harness import INSTALLS, ComfyServer  # noqa: E402
 
 # Test modules marked ``every_comfyui`` run against each real ComfyUI we have (0.3.75 and upstream 0.8.0); the
 # rest against the pinned 0.3.75 only, to keep CI time in bounds.
