@@ -69,34 +69,27 @@ class Seam:
     check: Callable[[], bool]
 
 
+def _resolve(module: str, dotted: str):
+    obj = importlib.import_module(module)
+    for part in dotted.split(".") if dotted else ():
+        obj = getattr(obj, part)
+    return obj
+
+
 def _attr(module: str, *path: str) -> Callable[[], bool]:
     def check() -> bool:
-        obj = importlib.import_module(module)
-        for part in path:
-            obj = getattr(obj, part)
+        _resolve(module, ".".join(path))  # raises AttributeError / ImportError when missing
         return True
     return check
 
 
 def _params(module: str, qualname: str, *names: str) -> Callable[[], bool]:
-    def check() -> bool:
-        obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        params = inspect.signature(obj).parameters
-        return all(n in params for n in names)
-    return check
+    return lambda: all(n in inspect.signature(_resolve(module, qualname)).parameters for n in names)
 
 
 def _source_has(module: str, qualname: str, *snippets: str) -> Callable[[], bool]:
     """For seams that are conventions inside a function body (dict keys), not names we can getattr."""
-    def check() -> bool:
-        obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        source = inspect.getsource(obj)
-        return all(s in source for s in snippets)
-    return check
+    return lambda: all(s in inspect.getsource(_resolve(module, qualname)) for s in snippets)
 
 
 WAN = "comfy.ldm.wan.model"
