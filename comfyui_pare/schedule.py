@@ -25,7 +25,7 @@ _ENTRY = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?(?:\s*@\s*([0-9.]+)\s*-\s*([0-
 _PERCENT = re.compile(r"[0-9]*\.?[0-9]*")
 MAX_TEXT = 10_000  # characters; a schedule for a 40-block model is a few dozen
 MAX_ENTRY = 100  # characters per entry
-_MAX_DIGITS = 6  # block numbers
+_MAX_DIGITS = 18  # block numbers; Python refuses int() of very long ones with a bare ValueError
 _MAX_PERCENT_CHARS = 20
 _FORM = "'A-B@start-end' (e.g. '10-17@0.3-1.0')"
 

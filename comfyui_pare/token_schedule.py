@@ -44,7 +44,7 @@ PRESET_DEPTHS = {30: "Wan2.1 1.3B", 40: "Wan2.1 14B"}
 _RANGE = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
 MAX_BLOCKS = 1024  # the deepest model a schedule may name without a model to check it against (Wan2.1: 30 or 40)
 MAX_RULES = 4096
-_MAX_DIGITS = 6
+_MAX_DIGITS = 18  # int() of a longer number is refused by Python itself (and never a block)
 _KNOWN = {"format", "format_version", "num_blocks", "stride", "metric", "mode", "proportional", "seed", "rules",
           "name", "calibration"}
 _RULE_KNOWN = {"feature", "blocks", "start_percent", "end_percent", "ratio"}
