@@ -74,6 +74,7 @@ def hostile_files(base: Path, assets_dir: Path) -> None:
     sd["bias"][2] = float("nan")
     save_atomic(base / "models" / "pare_routers" / "hs_nan.safetensors", sd,
                 {"pare_router": json.dumps(spec.to_json()), "format": "pt"})
+    save_atomic(base / "models" / "loras" / "hs_lora.safetensors", {"x": torch.zeros(1)}, {})  # never read
     sd, meta = load_checkpoint(assets_dir / tiny_assets.TEACHER_T2V)
     header = meta.to_header()
     obj = json.loads(header["pare"])
@@ -109,6 +110,9 @@ CASES = {
                      ["PARE Token Reduction", "strength must be a finite number", "nan"]),
     "router-nan": (sample_graph(T2V, steps=1, patch_model=router("hs_nan.safetensors")),
                    ["hs_nan.safetensors", "'bias'", "NaN or infinite"]),
+    "lora-nan": (sample_graph(T2V, steps=1, model_patches=[("PARELoraLoader", {
+        "lora_name": "hs_lora.safetensors", "strength_model": float("nan")})]),
+        ["PARE LoRA Loader", "strength_model must be a finite number"]),
     "header": (sample_graph(pare_loader("hs_absurd.safetensors"), steps=1),
                ["hs_absurd.safetensors", "'teacher.ffn_dim'", "100000000000"]),
 }
