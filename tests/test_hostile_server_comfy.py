@@ -23,7 +23,7 @@ from comfyui_pare.pruned import load_checkpoint
 from comfyui_pare.router import BlockRouter, RouterSpec
 from comfyui_pare.safetensors_io import save_atomic
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 N = tiny_assets.TINY_T2V.num_layers
 HEADROOM = 4 << 30  # the server may map this much beyond what it maps when the test starts
 ANSWER_SECONDS = 5.0  # /system_stats must answer within this while hostile prompts run
