@@ -22,10 +22,12 @@ from .errors import PareFormatError
 from .pruned import PrunedWanMeta
 from .quant_layout import COMFY_QUANT
 from .safetensors_io import StreamingWriter
+from .untrusted import read_text_file
 from .wan import BlockWidth, block_prefix
 from .wan_reader import SCALE_INPUT, SCALE_WEIGHT, SCALED_FP8_MARKER, WanReader
 
 logger = logging.getLogger(__name__)
+MAX_PLAN_BYTES = 256 << 20  # a 14B plan listing every kept index is a few MB
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,15 @@ class PrunePlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PrunePlan":
+        if not os.path.exists(path):
+            raise PareFormatError(f"{path}: plan file not found")
+        text = read_text_file(path, f"{path}: plan file", MAX_PLAN_BYTES)  # a regular file, bounded
         try:
-            with open(path, encoding="utf-8") as f:
-                obj = json.load(f)
-        except FileNotFoundError:
-            raise PareFormatError(f"{path}: plan file not found") from None
+            obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise PareFormatError(f"{path}: plan is not valid JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # integers of thousands of digits, nesting thousands deep
+            raise PareFormatError(f"{path}: plan is not a usable JSON document ({type(e).__name__})") from None
         return cls.from_json(obj, source=str(path))
 
 

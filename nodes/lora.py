@@ -15,7 +15,7 @@ are never merged. An ``ON_LOAD`` callback patches such parameters with ComfyUI's
 from __future__ import annotations
 
 import logging
-from math import prod
+from math import isfinite, prod
 from typing import Any, Mapping
 
 import comfy.lora
@@ -26,7 +26,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..comfyui_pare.errors import PareFormatError
+from ..comfyui_pare.errors import PareError, PareFormatError
 from ..comfyui_pare.lora import (
     LoraPatch,
     ParsedLora,
@@ -199,6 +199,8 @@ class PARELoraLoader(io.ComfyNode):
     def execute(cls, model: comfy.model_patcher.ModelPatcher, lora_name: str, strength_model: float) -> io.NodeOutput:
         if strength_model == 0:  # as the stock loader: nothing to apply, the input passes through
             return io.NodeOutput(model)
+        if not isfinite(strength_model):  # NaN passes ComfyUI's min/max checks and would turn every weight NaN
+            raise PareError(f"PARE LoRA Loader: strength_model must be a finite number, got {strength_model}")
         require("PARE LoRA Loader")
         path = folder_paths.get_full_path_or_raise(LORAS, lora_name)
         patched, applied, narrowed = apply_lora(model, path, strength_model)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
+import math
 
-import folder_paths
 from comfy_api.latest import io
 
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.pruned import PrunedWanMeta
-from ..comfyui_pare.token_schedule import PRESETS, TokenSchedule, load_schedule, parse_schedule_text, preset
+from ..comfyui_pare.token_schedule import PRESETS, TokenSchedule, parse_schedule_text, preset
 from .folders import TOKEN_SCHEDULES, token_schedule_dir
+from .model_files import read_model_text
 from .model_info import model_meta
 from .token_reduction import ReductionTemplate, apply_token_reduction
 
@@ -24,9 +24,10 @@ SCHEDULE_CHOICES = [*PRESETS, CUSTOM]
 
 
 def resolve_schedule(choice: str, schedule_json: str, meta: PrunedWanMeta) -> TokenSchedule:
-    """A preset for the teacher's depth, or the custom schedule: inline JSON, or a file (absolute, or relative to
-    models/pare_token_schedules). Validated against the model's blocks; a schedule for the teacher's depth runs on
-    the blocks a depth-pruned student kept."""
+    """A preset for the teacher's depth, or the custom schedule: inline JSON, or the name of a file in
+    models/pare_token_schedules (never a path elsewhere: see model_files). Validated against the model's blocks
+    (ranges before they are expanded); a schedule for the teacher's depth runs on the blocks a depth-pruned student
+    kept."""
     if choice != CUSTOM:
         schedule = preset(choice, meta.dims.num_layers)
     else:
@@ -34,12 +35,12 @@ def resolve_schedule(choice: str, schedule_json: str, meta: PrunedWanMeta) -> To
         if not text:
             raise PareError("PARE Token Reduction: schedule is 'custom' but schedule_json is empty; paste a schedule "
                             "JSON or give the name of a .json file in models/pare_token_schedules")
+        depth = meta.dims.num_layers  # the most blocks a schedule may name (a student may run its teacher's)
         if text.startswith("{"):
-            schedule = parse_schedule_text(text, "inline schedule_json")
+            schedule = parse_schedule_text(text, "inline schedule_json", depth)
         else:
-            path = text if os.path.isabs(text) else (folder_paths.get_full_path(TOKEN_SCHEDULES, text)
-                                                     or os.path.join(token_schedule_dir(), text))
-            schedule = load_schedule(path)
+            token_schedule_dir()  # registered, so folder_paths knows the folder
+            schedule = parse_schedule_text(read_model_text(TOKEN_SCHEDULES, text, "token schedule file"), text, depth)
     return schedule.for_model(meta.num_blocks, meta.teacher_blocks, meta.dims.num_layers)
 
 
@@ -72,7 +73,7 @@ class PARETokenReduction(io.ComfyNode):
                                tooltip="Where reduction stops (1 = last step). Outside the range attention is full."),
                 io.String.Input("schedule_json", default="", multiline=True, **ADVANCED,
                                 tooltip="For schedule 'custom': a schedule JSON, or the name of a .json file in "
-                                        "models/pare_token_schedules (or an absolute path). See "
+                                        "models/pare_token_schedules (only files there are read). See "
                                         "docs/token_reduction.md for the format; asymrnr-calibrate writes one."),
             ],
             outputs=[io.Model.Output(tooltip="The model with token reduction applied.")],
@@ -87,7 +88,8 @@ class PARETokenReduction(io.ComfyNode):
         if not 0.0 <= start_percent <= end_percent <= 1.0:
             raise PareError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
                             "0 <= start <= end <= 1")
-        if strength < 0 or matching_cache_steps < 1:
-            raise PareError(f"strength must be >= 0 and matching_cache_steps >= 1, got {strength}, {matching_cache_steps}")
+        if not math.isfinite(strength) or strength < 0 or matching_cache_steps < 1:
+            raise PareError(f"PARE Token Reduction: strength must be a finite number >= 0 and matching_cache_steps "
+                            f">= 1, got strength {strength}, matching_cache_steps {matching_cache_steps}")
         template = ReductionTemplate(sched, strength, matching_cache_steps, start_percent, end_percent)
         return io.NodeOutput(apply_token_reduction(model, template, num_blocks))
