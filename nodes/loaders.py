@@ -7,6 +7,7 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
+from ..comfyui_pare.alignment import pad_state_dict
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.pruned import describe
 from ..comfyui_pare.wan_reader import open_wan, resolve_checkpoint
@@ -75,8 +76,9 @@ class PARELoadPrunedWan(io.ComfyNode):
             # ComfyUI's own layout: fp8 weights stay fp8 beside their scales and the scaled_fp8 marker, so ComfyUI's
             # scaled fp8 operations run them exactly as for the stock loader.
             sd = reader.state_dict(dequantize=False)
-        patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=source)
-        attach_meta(patcher, meta)
+        sd, built = pad_state_dict(sd, meta, source=source)  # widths on the tensor-core grain (exact zero padding)
+        patcher = build_wan_patcher(sd, built, dict(WEIGHT_DTYPES[weight_dtype]), source=source)
+        attach_meta(patcher, meta)  # the student's own widths: compute, reports, routers and LoRA slicing use them
         summary = describe(meta)
         logger.info(
             "PARE: loaded %s (%s layout%s, %s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, layout,

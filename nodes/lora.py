@@ -26,6 +26,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..comfyui_pare.alignment import pad_lora
 from ..comfyui_pare.errors import PareFormatError
 from ..comfyui_pare.lora import (
     LoraPatch,
@@ -132,10 +133,10 @@ def apply_lora(model: comfy.model_patcher.ModelPatcher, path: str, strength: flo
     """(patched clone, patches applied, modules narrowed to the pruned widths). The input is not modified."""
     meta = model_meta(model)
     parsed = load_lora_file(path)
-    sliced = slice_lora(parsed, meta)
+    model_shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=PREFIX).items()}
+    sliced = pad_lora(slice_lora(parsed, meta), meta, model_shapes, PREFIX)  # to the loader's zero-padded widths
     warn_skipped_keys(parsed)
     narrowed = sliced.narrowed
-    model_shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=PREFIX).items()}
     patches = comfy_patches(sliced, model_shapes)
 
     patched = model.clone()
