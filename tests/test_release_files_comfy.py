@@ -57,9 +57,9 @@ def files(comfy, tmp_path_factory):
     write_original(dm / "rel_scaled_dequantized.safetensors", dequantize(scaled))
     write_original(dm / "rel_i2v_scaled.safetensors", scale_to_fp8(random_wan_state_dict(STOCK_I2V, seed=12)))
     plan = write_plan(work / "plan.json", PLAN)
-    cli("prune", "--teacher", str(dm / "rel_scaled.safetensors"), "--plan", str(plan),
+    cli("prune", "--no-align", "--teacher", str(dm / "rel_scaled.safetensors"), "--plan", str(plan),
         "--out", str(dm / "rel_scaled_student.safetensors"))
-    cli("prune", "--teacher", str(dm / "rel_sharded"), "--plan", str(plan), "--out", str(dm / "rel_student.safetensors"))
+    cli("prune", "--no-align", "--teacher", str(dm / "rel_sharded"), "--plan", str(plan), "--out", str(dm / "rel_student.safetensors"))
     return {"dm": dm, "work": work, "teacher": teacher, "scaled": scaled}
 
 
