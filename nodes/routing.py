@@ -84,7 +84,7 @@ class RouterDecider:
         router = self.router_on(tokens.device)
         with torch.no_grad():
             text = call.context if router.spec.text_dim > 0 else None
-            logits = router(call.timestep.float(), tokens, text)  # ComfyUI's timestep is on the tokens' device
+            logits = router(call.timestep.to(tokens.device, torch.float32), tokens, text)
         prepared = run.cached(("decide", len(costs), tokens.shape[1]), tokens.device,
                               lambda: DecisionTensors.make(self.policy, costs, len(costs), tokens.device))
         return decide(logits, self.policy, prepared=prepared)
