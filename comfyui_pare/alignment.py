@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Callable, Collection, Mapping
 
 import torch
 
@@ -79,11 +79,29 @@ def aligned_heads(heads: int, head_dim: int, limit: int, multiple: int = TENSOR_
     return padded if padded <= limit else heads
 
 
-def alignment_plan(meta: PrunedWanMeta, multiple: int = TENSOR_CORE_MULTIPLE) -> tuple[BlockAlignment, ...]:
-    """The widths the loader builds for every block of ``meta``."""
+def alignment_plan(meta: PrunedWanMeta, multiple: int = TENSOR_CORE_MULTIPLE,
+                   keep_heads: Collection[int] = ()) -> tuple[BlockAlignment, ...]:
+    """The widths the loader builds for every block of ``meta``; blocks in ``keep_heads`` keep their head count
+    (``unscalable_blocks``)."""
     d = meta.dims
-    return tuple(BlockAlignment(b.num_heads, aligned_heads(b.num_heads, d.head_dim, d.num_heads, multiple),
-                                b.ffn_dim, round_up(b.ffn_dim, multiple)) for b in meta.blocks)
+    return tuple(BlockAlignment(b.num_heads, b.num_heads if i in keep_heads else
+                                aligned_heads(b.num_heads, d.head_dim, d.num_heads, multiple),
+                                b.ffn_dim, round_up(b.ffn_dim, multiple)) for i, b in enumerate(meta.blocks))
+
+
+def unscalable_blocks(num_blocks: int, dtype_of: Callable[[str], torch.dtype], has_scale: Callable[[str], bool]
+                      ) -> set[int]:
+    """Blocks whose q or k weight is fp8 without a ``scale_weight``: multiplying it by s would re-round it in fp8,
+    so padded heads could not be exact there and those blocks keep their head count."""
+    return {i for i in range(num_blocks) for n in _QK
+            if dtype_of(f"blocks.{i}.self_attn.{n}.weight") in _FP8 and not has_scale(f"blocks.{i}.self_attn.{n}.weight")}
+
+
+def loaded_meta(meta: PrunedWanMeta, keep_heads: Collection[int] = (),
+                multiple: int = TENSOR_CORE_MULTIPLE) -> PrunedWanMeta:
+    """The build metadata of the model PARE Load Pruned Wan makes from a file with ``meta`` (its shapes are what a
+    LoRA must fit: ``lora-slice`` pads to them)."""
+    return build_meta(meta, alignment_plan(meta, multiple, keep_heads))
 
 
 def build_meta(meta: PrunedWanMeta, plan: tuple[BlockAlignment, ...]) -> PrunedWanMeta:
@@ -128,12 +146,6 @@ def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
     return (t.to(torch.float32) * factor).to(t.dtype)
 
 
-def _unscalable_fp8(sd: Mapping[str, torch.Tensor], p: str) -> bool:
-    """q/k weights in fp8 without a ``scale_weight``: multiplying them by s would re-round them in fp8."""
-    return any(sd[f"{p}self_attn.{n}.weight"].dtype in _FP8 and f"{p}self_attn.{n}.scale_weight" not in sd
-               for n in _QK)
-
-
 def _pad_heads(sd: dict[str, torch.Tensor], p: str, a: BlockAlignment, head_dim: int) -> None:
     rows = a.padded_heads * head_dim
     s = a.head_scale
@@ -166,21 +178,19 @@ def pad_state_dict(sd: dict[str, torch.Tensor], meta: PrunedWanMeta, multiple: i
     weight). Returns ``sd`` and ``meta`` themselves when every width is already on the grain; otherwise a new dict
     (tensors not padded are shared) and the metadata to build the model with (``build_meta``).
     """
-    plan = list(alignment_plan(meta, multiple))
+    unscalable = unscalable_blocks(meta.num_blocks, lambda k: sd[k].dtype,
+                                   lambda k: k.removesuffix("weight") + "scale_weight" in sd)
+    plan = alignment_plan(meta, multiple, unscalable)
     if all(a.padded_heads == a.heads and a.padded_ffn == a.ffn for a in plan):
         return sd, meta
     out = dict(sd)
-    kept_heads = []
     for i, a in enumerate(plan):
         p = f"blocks.{i}."
         if a.padded_heads != a.heads:
-            if _unscalable_fp8(out, p):
-                kept_heads.append(i)
-                plan[i] = a = replace(a, padded_heads=a.heads)
-            else:
-                _pad_heads(out, p, a, meta.dims.head_dim)
+            _pad_heads(out, p, a, meta.dims.head_dim)
         if a.padded_ffn != a.ffn:
             _pad_ffn(out, p, a)
+    kept_heads = sorted(i for i in unscalable if alignment_plan(meta, multiple)[i].padded_heads != plan[i].heads)
     if kept_heads:
         logger.warning("PARE: %s: blocks %s keep self-attention widths off the %d grain: their q/k weights are fp8 "
                        "without scales, which cannot be rescaled exactly for padded heads", source, kept_heads,
@@ -190,7 +200,7 @@ def pad_state_dict(sd: dict[str, torch.Tensor], meta: PrunedWanMeta, multiple: i
     logger.info("PARE: %s: zero-padded %d block(s) to multiples of %d for tensor cores (exact; compute is "
                 "reported at the stored widths): %s", source, len(padded), multiple,
                 "; ".join(padded[:4]) + ("; ..." if len(padded) > 4 else ""))
-    return out, build_meta(meta, tuple(plan))
+    return out, build_meta(meta, plan)
 
 
 # -- LoRA -----------------------------------------------------------------------------------------------------
