@@ -54,7 +54,7 @@ class PARELoadPrunedWan(io.ComfyNode):
                     "weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                     tooltip="Storage dtype of the weights, as in the stock Load Diffusion Model node: fp8 "
                             "halves memory; fp8_e4m3fn_fast also uses fp8 matrix multiplies where supported "
-                            "(widths must be multiples of 16; the load log warns otherwise). fp8_scaled files "
+                            "(the loader pads every width to a multiple of 64, which they need). fp8_scaled files "
                             "keep their own scaled fp8 weights.",
                 ),
             ],
