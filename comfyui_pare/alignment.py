@@ -211,9 +211,14 @@ def _pad_patch(p: LoraPatch, local: str, rows: int | None, s: float, ffn: int | 
         return None if t is None else _pad(t, 0, rows)
 
     if rows is not None and local in ("self_attn.q", "self_attn.k", "self_attn.v"):
-        f = s if local != "self_attn.v" else 1.0  # the real q/k rows were scaled by s, so their deltas are too
-        scale = (lambda t: None if t is None else _scaled(t, f)) if f != 1.0 else (lambda t: t)
-        return replace(p, up=up_rows(scale(p.up)), diff=up_rows(scale(p.diff)), diff_b=up_rows(scale(p.diff_b)))
+        if local == "self_attn.v":
+            return replace(p, up=up_rows(p.up), diff=up_rows(p.diff), diff_b=up_rows(p.diff_b))
+        # The real q/k rows were scaled by s, so their deltas are too: a low-rank pair through its alpha (ComfyUI
+        # multiplies up @ down by strength * alpha / rank, so the factors stay as trained), full deltas directly.
+        alpha = None if p.up is None else (p.alpha if p.alpha is not None else float(p.down.shape[0])) * s
+        return replace(p, up=up_rows(p.up), alpha=alpha if p.up is not None else p.alpha,
+                       diff=up_rows(None if p.diff is None else _scaled(p.diff, s)),
+                       diff_b=up_rows(None if p.diff_b is None else _scaled(p.diff_b, s)))
     if rows is not None and local in ("self_attn.norm_q", "self_attn.norm_k"):
         return replace(p, diff=up_rows(None if p.diff is None else _scaled(p.diff, 1.0 / s)))
     if rows is not None and local == "self_attn.o":
