@@ -33,6 +33,7 @@ from ..comfyui_pare.lora import (
     ParsedLora,
     bias_key,
     load_lora_file,
+    made_for_student,
     slice_lora,
     to_standard_state_dict,
     weight_key,
@@ -134,7 +135,10 @@ def apply_lora(model: comfy.model_patcher.ModelPatcher, path: str, strength: flo
     meta = model_meta(model)
     parsed = load_lora_file(path)
     model_shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=PREFIX).items()}
-    sliced = pad_lora(slice_lora(parsed, meta), meta, model_shapes, PREFIX)  # to the loader's zero-padded widths
+    # A teacher LoRA is cut to the student's widths; one trained on the student fits them already. Either way it is
+    # then padded to the widths the loader built (zero padding to the tensor-core grain).
+    sliced = parsed if made_for_student(parsed, meta) else slice_lora(parsed, meta)
+    sliced = pad_lora(sliced, meta, model_shapes, PREFIX)
     warn_skipped_keys(parsed)
     narrowed = sliced.narrowed
     patches = comfy_patches(sliced, model_shapes)
