@@ -107,14 +107,27 @@ def _import_pack() -> dict[str, ModuleType]:
 
 # -- models --------------------------------------------------------------------------------------------------
 
-def stock_unet(comfy: Comfy, name: str):
-    """The stock 'Load Diffusion Model' node (UNETLoader), default weight dtype."""
-    return comfy.nodes.UNETLoader().load_unet(name, "default")[0]
+def stock_unet(comfy: Comfy, name: str, weight_dtype: str = "default"):
+    """The stock 'Load Diffusion Model' node (UNETLoader)."""
+    return comfy.nodes.UNETLoader().load_unet(name, weight_dtype)[0]
 
 
-def pare_unet(comfy: Comfy, name: str):
+def pare_unet(comfy: Comfy, name: str, weight_dtype: str = "default"):
     """PARE Load Pruned Wan."""
-    return comfy.pack["loaders"].PARELoadPrunedWan.execute(name, "default").result[0]
+    return comfy.pack["loaders"].PARELoadPrunedWan.execute(name, weight_dtype).result[0]
+
+
+def compute_dtype(model) -> str:
+    """The dtype ComfyUI computes in for a loaded model (its manual-cast dtype, else the weights' dtype), and the
+    weights' storage dtype when it differs, e.g. 'float16 (weights float8_e4m3fn)'."""
+    base = model.model
+    stored = base.get_dtype()
+    compute = base.manual_cast_dtype or stored
+    name = str(compute).removeprefix("torch.")
+    scaled = getattr(base.model_config, "scaled_fp8", None)
+    if scaled is not None:  # fp8_scaled file: the weights stay fp8 beside their scales, whatever get_dtype says
+        return f"{name} (weights {str(scaled).removeprefix('torch.')}, scaled)"
+    return name if compute == stored else f"{name} (weights {str(stored).removeprefix('torch.')})"
 
 
 def apply_router(comfy: Comfy, model, router, budget: float = 1.0, pin_first: int = 1, pin_last: int = 1,

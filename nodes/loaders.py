@@ -7,6 +7,7 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
+from ..comfyui_pare.alignment import pad_state_dict
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.pruned import METADATA_KEY, describe
 from ..comfyui_pare.quant_layout import QUANT_METADATA
@@ -54,7 +55,7 @@ class PARELoadPrunedWan(io.ComfyNode):
                     "weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                     tooltip="Storage dtype of the weights, as in the stock Load Diffusion Model node: fp8 "
                             "halves memory; fp8_e4m3fn_fast also uses fp8 matrix multiplies where supported "
-                            "(widths must be multiples of 16; the load log warns otherwise). fp8_scaled files "
+                            "(the loader pads every width to a multiple of 64, which they need). fp8_scaled files "
                             "keep their own scaled fp8 weights.",
                 ),
             ],
@@ -85,10 +86,11 @@ def load_pruned_wan(unet_name: str, weight_dtype: str = "default", disable_dynam
         # The per-layer quantization configs travel as .comfy_quant tensors (or as the marker layout): the header's
         # copy would be read a second time (0.8+) or by 0.3.75's different, older mixed-precision path.
         metadata = {k: v for k, v in reader.metadata.items() if k not in (METADATA_KEY, QUANT_METADATA)}
-    patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=source, metadata=metadata,
+    sd, built = pad_state_dict(sd, meta, source=source)  # widths on the tensor-core grain (exact zero padding)
+    patcher = build_wan_patcher(sd, built, dict(WEIGHT_DTYPES[weight_dtype]), source=source, metadata=metadata,
                                 disable_dynamic=disable_dynamic)
     patcher.cached_patcher_init = (load_pruned_wan, (unet_name, weight_dtype))
-    attach_meta(patcher, meta)
+    attach_meta(patcher, meta)  # the student's own widths: compute, reports, routers and LoRA slicing use them
     summary = describe(meta)
     logger.info(
         "PARE: loaded %s (%s layout%s, %s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, layout,

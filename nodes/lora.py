@@ -26,12 +26,14 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..comfyui_pare.alignment import pad_lora
 from ..comfyui_pare.errors import PareError, PareFormatError
 from ..comfyui_pare.lora import (
     LoraPatch,
     ParsedLora,
     bias_key,
     load_lora_file,
+    made_for_student,
     slice_lora,
     to_standard_state_dict,
     weight_key,
@@ -139,10 +141,13 @@ def apply_lora(model: comfy.model_patcher.ModelPatcher, path: str, strength: flo
     """(patched clone, patches applied, modules narrowed to the pruned widths). The input is not modified."""
     meta = model_meta(model)
     parsed = load_lora_file(path)
-    sliced = slice_lora(parsed, meta)
+    model_shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=PREFIX).items()}
+    # A teacher LoRA is cut to the student's widths; one trained on the student fits them already. Either way it is
+    # then padded to the widths the loader built (zero padding to the tensor-core grain).
+    sliced = parsed if made_for_student(parsed, meta) else slice_lora(parsed, meta)
+    sliced = pad_lora(sliced, meta, model_shapes, PREFIX)
     warn_skipped_keys(parsed)
     narrowed = sliced.narrowed
-    model_shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=PREFIX).items()}
     patches = comfy_patches(sliced, model_shapes)
 
     patched = model.clone()

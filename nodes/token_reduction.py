@@ -29,6 +29,7 @@ from typing import Callable
 
 import comfy.model_patcher
 import torch
+from comfy.ldm.modules.attention import attention_pytorch
 
 from ..comfyui_pare.token_reduction import MatchingCache, Reduction, reduced_attention
 from ..comfyui_pare.token_schedule import TokenSchedule
@@ -141,6 +142,19 @@ class ReductionBlock:
         return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
 
 
+# ComfyUI attention functions whose kernels take no additive bias: sageattn swallows ``attn_mask`` unused, and
+# flash-attn refuses it (ComfyUI then falls back to SDPA with a warning on every call).
+MASKLESS_BACKENDS = ("attention_sage", "attention_flash")
+
+
+def backend_for(func: Callable, bias: torch.Tensor | None) -> Callable:
+    """The user's attention function, or ComfyUI's SDPA one for a call with a proportional-attention bias that the
+    user's backend cannot apply (reduced keys/values with ``proportional``; every other call keeps the backend)."""
+    if bias is None or getattr(func, "__name__", "") not in MASKLESS_BACKENDS:
+        return func
+    return getattr(attention_pytorch, "__wrapped__", attention_pytorch)  # the raw function, like ``func``
+
+
 class ReducedSelfAttention:
     """The attention override: reduced self-attention where the schedule asks for it, else the next in chain."""
 
@@ -187,7 +201,7 @@ class ReducedSelfAttention:
 
         def attend(q_, k_, v_, bias):
             kw = {**base, "heads": heads, "mask": bias, "skip_reshape": True, "skip_output_reshape": True}
-            return self._next(func, (q_, k_, v_), kw)
+            return self._next(backend_for(func, bias), (q_, k_, v_), kw)
 
         out = reduced_attention(qh, kh, vh, attend, q_red, kv_red, sched.proportional)
         return out.transpose(1, 2).reshape(b, n, -1)
