@@ -26,7 +26,7 @@ SCHEMA = "pare-bench/1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m comfyui_pare bench",
+    p = argparse.ArgumentParser(prog="python -m benchmarks",
                                 description="PARE benchmarks: analytic compute at real Wan2.1 shapes and step time "
                                             "through ComfyUI's own sampler (see docs/benchmarks.md).")
     p.add_argument("--quick", action="store_true", help="seconds: a narrow model, 2 rounds, no compile suite")

@@ -1,4 +1,7 @@
-"""Command line: ``python -m comfyui_pare {prune,inspect,compute,lora-slice,bench} ...``."""
+"""Command line: ``python -m comfyui_pare {prune,inspect,compute,lora-slice} ...``.
+
+The node pack's own tools only: the benchmarks are ``python -m benchmarks`` and token-schedule calibration is
+``python -m training asymrnr-calibrate``, both in a checkout of the repository."""
 
 from __future__ import annotations
 
@@ -6,10 +9,8 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 from .alignment import TENSOR_CORE_MULTIPLE, align_plan, describe_alignment
 from .compute import embed_head_macs, model_block_macs, sum_macs, tokens_for
@@ -72,17 +73,6 @@ def _compute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _asymrnr_calibrate(argv: list[str]) -> int:
-    """Run ``training/token_calibrate.py`` as a program (git-style external verb): the model-running part needs the
-    trainable Wan, which lives in training/, and the node pack never imports training."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "training" / "token_calibrate.py").is_file():
-        raise PareError("asymrnr-calibrate runs the model with the training toolkit (training/ in a checkout of the "
-                        f"comfyui-pare repository), which {root} does not have")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
-    return subprocess.call([sys.executable, "-m", "training.token_calibrate", *argv], cwd=root, env=env)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m comfyui_pare", description="PARE tools for Wan2.1 checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,38 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")
     p.set_defaults(func=_compute)
     add_lora_slice_parser(sub)
-    p = sub.add_parser("asymrnr-calibrate", add_help=False,
-                       help="measure token redundancy per block and timestep on a model (teacher or PARE student) "
-                            "and write a token-reduction schedule (--model M --samples DIR --out schedule.json; "
-                            "needs training/)")
-    p.set_defaults(func=None)  # listed for --help; main() hands its arguments over untouched
-    sub.add_parser("bench", add_help=False, help="benchmarks: analytic compute and step time through ComfyUI's "
-                   "sampler (a checkout's benchmarks/ package; `bench --help` for its options)")
     return parser
-
-
-def _bench(argv: list[str]) -> int:
-    """Run the repository's ``benchmarks`` package (not part of the node pack; it imports ComfyUI only inside the
-    suites that measure through it)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(repo, "benchmarks", "runner.py")):
-        print(f"error: the bench needs a checkout of the repository (no benchmarks/ beside {repo})", file=sys.stderr)
-        return 2
-    if repo not in sys.path:
-        sys.path.insert(1, repo)
-    from benchmarks.runner import main as bench_main
-
-    return bench_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # CLI entry point only, never on import
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its own parser (options of its own, --help included)
-        return _bench(argv[1:])
     try:
-        if argv[:1] == ["asymrnr-calibrate"]:
-            return _asymrnr_calibrate(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except PareError as e:

@@ -16,7 +16,7 @@ step, the largest ratio wins. Every error names the file (or "inline schedule") 
 
 The shipped presets (``preset``) are hand-set from AsymRnR's findings, not calibrated on real Wan weights:
 the first and last blocks and the first, structure-forming steps are left alone, queries are reduced more than
-keys/values. ``python -m comfyui_pare asymrnr-calibrate`` measures a model and writes a schedule for it.
+keys/values. ``python -m training asymrnr-calibrate`` measures a model and writes a schedule for it.
 """
 
 from __future__ import annotations

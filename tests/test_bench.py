@@ -54,8 +54,8 @@ def test_analytic_compute_matches_torch_flop_counter(dims, pruned):
 
 @pytest.mark.comfy  # the measured suite imports the pinned ComfyUI
 def test_bench_quick_writes_its_schema(tmp_path):
-    """`python -m comfyui_pare bench --quick`: the real verb, the real ComfyUI sampler (narrow model, seconds)."""
-    proc = subprocess.run([sys.executable, "-m", "comfyui_pare", "bench", "--quick", "--out", str(tmp_path)],
+    """`python -m benchmarks --quick`: the real verb, the real ComfyUI sampler (narrow model, seconds)."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Measured through ComfyUI's KSampler" in proc.stdout and "Analytic compute" in proc.stdout

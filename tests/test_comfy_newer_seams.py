@@ -22,13 +22,16 @@ from benchmarks.models import bench_files
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import BlockWidth, WanDims
 
-DIMS = WanDims(dim=128, num_heads=4, ffn_dim=256, num_layers=3, text_dim=4096)
+# The bench's cached tiny student (the same files as tests/test_routing_fastpath.py: one ComfyUI per process, and
+# the model folder it registers resolves the shared names).
+DIMS = WanDims(dim=256, num_heads=2, ffn_dim=512, num_layers=4, text_dim=4096)
+LAZY = WanDims(dim=128, num_heads=4, ffn_dim=256, num_layers=3, text_dim=4096)  # for the unmaterialised build
 
 
 @pytest.fixture(scope="module")
 def lib():
     comfy = comfy_lib.load_comfy("cpu")
-    files = bench_files(DIMS, 0.5, 0.5)
+    files = bench_files(DIMS, 0.5, 0.7)
     comfy.add_model_folder("diffusion_models", files.folder)
     return comfy, files
 
@@ -50,19 +53,19 @@ def test_pruned_blocks_build_when_operations_leave_weights_unmaterialised(lib):
     widths = [BlockWidth((2,), tuple(range(96))), BlockWidth((0, 1, 3), tuple(range(256))),
               BlockWidth((0, 1, 2, 3), tuple(range(0, 64, 2)))]
     factory = pack("wan_model").PrunedBlockFactory(widths)
-    model = wan.WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=DIMS.dim,
-                         ffn_dim=DIMS.ffn_dim, freq_dim=256, text_dim=DIMS.text_dim, out_dim=16,
-                         num_heads=DIMS.num_heads, num_layers=3, wan_attn_block_class=factory, operations=LazyOps)
-    head_dim = DIMS.dim // DIMS.num_heads
+    model = wan.WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=LAZY.dim,
+                         ffn_dim=LAZY.ffn_dim, freq_dim=256, text_dim=LAZY.text_dim, out_dim=16,
+                         num_heads=LAZY.num_heads, num_layers=3, wan_attn_block_class=factory, operations=LazyOps)
+    head_dim = LAZY.dim // LAZY.num_heads
     for block, width in zip(model.blocks, widths):
         attn = block.self_attn
         assert attn.q.weight is None and attn.num_heads == width.num_heads
         assert (attn.q.out_features, attn.o.in_features) == (width.num_heads * head_dim,) * 2
         assert block.ffn[0].out_features == width.ffn_dim and block.ffn[2].in_features == width.ffn_dim
     # The factory wraps around: a second build of the same model (a clone re-creating it) gets the same widths.
-    again = wan.WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=DIMS.dim,
-                         ffn_dim=DIMS.ffn_dim, freq_dim=256, text_dim=DIMS.text_dim, out_dim=16,
-                         num_heads=DIMS.num_heads, num_layers=3, wan_attn_block_class=factory, operations=LazyOps)
+    again = wan.WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=LAZY.dim,
+                         ffn_dim=LAZY.ffn_dim, freq_dim=256, text_dim=LAZY.text_dim, out_dim=16,
+                         num_heads=LAZY.num_heads, num_layers=3, wan_attn_block_class=factory, operations=LazyOps)
     assert [b.ffn[0].out_features for b in again.blocks] == [w.ffn_dim for w in widths]
 
 
