@@ -23,6 +23,8 @@ logger = logging.getLogger("comfyui_pare")
 
 
 def _prune(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.out):
+        raise PareError(f"--out {args.out} is a directory; give the path of the student .safetensors file to write")
     plan = PrunePlan.load(args.plan)
     with open_wan(args.teacher) as reader:
         if any(os.path.exists(args.out) and os.path.samefile(args.out, f) for f in reader.files):

@@ -179,7 +179,8 @@ def pad_state_dict(sd: dict[str, torch.Tensor], meta: PrunedWanMeta, multiple: i
     (tensors not padded are shared) and the metadata to build the model with (``build_meta``).
     """
     unscalable = unscalable_blocks(meta.num_blocks, lambda k: sd[k].dtype,
-                                   lambda k: k.removesuffix("weight") + "scale_weight" in sd)
+                                   lambda k: any(k.removesuffix("weight") + s in sd
+                                                 for s in ("scale_weight", "weight_scale")))
     plan = alignment_plan(meta, multiple, unscalable)
     if all(a.padded_heads == a.heads and a.padded_ffn == a.ffn for a in plan):
         return sd, meta

@@ -15,7 +15,7 @@ are never merged. An ``ON_LOAD`` callback patches such parameters with ComfyUI's
 from __future__ import annotations
 
 import logging
-from math import prod
+from math import isfinite, prod
 from typing import Any, Mapping
 
 import comfy.lora
@@ -27,7 +27,7 @@ import torch
 from comfy_api.latest import io
 
 from ..comfyui_pare.alignment import pad_lora
-from ..comfyui_pare.errors import PareFormatError
+from ..comfyui_pare.errors import PareError, PareFormatError
 from ..comfyui_pare.lora import (
     LoraPatch,
     ParsedLora,
@@ -121,12 +121,19 @@ def patch_bare_parameters(patcher: comfy.model_patcher.ModelPatcher, device_to, 
                           force_patch_weights, full_load) -> None:
     """ON_LOAD callback: merge the pending patches ComfyUI's loader skipped, where the parameter lives.
 
-    ``patch_weight_to_device`` records a backup, which both marks the key as merged (so a reload with the same
-    patches does not add them twice) and is what ``unpatch_model`` restores.
+    Every load merges from the original weight: a key merged by an earlier load is first put back to its backup.
+    So the result is the same whether the patcher kept the merged weight since the last load (``ModelPatcher``)
+    or restored its backups at the start of this load (newer releases' ``ModelPatcherDynamic``), and a reload
+    never adds the patch twice. ``patch_weight_to_device`` records the backup that ``unpatch_model`` restores.
     """
     for key in list(patcher.patches):
-        if key not in patcher.backup and _skipped_by_comfy_loader(patcher.model, key):
-            patcher.patch_weight_to_device(key)
+        if not _skipped_by_comfy_loader(patcher.model, key):
+            continue
+        saved = patcher.backup.get(key)
+        if saved is not None:  # merged before: start again from the original
+            put = comfy.utils.copy_to_param if saved.inplace_update else comfy.utils.set_attr_param
+            put(patcher.model, key, saved.weight)
+        patcher.patch_weight_to_device(key)
 
 
 def apply_lora(model: comfy.model_patcher.ModelPatcher, path: str, strength: float
@@ -197,6 +204,8 @@ class PARELoraLoader(io.ComfyNode):
     def execute(cls, model: comfy.model_patcher.ModelPatcher, lora_name: str, strength_model: float) -> io.NodeOutput:
         if strength_model == 0:  # as the stock loader: nothing to apply, the input passes through
             return io.NodeOutput(model)
+        if not isfinite(strength_model):  # NaN passes ComfyUI's min/max checks and would turn every weight NaN
+            raise PareError(f"PARE LoRA Loader: strength_model must be a finite number, got {strength_model}")
         require("PARE LoRA Loader")
         path = folder_paths.get_full_path_or_raise(LORAS, lora_name)
         patched, applied, narrowed = apply_lora(model, path, strength_model)

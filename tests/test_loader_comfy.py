@@ -17,7 +17,7 @@ from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, write_
 from comfyui_pare.pruned import load_checkpoint, read_meta
 from comfyui_pare.safetensors_io import save_atomic
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 POS, NEG = "cond4096_pos.safetensors", "cond4096_neg.safetensors"
 
 

@@ -33,7 +33,7 @@ from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import WanDims
 from training.tiny import TINY_T2V
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 POS, NEG = "lora_cond4096_pos.safetensors", "lora_cond4096_neg.safetensors"
 STUDENT, TEACHER = "lora_tiny_student.safetensors", tiny_assets.TEACHER_T2V
 STOCK_TEACHER = "lora_stock_t2v_teacher.safetensors"

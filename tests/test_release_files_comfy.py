@@ -18,7 +18,7 @@ import torch
 from conftest import run_latent
 from graphs import pare_loader, sample_graph, stock_loader
 from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, zeroed_teacher
-from layouts import dequantize, scale_to_fp8, to_diffusers, write_original, write_sharded
+from layouts import dequantize, scale_to_fp8, to_diffusers, to_per_layer, write_original, write_sharded
 from test_lora_comfy import make_lora, write_lora
 
 from comfyui_pare.__main__ import main
@@ -27,13 +27,14 @@ from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan_reader import open_wan
 from training.tiny import random_wan_state_dict
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 POS, NEG = "rel_cond4096_pos.safetensors", "rel_cond4096_neg.safetensors"
 D = STOCK_T2V  # dim 512, 4 heads of 128, FFN 384, 3 blocks, text dim 4096
 # Block 0 keeps FFN 192 (a multiple of 16); blocks 1 and 2 keep 200, which fp8 matmuls cannot take.
 PLAN = [{"heads": [0, 2], "ffn": list(range(0, 384, 2))}, {"heads": [3], "ffn": list(range(100, 300))},
         {"heads": [1, 2, 3], "ffn": list(range(200))}]
 SHARD = "rel_sharded/diffusion_pytorch_model-00002-of-00003.safetensors"
+PER_LAYER_FILES = {"rel_per_layer": False, "rel_per_layer_header": True}
 
 
 def cli(*args: str) -> None:
@@ -60,6 +61,11 @@ def files(comfy, tmp_path_factory):
     cli("prune", "--no-align", "--teacher", str(dm / "rel_scaled.safetensors"), "--plan", str(plan),
         "--out", str(dm / "rel_scaled_student.safetensors"))
     cli("prune", "--no-align", "--teacher", str(dm / "rel_sharded"), "--plan", str(plan), "--out", str(dm / "rel_student.safetensors"))
+    for name, in_header in PER_LAYER_FILES.items():  # ComfyUI 0.8's per-layer fp8 layout, configs as tensors / header
+        sd, metadata = to_per_layer(scaled, in_header)
+        save_atomic(dm / f"{name}.safetensors", sd, metadata)
+        cli("prune", "--no-align", "--teacher", str(dm / f"{name}.safetensors"), "--plan", str(plan),
+            "--out", str(dm / f"{name}_student.safetensors"))
     return {"dm": dm, "work": work, "teacher": teacher, "scaled": scaled}
 
 
@@ -111,6 +117,37 @@ def test_pruned_fp8_scaled_student_equals_stock_loader_on_zeroed_teacher(comfy, 
     unpruned = latent(comfy, stock_loader("rel_scaled.safetensors"))
     std = float(ref.std())
     assert float((ref - unpruned).abs().max()) > 0.05 * std, "pruning must change the output for this to mean much"
+    err = float((ours - ref).abs().max())
+    assert err < 1e-3 * std, f"max |student - zeroed teacher| = {err:.2e}, latent std {std:.3f}"
+
+
+def _stock_reads_per_layer(comfyui_version: str) -> bool:
+    return comfyui_version != "0.3.75"  # 0.8 and later convert and read ComfyUI's per-layer fp8 layout
+
+
+@pytest.mark.parametrize("name", list(PER_LAYER_FILES))
+def test_per_layer_fp8_teacher_and_student_equal_the_stock_loader(comfy, files, comfyui_version, name):
+    """ComfyUI 0.8's per-layer layout (``weight_scale`` + ``.comfy_quant``, or the ``_quantization_metadata`` header):
+    the teacher samples bit-identically to the stock loader, and its pruned student (pruned in that layout) equals
+    the stock loader on the zeroed teacher in that layout. ComfyUI 0.3.75 cannot read the layout itself: there the
+    pack hands it the same weights in its marker layout, and the references are the marker-layout files."""
+    with open_wan(files["dm"] / f"{name}_student.safetensors") as r:
+        assert r.quant_layout == "per-layer" and r.meta.blocks[1].heads == (3,)
+        assert r.tensor("blocks.1.self_attn.q.weight").dtype == torch.float8_e4m3fn
+    ours_teacher = latent(comfy, pare_loader(f"{name}.safetensors"))
+    zeroed = zeroed_teacher(files["scaled"], PLAN, D.head_dim, D.num_heads, D.ffn_dim)
+    if _stock_reads_per_layer(comfyui_version):
+        sd, metadata = to_per_layer(zeroed, PER_LAYER_FILES[name])
+        save_atomic(files["dm"] / f"{name}_zeroed.safetensors", sd, metadata)
+        stock_teacher, stock_zeroed = f"{name}.safetensors", f"{name}_zeroed.safetensors"
+    else:
+        write_original(files["dm"] / "rel_scaled_zeroed.safetensors", zeroed)
+        stock_teacher, stock_zeroed = "rel_scaled.safetensors", "rel_scaled_zeroed.safetensors"
+    assert torch.equal(ours_teacher, latent(comfy, stock_loader(stock_teacher)))
+    ours = latent(comfy, pare_loader(f"{name}_student.safetensors"))
+    ref = latent(comfy, stock_loader(stock_zeroed))
+    std = float(ref.std())
+    assert float((ref - ours_teacher).abs().max()) > 0.05 * std, "pruning must change the output"
     err = float((ours - ref).abs().max())
     assert err < 1e-3 * std, f"max |student - zeroed teacher| = {err:.2e}, latent std {std:.3f}"
 

@@ -11,7 +11,7 @@ import tiny_assets
 import torch
 from comfy_harness import PromptError
 from conftest import run_latent
-from graphs import out, pare_loader, sample_graph
+from graphs import chain, out, pare_loader, sample_graph
 from safetensors.torch import load_file
 
 from comfyui_pare.pruned import load_checkpoint, save_checkpoint
@@ -19,7 +19,7 @@ from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
 from comfyui_pare.token_schedule import parse_schedule_text
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 N = tiny_assets.TINY_T2V.num_layers
 STUDENT = "tr_tiny_student.safetensors"
 LORA = "tr_tiny_student_lora.safetensors"
@@ -39,14 +39,6 @@ def reduce_tokens(doc: dict | None = None, text: str | None = None, **kw):
                   "end_percent": 1.0, **kw}
         inputs["schedule_json"] = text if text is not None else json.dumps(doc)
         return g.add("PARETokenReduction", model=out(model), **inputs)
-    return patch
-
-
-def chain(*hooks):
-    def patch(g, model):
-        for hook in hooks:
-            model = hook(g, model)
-        return model
     return patch
 
 
