@@ -15,7 +15,8 @@ model at widths on that grain (``pad_state_dict``), with a transform that leaves
   the norm divides by the same sqrt(m + eps) as before (eps unchanged), and the norm weights divided by s undo the
   s on the real channels: y = (s q) / sqrt(m + eps) * (w / s) = q / sqrt(m + eps) * w. Exact in real arithmetic;
   in floating point the rescaled q/k weights and norm weights carry one rounding of their dtype (fp32: a few ulps).
-  For an fp8_scaled file the factor goes into the 0-d ``scale_weight`` instead, so the fp8 weights are untouched.
+  For a scaled fp8 file (either of ComfyUI's layouts) the factor goes into the weight's 0-d scale instead, so the
+  fp8 weights are untouched.
   Plain fp8 weights without a scale cannot be rescaled exactly; those blocks keep their head count (logged).
   Head padding is only ever needed for head dims that are not a multiple of 64: real Wan2.1 (head dim 128) never
   pads heads, so for it the transform is the exact FFN zero padding alone.
@@ -37,6 +38,7 @@ import torch
 
 from .lora import LoraPatch, ParsedLora, split_block
 from .pruned import FP8_MATMUL_MULTIPLE, PrunedWanMeta, unaligned_widths
+from .quant_layout import SCALE_SUFFIXES, SCALE_WEIGHT
 from .surgery import BlockPlan, PrunePlan
 from .wan import BlockWidth
 
@@ -146,6 +148,14 @@ def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
     return (t.to(torch.float32) * factor).to(t.dtype)
 
 
+def _weight_scale_key(sd: Mapping[str, torch.Tensor], weight_key: str) -> str | None:
+    """The key of a scaled fp8 weight's per-tensor scale in either of ComfyUI's layouts (``<layer>.scale_weight``,
+    marker layout; ``<layer>.weight_scale``, per-layer layout), or None."""
+    base = weight_key.removesuffix("weight")
+    return next((base + name for name, (_, kind) in SCALE_SUFFIXES.items()
+                 if kind == SCALE_WEIGHT and base + name in sd), None)
+
+
 def _pad_heads(sd: dict[str, torch.Tensor], p: str, a: BlockAlignment, head_dim: int) -> None:
     rows = a.padded_heads * head_dim
     s = a.head_scale
@@ -154,8 +164,8 @@ def _pad_heads(sd: dict[str, torch.Tensor], p: str, a: BlockAlignment, head_dim:
         sd[f"{p}self_attn.{n}.bias"] = _pad(sd[f"{p}self_attn.{n}.bias"], 0, rows)
     sd[f"{p}self_attn.o.weight"] = _pad(sd[f"{p}self_attn.o.weight"], 1, rows)
     for n in _QK:  # padded rows are zero, so scaling the whole tensor scales the real rows only
-        scale_key = f"{p}self_attn.{n}.scale_weight"
-        if scale_key in sd:  # fp8_scaled: the real weight is weight * scale_weight; the fp8 bytes stay as stored
+        scale_key = _weight_scale_key(sd, f"{p}self_attn.{n}.weight")
+        if scale_key is not None:  # scaled fp8: the real weight is weight * scale; the fp8 bytes stay as stored
             sd[scale_key] = _scaled(sd[scale_key], s)
         else:
             sd[f"{p}self_attn.{n}.weight"] = _scaled(sd[f"{p}self_attn.{n}.weight"], s)
@@ -174,13 +184,12 @@ def pad_state_dict(sd: dict[str, torch.Tensor], meta: PrunedWanMeta, multiple: i
                    source: str = "model") -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
     """(state dict, build metadata) with every block's widths on the grain, computing the same function.
 
-    ``sd`` uses original keys, as stored (fp8 stays fp8; an fp8_scaled file's ``<module>.scale_weight`` beside its
-    weight). Returns ``sd`` and ``meta`` themselves when every width is already on the grain; otherwise a new dict
+    ``sd`` uses original keys, as stored (fp8 stays fp8; a scaled fp8 weight's 0-d scale beside it, named in either of
+    ComfyUI's layouts; ``.comfy_quant`` configs do not depend on the width and pass through). Returns ``sd`` and ``meta`` themselves when every width is already on the grain; otherwise a new dict
     (tensors not padded are shared) and the metadata to build the model with (``build_meta``).
     """
     unscalable = unscalable_blocks(meta.num_blocks, lambda k: sd[k].dtype,
-                                   lambda k: any(k.removesuffix("weight") + s in sd
-                                                 for s in ("scale_weight", "weight_scale")))
+                                   lambda k: _weight_scale_key(sd, k) is not None)
     plan = alignment_plan(meta, multiple, unscalable)
     if all(a.padded_heads == a.heads and a.padded_ffn == a.ffn for a in plan):
         return sd, meta

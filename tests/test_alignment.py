@@ -87,30 +87,38 @@ def test_ffn_padding_adds_only_zeros_in_low_precision():
     assert padded["blocks.3.ffn.0.weight"] is sd["blocks.3.ffn.0.weight"]  # aligned tensors are shared, not copied
 
 
-def fp8_scaled(sd: dict) -> dict:
-    """ComfyUI's fp8_scaled layout: fp8 linear weights with a 0-d fp32 scale_weight (and input scale) each."""
+LAYOUTS = {"marker": ("scale_weight", "scale_input"), "per-layer": ("weight_scale", "input_scale")}
+
+
+def fp8_scaled(sd: dict, layout: str = "marker") -> dict:
+    """ComfyUI's scaled fp8 layouts: fp8 linear weights with a 0-d fp32 weight scale (and input scale) each, named
+    as the marker layout (0.3.x) or the per-layer one (0.8+, which also has .comfy_quant configs) names them."""
+    weight_scale, input_scale = LAYOUTS[layout]
     out = dict(sd)
     for key, t in sd.items():
         if key.endswith(".weight") and t.ndim == 2 and key.startswith("blocks."):
             scale = t.abs().max().float() / 448.0
             out[key] = (t / scale).to(torch.float8_e4m3fn)
-            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
-            out[key[: -len("weight")] + "scale_input"] = torch.tensor(1.0)
+            out[key[: -len("weight")] + weight_scale] = scale.reshape(())
+            out[key[: -len("weight")] + input_scale] = torch.tensor(1.0)
     return out
 
 
-def dequantized(sd: dict) -> dict:
-    out = {k: v for k, v in sd.items() if not k.endswith(("scale_weight", "scale_input"))}
+def dequantized(sd: dict, layout: str = "marker") -> dict:
+    weight_scale, input_scale = LAYOUTS[layout]
+    out = {k: v for k, v in sd.items() if not k.endswith((weight_scale, input_scale))}
     for key in out:
-        scale = sd.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
+        scale = sd.get(key[: -len("weight")] + weight_scale) if key.endswith(".weight") else None
         if scale is not None:
             out[key] = out[key].float() * scale
     return out
 
 
-def test_fp8_scaled_pads_exactly_without_touching_fp8_bytes():
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fp8_scaled_pads_exactly_without_touching_fp8_bytes(layout):
     sd, meta = student(TINY_T2V)
-    scaled = fp8_scaled(sd)
+    scaled = fp8_scaled(sd, layout)
+    weight_scale = LAYOUTS[layout][0]
     padded, built = pad_state_dict(scaled, meta)
     assert not unaligned_widths(built, GRAIN)
     q = padded["blocks.0.self_attn.q.weight"]
@@ -119,9 +127,10 @@ def test_fp8_scaled_pads_exactly_without_touching_fp8_bytes():
     assert torch.equal(q[:rows].view(torch.uint8), scaled["blocks.0.self_attn.q.weight"].view(torch.uint8))
     assert not q[rows:].view(torch.uint8).any()
     s = alignment_plan(meta)[0].head_scale
-    assert padded["blocks.0.self_attn.q.scale_weight"].item() == pytest.approx(
-        scaled["blocks.0.self_attn.q.scale_weight"].item() * s, rel=1e-7)
-    err = (forward(dequantized(padded), built, TINY_T2V) - forward(dequantized(scaled), meta, TINY_T2V)).abs().max()
+    assert padded[f"blocks.0.self_attn.q.{weight_scale}"].item() == pytest.approx(
+        scaled[f"blocks.0.self_attn.q.{weight_scale}"].item() * s, rel=1e-7)
+    err = (forward(dequantized(padded, layout), built, TINY_T2V)
+           - forward(dequantized(scaled, layout), meta, TINY_T2V)).abs().max()
     assert err < FP32_TOL, err
 
 

@@ -19,10 +19,11 @@ from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
 from comfyui_pare.wan import WanDims
 from training.tiny import random_wan_state_dict
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]  # the loader builds the model differently on 0.8
 POS, NEG = "align_pos.safetensors", "align_neg.safetensors"
-# A narrow stand-in for Wan2.1-14B's FFN (13824) with head dim 32, so head counts can be off the grain too.
-DIMS = WanDims(dim=256, num_heads=8, ffn_dim=13824, num_layers=2, text_dim=4096)
+# A narrow stand-in for Wan2.1-14B's FFN (13824) with head dim 32, so head counts can be off the grain too (dim 1024:
+# the metadata check allows FFN widths up to 16 x dim).
+DIMS = WanDims(dim=1024, num_heads=32, ffn_dim=13824, num_layers=2, text_dim=4096)
 PLAN = PrunePlan((BlockPlan(heads=(1, 4, 6), ffn=tuple(j for j in range(13824) if j % 10)[:9677]),
                   BlockPlan(heads=(0, 2, 3, 5, 7), ffn=tuple(range(7, 13824, 13))[:1001])))
 STUDENT, LORA = "align_student.safetensors", "align_lora.safetensors"
@@ -52,29 +53,43 @@ def files(comfy):
     return meta
 
 
-def sample(comfy, loader, lora: tuple[str, str] | None = None) -> tuple[torch.Tensor, list[dict]]:
+# Token reduction on both blocks, queries and keys/values (the proportional bias): padded heads are zero heads, which
+# the per-head matching and the reduced attention carry as zeros.
+REDUCTION = {"num_blocks": 2, "stride": [1, 2, 2], "metric": "cosine", "mode": "mean", "seed": 5, "rules": [
+    {"feature": "q", "blocks": "0-1", "ratio": 0.5}, {"feature": "kv", "blocks": "0-1", "ratio": 0.4}]}
+TOKEN_REDUCTION = ("PARETokenReduction", {"schedule": "custom", "strength": 1.0, "matching_cache_steps": 1,
+                                          "start_percent": 0.0, "end_percent": 1.0,
+                                          "schedule_json": json.dumps(REDUCTION)})
+
+
+def sample(comfy, loader, patches: list[tuple[str, dict]]) -> tuple[torch.Tensor, list[dict]]:
     probe = {}
 
     def patch(g, model):
-        if lora:  # (node, file); a random LoRA at 0.05: larger strengths make the tiny model chaotic
-            model = g.add(lora[0], model=out(model), lora_name=lora[1], strength_model=0.05)
+        for node, inputs in patches:
+            model = g.add(node, model=out(model), **inputs)
         probe["node"] = g.add("PARETestModelWidths", model=out(model))
         return model
 
-    g, save = sample_graph(loader, positive=POS, negative=NEG, cfg=4.0, steps=3, seed=5, size=32, frames=5,
+    g, save = sample_graph(loader, positive=POS, negative=NEG, cfg=4.0, steps=3, seed=5, size=64, frames=5,
                            patch_model=patch)
     entry = comfy.run(g.to_json())
     return read_latent(comfy.output_files(entry, save, "latents")[0]), json.loads(entry["outputs"][probe["node"]]["text"][0])
 
 
-@pytest.mark.parametrize("lora", [None, "teacher", "student"], ids=["plain", "teacher_lora", "student_lora"])
-def test_off_grain_student_runs_on_the_grain_and_samples_the_same(comfy, files, lora):
-    """With a LoRA: one for the teacher through PARE LoRA Loader on both; one trained on the student (its own shapes)
-    through PARE LoRA Loader on the padded model, and through the stock loader on the unpadded reference."""
-    ours_lora = {None: None, "teacher": ("PARELoraLoader", LORA), "student": ("PARELoraLoader", STUDENT_LORA)}[lora]
-    ref_lora = ("LoraLoaderModelOnly", STUDENT_LORA) if lora == "student" else ours_lora
-    ours, widths = sample(comfy, pare_loader(STUDENT), ours_lora)
-    ref, ref_widths = sample(comfy, ("PARETestLoadUnpadded", {"unet_name": STUDENT}), ref_lora)
+def lora(node: str, name: str) -> tuple[str, dict]:
+    return node, {"lora_name": name, "strength_model": 0.05}  # random LoRAs: larger strengths make the model chaotic
+
+
+@pytest.mark.parametrize("extra", [None, "teacher_lora", "student_lora", "token_reduction"])
+def test_off_grain_student_runs_on_the_grain_and_samples_the_same(comfy, files, extra):
+    """Extras on both models: a teacher LoRA through PARE LoRA Loader; a LoRA trained on the student (its own shapes)
+    through PARE LoRA Loader on the padded model and the stock loader on the unpadded reference; token reduction."""
+    ours_patches = {None: [], "teacher_lora": [lora("PARELoraLoader", LORA)],
+                    "student_lora": [lora("PARELoraLoader", STUDENT_LORA)], "token_reduction": [TOKEN_REDUCTION]}[extra]
+    ref_patches = [lora("LoraLoaderModelOnly", STUDENT_LORA)] if extra == "student_lora" else ours_patches
+    ours, widths = sample(comfy, pare_loader(STUDENT), ours_patches)
+    ref, ref_widths = sample(comfy, ("PARETestLoadUnpadded", {"unet_name": STUDENT}), ref_patches)
     assert ref_widths == [{"self_attention": 96, "heads": 3, "ffn": 9677}, {"self_attention": 160, "heads": 5, "ffn": 1001}]
     assert widths == [{"self_attention": 128, "heads": 4, "ffn": 9728}, {"self_attention": 192, "heads": 6, "ffn": 1024}]
     assert torch.isfinite(ours).all() and ours.abs().sum() > 0
