@@ -1,4 +1,4 @@
-"""``python -m comfyui_pare bench``: compute and wall-clock benchmarks of PARE (see docs/benchmarks.md).
+"""``python -m benchmarks``: compute and wall-clock benchmarks of PARE (see docs/benchmarks.md).
 
 A benchmark, not a test: it reports numbers. The suites are a small registry; each is a module with
 ``run(config, progress) -> dict`` (JSON-able) and ``table(result) -> list[str]``, imported only when selected,

@@ -1,4 +1,7 @@
-"""Command line: ``python -m comfyui_pare {prune,inspect,compute,lora-slice,bench} ...``."""
+"""Command line: ``python -m comfyui_pare {prune,inspect,compute,lora-slice} ...``.
+
+The node pack's own tools only: the benchmarks are ``python -m benchmarks`` and token-schedule calibration is
+``python -m training asymrnr-calibrate``, both in a checkout of the repository."""
 
 from __future__ import annotations
 
@@ -6,11 +9,10 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from dataclasses import fields
-from pathlib import Path
 
+from .alignment import TENSOR_CORE_MULTIPLE, align_plan, describe_alignment
 from .compute import embed_head_macs, model_block_macs, sum_macs, tokens_for
 from .errors import PareError
 from .lora_cli import add_lora_slice_parser
@@ -22,10 +24,18 @@ logger = logging.getLogger("comfyui_pare")
 
 
 def _prune(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.out):
+        raise PareError(f"--out {args.out} is a directory; give the path of the student .safetensors file to write")
     plan = PrunePlan.load(args.plan)
     with open_wan(args.teacher) as reader:
         if any(os.path.exists(args.out) and os.path.samefile(args.out, f) for f in reader.files):
             raise PareError(f"--out {args.out} is the teacher file itself; write the student to a new file")
+        if not args.no_align:
+            aligned = align_plan(plan, reader.meta)
+            if aligned != plan:
+                logger.info("rounded the plan's widths up to multiples of %d (tensor cores; --no-align keeps them)",
+                            TENSOR_CORE_MULTIPLE)
+            plan = aligned
         student_meta = prune_file(reader, plan, args.out)
     summary = describe(student_meta)
     logger.info(
@@ -37,7 +47,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     with open_wan(args.file) as reader:
-        report = {**describe(reader.meta), "file": reader.describe_format()}
+        report = {**describe(reader.meta), "file": reader.describe_format(), "alignment": describe_alignment(reader.meta)}
     json.dump(report, sys.stdout, indent=2 if args.pretty else None)
     sys.stdout.write("\n")
     return 0
@@ -63,17 +73,6 @@ def _compute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _asymrnr_calibrate(argv: list[str]) -> int:
-    """Run ``training/token_calibrate.py`` as a program (git-style external verb): the model-running part needs the
-    trainable Wan, which lives in training/, and the node pack never imports training."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "training" / "token_calibrate.py").is_file():
-        raise PareError("asymrnr-calibrate runs the model with the training toolkit (training/ in a checkout of the "
-                        f"comfyui-pare repository), which {root} does not have")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
-    return subprocess.call([sys.executable, "-m", "training.token_calibrate", *argv], cwd=root, env=env)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m comfyui_pare", description="PARE tools for Wan2.1 checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="input Wan2.1 checkpoint: a .safetensors (plain, ComfyUI, diffusers, fp8_scaled or already pruned), a sharded release's .index.json, or its folder")
     p.add_argument("--plan", required=True, help='plan.json: {"blocks": [{"heads": [...], "ffn": [...]}, ...]}')
     p.add_argument("--out", required=True, help="output safetensors (written atomically)")
+    p.add_argument("--no-align", action="store_true",
+                   help=f"keep the plan's widths as given; by default each block's head and FFN widths are rounded "
+                        f"up to multiples of {TENSOR_CORE_MULTIPLE} channels (tensor cores) by also keeping the "
+                        "lowest-numbered dropped heads / neurons")
     p.set_defaults(func=_prune)
     p = sub.add_parser("inspect", help="print a checkpoint's layout, per-block widths and metadata as JSON")
     p.add_argument("file", help="a Wan2.1 checkpoint in any layout (file, index or folder)")
@@ -93,38 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")
     p.set_defaults(func=_compute)
     add_lora_slice_parser(sub)
-    p = sub.add_parser("asymrnr-calibrate", add_help=False,
-                       help="measure token redundancy per block and timestep on a model (teacher or PARE student) "
-                            "and write a token-reduction schedule (--model M --samples DIR --out schedule.json; "
-                            "needs training/)")
-    p.set_defaults(func=None)  # listed for --help; main() hands its arguments over untouched
-    sub.add_parser("bench", add_help=False, help="benchmarks: analytic compute and step time through ComfyUI's "
-                   "sampler (a checkout's benchmarks/ package; `bench --help` for its options)")
     return parser
-
-
-def _bench(argv: list[str]) -> int:
-    """Run the repository's ``benchmarks`` package (not part of the node pack; it imports ComfyUI only inside the
-    suites that measure through it)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(repo, "benchmarks", "runner.py")):
-        print(f"error: the bench needs a checkout of the repository (no benchmarks/ beside {repo})", file=sys.stderr)
-        return 2
-    if repo not in sys.path:
-        sys.path.insert(1, repo)
-    from benchmarks.runner import main as bench_main
-
-    return bench_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # CLI entry point only, never on import
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its own parser (options of its own, --help included)
-        return _bench(argv[1:])
     try:
-        if argv[:1] == ["asymrnr-calibrate"]:
-            return _asymrnr_calibrate(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except PareError as e:

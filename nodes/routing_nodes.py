@@ -130,7 +130,7 @@ class PAREApplyRouter(io.ComfyNode):
             logger.warning("%s: %s", label, note)
         template = RoutingTemplate(RouterDecider(router, policy), meta, start_percent, end_percent,
                                    cfg_disagreement, label, notes=notes)
-        return io.NodeOutput(apply_routing(model, template))
+        return io.NodeOutput(apply_routing(model, template, "PARE Apply Router"))
 
 
 class PAREStaticSchedule(io.ComfyNode):
@@ -162,7 +162,7 @@ class PAREStaticSchedule(io.ComfyNode):
         _check_range(0.0, 1.0, cfg_disagreement)
         template = RoutingTemplate(ScheduleDecider(ranges), meta, 0.0, 1.0, cfg_disagreement,
                                    f"PARE static schedule '{schedule}'")
-        return io.NodeOutput(apply_routing(model, template))
+        return io.NodeOutput(apply_routing(model, template, "PARE Static Block Schedule"))
 
 
 class PARERoutingReport(io.ComfyNode):

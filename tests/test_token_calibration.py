@@ -17,7 +17,7 @@ from comfyui_pare.token_schedule import load_schedule
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "comfyui_pare", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True, text=True)
 
 
 def test_schedule_from_redundancy_spends_the_target_on_the_most_redundant_cells():

@@ -1,7 +1,7 @@
 """asymrnr-calibrate: measure per-block, per-timestep token redundancy on the user's own model and write a
 token-reduction schedule for the PARE Token Reduction node.
 
-``python -m comfyui_pare asymrnr-calibrate --model M --samples DIR --out schedule.json`` runs this module (the
+``python -m training asymrnr-calibrate --model M --samples DIR --out schedule.json`` runs this module (the
 node pack's CLI starts it as a program, so the pack never imports training). Steps:
 
 1. Load the teacher or a PARE student (``WanTransformer``, any per-block widths) and the calibration samples
@@ -153,7 +153,7 @@ def _measure(model: WanTransformer, probe: _Probe, cond: Conditioning, noise: to
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # program entry point only
-    parser = argparse.ArgumentParser(prog="python -m comfyui_pare asymrnr-calibrate", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m training asymrnr-calibrate", description=HELP)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
