@@ -221,7 +221,7 @@ def budget_policy(router: BlockRouter, name: str, budget: float, pin_first: int,
         clamped = ("" if cal.is_calibrated(budget) else f" (it is also outside the calibrated budgets "
                    f"{cal.budgets[0]:g}-{cal.budgets[-1]:g}, so the nearest calibrated threshold is used)")
         notes.append(f"budget {budget:g} is outside the budgets this router was validated for "
-                     f"({cal.describe_validated()}){clamped}; the compute spent and the quality are unchecked there")
+                     f"({cal.describe_validated()}){clamped}; there the compute spent or the quality was not confirmed")
     if (cal.pin_first, cal.pin_last) != (pin_first, pin_last):
         notes.append(f"the budget calibration assumed pin_first={cal.pin_first}, pin_last={cal.pin_last}; with "
                      f"{pin_first}/{pin_last} the compute spent differs from the budget")
