@@ -17,7 +17,9 @@ The static search (greedy, ``search_static``) picks schedules on other prompts (
 ``SEARCH_SEED``) by the CFG velocity error against the teacher on noised clips at every step sigma (a proxy: cheap
 enough for this CPU); cells are (quarter of the schedule, unpinned block).
 ``--calibrate-router`` first writes the shipped router's budget calibration (``python -m training calibrate-router``
-on 48 training-split clips that the student never trained on, 24 calibrate / 24 validate) into the shipped file.
+on 48 training-split clips that the student never trained on, 24 calibrate / 24 validate; validated by spend, by
+velocity error against the best static contiguous skip and at most 2x the trained threshold's error, with the
+teacher's ``calibrate`` stats on the same clips, 8 timesteps) into the shipped file.
 
 Writes ``<out>/toy_budget_curve.json``, ``<out>/toy_budget_curve.png`` (PSNR and trajectory error against compute)
 and ``<out>/toy_router_heatmaps.png`` (the router's decisions for two prompts side by side, budget mode 0.6), and
@@ -117,9 +119,17 @@ def calibrate_router(work: Path) -> None:
         with torch.no_grad():
             write_sample(folder / f"sample_{i:05d}.safetensors", text([clip.prompt])[0], latent_shape=tuple(z.shape),
                          seed=i, prompt=clip.prompt, latent=z)
+    stats = work / "stats.safetensors"  # the teacher's calibration on the same clips: static skips, suggestions
+    if not stats.exists():
+        from training.__main__ import main as training_main
+
+        assert training_main(["calibrate", "--teacher", str(WEIGHTS / "pare_toy_teacher.safetensors"), "--samples",
+                              str(folder), "--out", str(stats), "--shift", str(SHIFT), "--timesteps", "8",
+                              "--query-rows", "32", "--device", "cpu"]) == 0
     cal = calibrate_router_file(str(WEIGHTS / "pare_toy_student.safetensors"), str(WEIGHTS / "pare_toy_router.safetensors"),
                                 str(folder), None, tuple(round(0.3 + 0.05 * k, 2) for k in range(15)), 20, SHIFT,
-                                *PIN)
+                                *PIN, teacher_path=str(WEIGHTS / "pare_toy_teacher.safetensors"), stats=str(stats),
+                                max_error_ratio=2.0)
     log_table(cal)
 
 
