@@ -17,7 +17,8 @@ from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, write_
 from comfyui_pare.pruned import load_checkpoint, read_meta
 from comfyui_pare.safetensors_io import save_atomic
 
-pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
+# Tests marked every_comfyui also run on ComfyUI 0.8.0 (the rest on the pinned 0.3.75 only, for CI time).
+pytestmark = pytest.mark.comfy
 POS, NEG = "cond4096_pos.safetensors", "cond4096_neg.safetensors"
 
 
@@ -54,6 +55,7 @@ def latent(comfy, loader, **kw) -> torch.Tensor:
     return run_latent(comfy, g, save)
 
 
+@pytest.mark.every_comfyui
 @pytest.mark.parametrize("sampler,scheduler", [("euler", "simple"), ("uni_pc", "simple")])
 def test_zero_pruned_is_bit_identical_to_stock_loader(comfy, models, sampler, scheduler):
     kw = dict(sampler=sampler, scheduler=scheduler, cfg=4.0, steps=3, seed=11)
@@ -63,6 +65,7 @@ def test_zero_pruned_is_bit_identical_to_stock_loader(comfy, models, sampler, sc
     assert ours.abs().sum() > 0
 
 
+@pytest.mark.every_comfyui
 def test_zero_pruned_i2v_is_bit_identical_to_stock_loader(comfy, models):
     kw = dict(variant="i2v", cfg=3.0, steps=2, seed=5)
     ours = latent(comfy, pare_loader("stock_i2v_teacher.safetensors"), **kw)
@@ -70,6 +73,7 @@ def test_zero_pruned_i2v_is_bit_identical_to_stock_loader(comfy, models):
     assert torch.equal(ours, stock)
 
 
+@pytest.mark.every_comfyui
 @pytest.mark.parametrize("plan", ["ffn", "heads"])
 def test_pruning_equals_zeroed_teacher(comfy, models, plan):
     d = STOCK_T2V
@@ -94,6 +98,7 @@ def test_student_files_carry_their_widths(models):
     assert torch.equal(sd["blocks.0.self_attn.q.weight"][128:], models["teacher"]["blocks.0.self_attn.q.weight"][256:384])
 
 
+@pytest.mark.every_comfyui
 def test_fp8_weights_sample(comfy, models):
     kw = dict(cfg=4.0, steps=3, seed=31)
     fp8 = latent(comfy, pare_loader("student_heads.safetensors", "fp8_e4m3fn"), **kw)
@@ -104,6 +109,7 @@ def test_fp8_weights_sample(comfy, models):
     assert rel < 0.25, f"fp8 run drifted too far from fp32 ({rel:.3f})"
 
 
+@pytest.mark.every_comfyui
 def test_heads_other_than_128_load(comfy, assets_dir):
     """The tiny default has head dim 32 and text dim 64, which ComfyUI's own detection cannot load."""
     g, save = sample_graph(pare_loader("pare_tiny_t2v_teacher.safetensors"), cfg=2.0, steps=2)
@@ -178,6 +184,7 @@ def test_nodes_listed_with_tooltips(comfy):
     assert not failed, failed
 
 
+@pytest.mark.every_comfyui
 @pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn", "fp8_e5m2", "fp8_e4m3fn_fast"])
 def test_bf16_prefixed_plain_file_matches_stock_for_every_weight_dtype(comfy, models, weight_dtype):
     """A plain bf16 Wan file with ComfyUI's 'model.diffusion_model.' prefix, as checkpoints in the wild."""
