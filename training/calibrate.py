@@ -26,15 +26,17 @@ import torch
 from einops import rearrange, reduce
 from tqdm.auto import tqdm
 
+from comfyui_pare.calibration import read_folder
 from comfyui_pare.errors import PareFormatError
 from comfyui_pare.safetensors_io import load_tensors, save_atomic
 
 from .attention_stats import frame_of_tokens, intra_slice_ratio, sample_rows
-from .data import PreparedSample, noised, with_condition
+from .data import PreparedSample, noised, prepare_sample, with_condition
 from .model import WanTransformer, apply_rope
 from .plots import category_grid_png, heatmap_png
 from .sampling import flow_sigmas
 from .scores import TYPE_NAMES, adjust_importance, classify
+from .teacher import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +225,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from comfyui_pare.calibration import read_folder
-
-    from .data import prepare_sample
-    from .teacher import load_model
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     sigmas = (tuple(float(s) for s in args.sigmas.split(",")) if args.sigmas
               else default_sigmas(args.timesteps, args.shift))
