@@ -34,7 +34,17 @@ from .config import ConfigError, load_config
 from .icmd import icmd_terms, matched_outputs
 from .loop import TrainConfig, Trainer, set_determinism
 from .parallel import barrier, checkpoint_activations, full_state_dict, shutdown, wrap_trainable
-from .stage_common import DataConfig, FlowConfig, ModelConfig, Stage, load_inputs, loss_weights, student_sources
+from .resources import write_report
+from .stage_common import (
+    DataConfig,
+    FlowConfig,
+    ModelConfig,
+    Stage,
+    load_inputs,
+    loss_weights,
+    student_sources,
+    tokens_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +156,8 @@ def train(cfg: DistillConfig, resume: str | None = None) -> dict:
         report = json.loads(report_path.read_text()) if resume and report_path.is_file() else {}
         if "initial" not in report:
             report["initial"] = stage.velocity_error(cfg.distill.eval_samples, EVAL_SIGMAS)
-        trainer = Trainer(cfg.train, info, stage.student, stage.loss_fn, config=cfg)
+        trainer = Trainer(cfg.train, info, stage.student, stage.loss_fn, config=cfg,
+                          tokens_per_step=cfg.train.batch_size * tokens_of(stage.samples)[0])
         trainer.run(resume)
         trainer.final_weights()
         report["final"] = stage.velocity_error(cfg.distill.eval_samples, EVAL_SIGMAS)
@@ -156,6 +167,7 @@ def train(cfg: DistillConfig, resume: str | None = None) -> dict:
         if info.is_main:
             atomic_write_text(report_path, json.dumps(report, indent=1))
             logger.info("velocity error %.4g -> %.4g (x%.3f)", report["initial"], report["final"], report["ratio"])
+        write_report(out, info, trainer.throughput())
         barrier()
         return report
     finally:

@@ -33,16 +33,25 @@ import torch.distributed as dist
 from comfyui_pare.router import BlockRouter, load_router
 from comfyui_pare.safetensors_io import atomic_write_text
 from comfyui_pare.schedule import parse_schedule
-from comfyui_pare.wan import PATCH_SIZE
 
 from . import route_eval  # the module, not names: route_eval -> export -> route is a cycle
 from .config import ConfigError, InputPath, load_config
 from .gates import budget_penalty, compute_fraction, expected_compute_fraction, logistic_noise, normalized_costs
 from .loop import TrainConfig, Trainer, set_determinism
 from .parallel import barrier, checkpoint_activations, full_state_dict, shutdown, wrap_trainable
+from .resources import write_report
 from .routed import GatedWan, block_costs, initial_bias, pin_mask, router_spec_for
 from .sharded import TensorRows
-from .stage_common import DataConfig, FlowConfig, ModelConfig, Stage, load_inputs, loss_weights, student_sources
+from .stage_common import (
+    DataConfig,
+    FlowConfig,
+    ModelConfig,
+    Stage,
+    load_inputs,
+    loss_weights,
+    student_sources,
+    tokens_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,20 +217,14 @@ def fixed_mask(rc: RouteSection, meta, costs: torch.Tensor, pinned: torch.Tensor
     return run
 
 
-def tokens_of(samples) -> tuple[int, int]:
-    """(video tokens, text tokens) of the training inputs: what the block costs are counted at."""
-    _, f, h, w = samples[0].x0.shape
-    tokens = -(-f // PATCH_SIZE[0]) * -(-h // PATCH_SIZE[1]) * -(-w // PATCH_SIZE[2])
-    return tokens, max(s.context.shape[0] for s in samples)
-
-
 def train(cfg: RouteConfig, resume: str | None = None) -> dict:
     """Run stage 2 to ``train.steps``, then evaluate and export (rank 0). Returns the report."""
     set_determinism(cfg.train)
     info, stage = build(cfg)
     try:
         trainer = Trainer(cfg.train, info, stage.gated, stage.loss_fn, config=cfg,
-                          lr_scales={"router": cfg.route.router_learning_rate / cfg.train.learning_rate})
+                          lr_scales={"router": cfg.route.router_learning_rate / cfg.train.learning_rate},
+                          tokens_per_step=cfg.train.batch_size * tokens_of(stage.samples)[0])
         trainer.run(resume)
         trainer.final_weights()
         state = full_state_dict(stage.gated, info)  # collective under FSDP2: every rank takes part
@@ -230,6 +233,7 @@ def train(cfg: RouteConfig, resume: str | None = None) -> dict:
             out = Path(cfg.train.output_dir)
             report = route_eval.finish_run(cfg, stage, state, out / "student.safetensors", out / "router.safetensors")
             atomic_write_text(out / "route_report.json", json.dumps(report, indent=1))
+        write_report(cfg.train.output_dir, info, trainer.throughput())
         barrier()
         return report
     finally:

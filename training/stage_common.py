@@ -18,11 +18,13 @@ from typing import Literal
 import torch
 
 from comfyui_pare.calibration import read_folder
+from comfyui_pare.wan import PATCH_SIZE
 
 from .config import ConfigError, InputPath
 from .data import PreparedSample, collate, noised, prepare_sample, with_condition
 from .model import WanTransformer
 from .parallel import DistInfo, init_distributed, resolve_strategy, shard_frozen
+from .resources import mark_baseline
 from .salient import salient_weights
 from .sampling import time_snr_shift
 from .sharded import CheckpointRows, RowSource, meta_model
@@ -161,6 +163,13 @@ def student_sources(cfg) -> dict[str, RowSource]:
     return {"": CheckpointRows(cfg.model.student, torch.float32)}
 
 
+def tokens_of(samples: list[PreparedSample]) -> tuple[int, int]:
+    """(video tokens, text tokens) per sample of the training inputs: what block costs and tokens/s count."""
+    _, f, h, w = samples[0].x0.shape
+    tokens = -(-f // PATCH_SIZE[0]) * -(-h // PATCH_SIZE[1]) * -(-w // PATCH_SIZE[2])
+    return tokens, max(s.context.shape[0] for s in samples)
+
+
 def load_inputs(cfg) -> tuple[DistInfo, WanTransformer, WanTransformer, list[PreparedSample]]:
     """Teacher (frozen, placed for this rank), student (float32, not yet placed) and prepared samples.
 
@@ -169,6 +178,7 @@ def load_inputs(cfg) -> tuple[DistInfo, WanTransformer, WanTransformer, list[Pre
     ``wrap_trainable`` shards it and reads its rows (``student_sources``). Otherwise both are read whole.
     ``cfg`` has the [model], [data], [flow] and [train] tables (both stages' configs do)."""
     info = init_distributed(cfg.train.device)
+    mark_baseline()  # host memory before any model: what resources.json's peaks are measured against
     tdtype = torch.bfloat16 if cfg.model.teacher_dtype == "bfloat16" else torch.float32
     if resolve_strategy(cfg.train.strategy, info) == "fsdp":
         teacher, student = meta_model(cfg.model.teacher, tdtype), meta_model(cfg.model.student, torch.float32)
