@@ -1,7 +1,7 @@
 """What a run costs, measured: step time, tokens per second, peak host and GPU memory of every rank.
 
-``mark_baseline`` records the process's host memory high-water mark before any model is loaded (after imports and
-the process group); ``write_report`` gathers every rank's peak at the end of a stage and rank 0 writes
+``mark_baseline`` records the process's host memory high-water mark before any model is loaded (after imports, the
+process group and FSDP2's one-time start-up, ``parallel.warm_up``); ``write_report`` gathers every rank's peak at the end of a stage and rank 0 writes
 ``resources.json`` in the output folder:
 
 ``{"world_size", "step_time_s" (median over the timed steps), "tokens_per_step", "tokens_per_s", "steps_timed",
@@ -12,6 +12,7 @@ Host memory is Linux's ``VmHWM`` (peak resident set, file-backed pages included)
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import resource
@@ -29,6 +30,7 @@ from .parallel import DistInfo
 logger = logging.getLogger(__name__)
 
 _baseline: int | None = None
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 def host_peak_bytes() -> int:
@@ -41,6 +43,21 @@ def host_peak_bytes() -> int:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def return_freed_memory() -> None:
+    """On glibc, serve allocations of 1 MiB and more with mmap, so memory freed by FSDP2 (each gathered block,
+    each slice read from a checkpoint) goes back to the OS. By default glibc raises its mmap threshold up to
+    32 MiB after the first such free, and from then on keeps freed blocks in the heap, where fragmentation lets the
+    process grow by a gathered model's size over a few steps on the CPU (measured: +0.7 GB for a 0.46 GB teacher
+    on 2 ranks)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to tune
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 def mark_baseline() -> None:

@@ -11,6 +11,7 @@ own config table.
 
 from __future__ import annotations
 
+import importlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -23,8 +24,8 @@ from comfyui_pare.wan import PATCH_SIZE
 from .config import ConfigError, InputPath
 from .data import PreparedSample, collate, noised, prepare_sample, with_condition
 from .model import WanTransformer
-from .parallel import DistInfo, init_distributed, resolve_strategy, shard_frozen
-from .resources import mark_baseline
+from .parallel import DistInfo, init_distributed, resolve_strategy, shard_frozen, warm_up
+from .resources import mark_baseline, return_freed_memory
 from .salient import salient_weights
 from .sampling import time_snr_shift
 from .sharded import CheckpointRows, RowSource, meta_model
@@ -178,6 +179,11 @@ def load_inputs(cfg) -> tuple[DistInfo, WanTransformer, WanTransformer, list[Pre
     ``wrap_trainable`` shards it and reads its rows (``student_sources``). Otherwise both are read whole.
     ``cfg`` has the [model], [data], [flow] and [train] tables (both stages' configs do)."""
     info = init_distributed(cfg.train.device)
+    return_freed_memory()
+    warm_up(cfg.train.strategy, info)
+    # diffusers (timestep density, loss weights) is imported lazily so `--help` stays fast; import it before the
+    # baseline, since its ~0.1 GB belongs to the process, not to the first step.
+    importlib.import_module("diffusers.training_utils")
     mark_baseline()  # host memory before any model: what resources.json's peaks are measured against
     tdtype = torch.bfloat16 if cfg.model.teacher_dtype == "bfloat16" else torch.float32
     if resolve_strategy(cfg.train.strategy, info) == "fsdp":
