@@ -27,6 +27,7 @@ VERBS: dict[str, str] = {
     "toyworld": "training.toyworld.cli",
     "route": "training.route",
     "export": "training.export",
+    "estimate": "training.estimate",
 }
 
 
