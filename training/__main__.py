@@ -28,6 +28,7 @@ VERBS: dict[str, str] = {
     "route": "training.route",
     "export": "training.export",
     "estimate": "training.estimate",
+    "cache-targets": "training.cache_targets",
 }
 
 

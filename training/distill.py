@@ -85,23 +85,28 @@ class DistillConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     distill: LossConfig = field(default_factory=LossConfig)
 
+    def validate(self) -> None:
+        if self.data.target_draws and self.distill.needs_states:
+            raise ConfigError("config field 'data.target_draws': fixed draws with cached teacher targets give the "
+                              "teacher's velocity only; distill.feature_weight, content_weight and motion_weight need "
+                              "its block outputs (set them to 0, or data.target_draws to 0)")
+
 
 class StageOne(Stage):
     """Stage 1's step: the velocity loss plus block-output feature matching and VDMini's terms (``[distill]``)."""
 
     def loss_fn(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        d = self.draw(gen)
-        rows, items, (x, t, ctx, clip) = self.local_inputs(d)
+        batch = self.local_inputs(self.draw(gen))
+        x, t, ctx, clip = batch.inputs
         opts = self.cfg.distill
         feat = opts.needs_states
-        with torch.no_grad(), self.autocast:
-            target = self.teacher(x, t, ctx, clip, return_hidden_states=feat)
+        target = self.teacher_velocity(batch, return_hidden_states=feat)
         with self.autocast:
             pred = self.wrapped(x, t, ctx, clip, return_hidden_states=feat)
         if feat:
             (target, t_states), (pred, s_states) = target, pred
-        weight = loss_weights(self.cfg.flow, d.sigma[rows], x.device)
-        per_row = self.row_errors(pred, target, items)
+        weight = loss_weights(self.cfg.flow, batch.sigma, x.device)
+        per_row = self.row_errors(pred, target, batch.items)
         velocity = (weight * per_row).mean()
         metrics = {"velocity_mse": float(per_row.detach().mean())}
         loss = velocity

@@ -131,14 +131,14 @@ class StageTwo(Stage):
         if rc.gate_noise and rc.learns_router:
             scale = 1.0 + (rc.gate_noise_final - 1.0) * step / max(1, cfg.train.steps - 1)
             gate_noise = scale * logistic_noise((b, self.gated.student.num_blocks), gen)
-        rows, items, (x, t, ctx, clip) = self.local_inputs(d)
-        with torch.no_grad(), self.autocast:
-            target = self.teacher(x, t, ctx, clip)
+        batch = self.local_inputs(d)
+        (x, t, ctx, clip), rows = batch.inputs, batch.rows
+        target = self.teacher_velocity(batch)
         with self.autocast:
             pred, logits, gates = self.wrapped(x, t, ctx, rc.tau, None if gate_noise is None else gate_noise[rows],
                                                clip)
-        weight = loss_weights(cfg.flow, d.sigma[rows], x.device)
-        per_row = self.row_errors(pred, target, items)
+        weight = loss_weights(cfg.flow, batch.sigma, x.device)
+        per_row = self.row_errors(pred, target, batch.items)
         distill = (weight * per_row).mean()
         local = expected_compute_fraction(logits, self.costs, self.gated.pinned)
         glob = self._global_mean(local.detach())

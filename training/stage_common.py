@@ -18,17 +18,18 @@ from typing import Literal
 
 import torch
 
-from comfyui_pare.calibration import read_folder
 from comfyui_pare.wan import PATCH_SIZE
 
-from .config import ConfigError, InputPath
-from .data import PreparedSample, collate, noised, prepare_sample, with_condition
+from .config import ConfigError, InputPath, OutputPath
+from .data import PreparedSample, collate, noised, with_condition
 from .model import WanTransformer
 from .parallel import DistInfo, init_distributed, resolve_strategy, shard_frozen, warm_up
 from .resources import mark_baseline, return_freed_memory
 from .salient import salient_weights
+from .sample_index import SampleIndex
 from .sampling import time_snr_shift
 from .sharded import CheckpointRows, RowSource, meta_model
+from .targets import TargetCache, draw_generator, settings_of, teacher_fingerprint
 from .teacher import load_model
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (x_t, timestep, context, clip)
@@ -44,12 +45,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    samples: InputPath
+    samples: InputPath  # a folder of calibration samples (indexed from the headers, read when drawn)
     generate_steps: int = 0  # teacher Euler steps for samples without a latent (0: they are an error)
+    target_draws: int = 0  # > 0: K fixed (sigma, noise) draws per sample, teacher targets reusable (training.targets)
+    target_cache: OutputPath | None = None  # folder of the teacher's targets for those draws (`cache-targets`)
 
     def validate(self) -> None:
-        if self.generate_steps < 0:
-            raise ConfigError("config field 'data.generate_steps' must be >= 0")
+        if self.generate_steps < 0 or self.target_draws < 0:
+            raise ConfigError("config fields 'data.generate_steps' and 'data.target_draws' must be >= 0")
+        if self.target_cache is not None and self.target_draws == 0:
+            raise ConfigError("config field 'data.target_cache' needs 'data.target_draws' > 0 (the cached targets are "
+                              "for fixed draws per sample)")
 
 
 @dataclass
@@ -89,24 +95,41 @@ def loss_weights(flow: FlowConfig, sigma: torch.Tensor, device: torch.device) ->
 
 @dataclass
 class Draw:
-    """The randomness of one global batch, identical on every rank: sample rows, sigmas [B], noise [B, ...]."""
+    """The randomness of one global batch, identical on every rank: sample rows, and either sigmas [B] and noise
+    [B, ...] or, with fixed draws (``data.target_draws``), each row's draw number [B]."""
 
     idx: torch.Tensor
-    sigma: torch.Tensor
-    noise: torch.Tensor
+    sigma: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    draws: torch.Tensor | None = None
+
+
+@dataclass
+class LocalBatch:
+    """This rank's rows of a global batch."""
+
+    rows: slice
+    items: list[PreparedSample]
+    sigma: torch.Tensor  # [b]
+    draws: list[int] | None  # fixed-draw numbers, or None
+    inputs: Inputs
 
 
 class Stage:
     """Teacher, student, samples and the inputs of a step; a stage adds its ``loss_fn`` for the ``Trainer``."""
 
-    def __init__(self, cfg, info: DistInfo, teacher, student, wrapped, samples: list[PreparedSample]) -> None:
+    def __init__(self, cfg, info: DistInfo, teacher, student, wrapped, samples: SampleIndex) -> None:
         self.cfg, self.info, self.teacher, self.student, self.wrapped = cfg, info, teacher, student, wrapped
         self.samples = samples
-        self.context_length = max(s.context.shape[0] for s in samples)
+        self.context_length = samples.context_length
         self.dims = student.dims
         # Under FSDP2 the MixedPrecisionPolicy casts the parameters; elsewhere autocast does the bf16 compute.
         self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16)
                          if cfg.train.mixed_precision == "bf16" and cfg.train.strategy != "fsdp" else nullcontext())
+        self.cache = (None if cfg.data.target_cache is None else TargetCache(
+            cfg.data.target_cache, teacher_fingerprint(cfg.model.teacher, cfg.model.teacher_dtype,
+                                                       cfg.train.mixed_precision),
+            settings_of(cfg, self.context_length)))
 
     def inputs(self, items: list[PreparedSample], sigma: torch.Tensor, noise: torch.Tensor) -> Inputs:
         """Model inputs (x_t, timestep = sigma * 1000, context, clip) of ``items``, on this rank's device."""
@@ -116,18 +139,53 @@ class Stage:
         return x.to(dev), (sigma * 1000).to(dev), ctx.to(dev), None if clip is None else clip.to(dev)
 
     def draw(self, gen: torch.Generator) -> Draw:
-        """The global batch's rows, sigmas and noise, in this order from ``gen`` (a stage draws more after it)."""
+        """The global batch's rows, then its sigmas and noise (or its fixed draws), in this order from ``gen`` (a
+        stage draws more after it)."""
         b = self.cfg.train.batch_size
         idx = torch.randint(len(self.samples), (b,), generator=gen)
+        if self.cfg.data.target_draws:
+            return Draw(idx, draws=torch.randint(self.cfg.data.target_draws, (b,), generator=gen))
         sigma = sample_sigmas(self.cfg.flow, b, gen)
-        noise = torch.randn((b, *self.samples[0].x0.shape), generator=gen)
+        noise = torch.randn((b, *self.samples.latent_shape), generator=gen)
         return Draw(idx, sigma, noise)
 
-    def local_inputs(self, d: Draw) -> tuple[slice, list[PreparedSample], Inputs]:
-        """This rank's rows of the global batch: (its slice, its samples, its model inputs)."""
+    def fixed_draw(self, item: PreparedSample, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma [1], noise [1, ...]) of draw ``draw`` of a sample (``training.targets.draw_generator``)."""
+        gen = draw_generator(item.sha256, self.cfg.train.seed, draw)
+        sigma = sample_sigmas(self.cfg.flow, 1, gen)
+        return sigma, torch.randn((1, *item.x0.shape), generator=gen)
+
+    def local_inputs(self, d: Draw) -> LocalBatch:
+        """This rank's rows of the global batch: its slice, samples, sigmas, draws and model inputs."""
         rows = self.info.local_slice(self.cfg.train.batch_size)
         items = [self.samples[i] for i in d.idx[rows].tolist()]
-        return rows, items, self.inputs(items, d.sigma[rows], d.noise[rows])
+        if d.draws is None:
+            sigma, noise, draws = d.sigma[rows], d.noise[rows], None
+        else:
+            draws = d.draws[rows].tolist()
+            pairs = [self.fixed_draw(item, j) for item, j in zip(items, draws)]
+            sigma, noise = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        return LocalBatch(rows, items, sigma, draws, self.inputs(items, sigma, noise))
+
+    @torch.no_grad()
+    def teacher_velocity(self, batch: LocalBatch, return_hidden_states: bool = False):
+        """The teacher's velocity for this rank's rows: one forward of the batch, or with fixed draws one row at a
+        time (so a row's target is the same in any batch) or read from ``data.target_cache``."""
+        x, t, ctx, clip = batch.inputs
+        if batch.draws is None:
+            with self.autocast:
+                return self.teacher(x, t, ctx, clip, return_hidden_states=return_hidden_states)
+        if self.cache is not None:
+            return torch.cat([self.cache.velocity(item.path, item.sha256, j)
+                              for item, j in zip(batch.items, batch.draws)]).to(x.device)
+        return torch.cat([self.teacher_row(x[r:r + 1], t[r:r + 1], ctx[r:r + 1], None if clip is None else
+                                           clip[r:r + 1]) for r in range(x.shape[0])])
+
+    @torch.no_grad()
+    def teacher_row(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, clip: torch.Tensor | None):
+        """One row's teacher velocity, as the target cache stores it."""
+        with self.autocast:
+            return self.teacher(x, t, ctx, clip)
 
     def row_errors(self, pred: torch.Tensor, target: torch.Tensor, items: list[PreparedSample]) -> torch.Tensor:
         """Per-row velocity MSE [B], salient cells weighted by ``flow.salient_weight`` (``training.salient``)."""
@@ -164,20 +222,16 @@ def student_sources(cfg) -> dict[str, RowSource]:
     return {"": CheckpointRows(cfg.model.student, torch.float32)}
 
 
-def tokens_of(samples: list[PreparedSample]) -> tuple[int, int]:
+def tokens_of(samples: SampleIndex) -> tuple[int, int]:
     """(video tokens, text tokens) per sample of the training inputs: what block costs and tokens/s count."""
-    _, f, h, w = samples[0].x0.shape
+    _, f, h, w = samples.latent_shape
     tokens = -(-f // PATCH_SIZE[0]) * -(-h // PATCH_SIZE[1]) * -(-w // PATCH_SIZE[2])
-    return tokens, max(s.context.shape[0] for s in samples)
+    return tokens, samples.context_length
 
 
-def load_inputs(cfg) -> tuple[DistInfo, WanTransformer, WanTransformer, list[PreparedSample]]:
-    """Teacher (frozen, placed for this rank), student (float32, not yet placed) and prepared samples.
-
-    Under ``strategy = "fsdp"`` on several ranks both are built on the meta device: the teacher is sharded here and
-    each rank reads only its rows (``training.sharded``); the student stays on meta until the stage's
-    ``wrap_trainable`` shards it and reads its rows (``student_sources``). Otherwise both are read whole.
-    ``cfg`` has the [model], [data], [flow] and [train] tables (both stages' configs do)."""
+def load_teacher_and_samples(cfg) -> tuple[DistInfo, WanTransformer, SampleIndex]:
+    """The process group, the frozen teacher placed for this rank (under ``strategy = "fsdp"`` on several ranks
+    built on the meta device, sharded, and only this rank's rows read: ``training.sharded``) and the sample index."""
     info = init_distributed(cfg.train.device)
     return_freed_memory()
     warm_up(cfg.train.strategy, info)
@@ -187,16 +241,25 @@ def load_inputs(cfg) -> tuple[DistInfo, WanTransformer, WanTransformer, list[Pre
     mark_baseline()  # host memory before any model: what resources.json's peaks are measured against
     tdtype = torch.bfloat16 if cfg.model.teacher_dtype == "bfloat16" else torch.float32
     if resolve_strategy(cfg.train.strategy, info) == "fsdp":
-        teacher, student = meta_model(cfg.model.teacher, tdtype), meta_model(cfg.model.student, torch.float32)
-        sources = {"": CheckpointRows(cfg.model.teacher, tdtype)}
+        teacher = shard_frozen(meta_model(cfg.model.teacher, tdtype), cfg.train.strategy, info,
+                               cfg.train.compute_dtype, {"": CheckpointRows(cfg.model.teacher, tdtype)})
     else:
-        teacher, student = load_model(cfg.model.teacher, dtype=tdtype), load_model(cfg.model.student)
-        sources = None
+        teacher = shard_frozen(load_model(cfg.model.teacher, dtype=tdtype), cfg.train.strategy, info)
+    samples = SampleIndex(cfg.data.samples, teacher.dims, hash_files=cfg.data.target_draws > 0)
+    samples.generate_missing(teacher, cfg.data.generate_steps, cfg.flow.shift)
+    return info, teacher, samples
+
+
+def load_inputs(cfg) -> tuple[DistInfo, WanTransformer, WanTransformer, SampleIndex]:
+    """Teacher and samples (``load_teacher_and_samples``) and the student (float32, not yet placed).
+
+    Under ``strategy = "fsdp"`` on several ranks the student stays on the meta device until the stage's
+    ``wrap_trainable`` shards it and reads its rows (``student_sources``); otherwise it is read whole.
+    ``cfg`` has the [model], [data], [flow] and [train] tables (both stages' configs do)."""
+    info, teacher, samples = load_teacher_and_samples(cfg)
+    fsdp = resolve_strategy(cfg.train.strategy, info) == "fsdp"
+    student = meta_model(cfg.model.student, torch.float32) if fsdp else load_model(cfg.model.student)
     if student.meta.dims != teacher.meta.dims:
         raise ConfigError(f"config field 'model.student': {cfg.model.student} was pruned from another teacher "
                           f"(dims {student.meta.dims} vs {teacher.meta.dims})")
-    teacher = shard_frozen(teacher, cfg.train.strategy, info, cfg.train.compute_dtype, sources)
-    samples = [prepare_sample(s, teacher.dims, teacher, cfg.data.generate_steps, cfg.flow.shift)
-               for s in read_folder(cfg.data.samples)]
-    collate(samples)  # one latent shape for the whole set: fail now, not at step 1,000
     return info, teacher, student, samples
