@@ -174,3 +174,29 @@ def test_bf16_mixed_precision_under_fsdp_matches_one_process(micro, tmp_path):
     diff = sum(float((b[k] - a[k]).pow(2).sum()) for k in a)
     update = sum(float((a[k] - init[k]).pow(2).sum()) for k in a)
     assert update > 0 and (diff / update) ** 0.5 < 0.15, (diff / update) ** 0.5
+
+
+# ----------------------------------------------------------------------------------- rows of every layout
+
+
+@pytest.mark.parametrize("kind", ["original", "sharded", "diffusers-folder", "fp8_scaled"])
+def test_each_rank_reads_exactly_its_rows_in_every_layout(kind, tmp_path):
+    """``CheckpointRows`` (what a sharded rank reads) for FSDP2's ceil-chunks on 3 ranks, joined, equals the tensor
+    the whole-model loader builds, bit for bit: bf16 release, official shards, diffusers names, fp8_scaled."""
+    from layouts import scale_to_fp8
+    from test_training_layouts import T2V, write_layout
+
+    from training.sharded import CheckpointRows
+    from training.teacher import load_model
+
+    sd = random_wan_state_dict(T2V, seed=3, dtype=torch.bfloat16)
+    path = write_layout("original" if kind == "fp8_scaled" else kind, tmp_path,
+                        scale_to_fp8(sd) if kind == "fp8_scaled" else sd)
+    whole = load_model(path, dtype=torch.bfloat16).state_dict()
+    source = CheckpointRows(path, torch.bfloat16)
+    for key, full in whole.items():
+        n = full.shape[0]
+        chunk = -(-n // 3)
+        parts = [source.rows(key, min(r * chunk, n), min((r + 1) * chunk, n)) for r in range(3)]
+        joined = torch.cat(parts)
+        assert joined.dtype == full.dtype and torch.equal(joined, full), key

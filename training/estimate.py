@@ -58,6 +58,7 @@ class RunShape:
     compute_bytes: int = 2  # bf16 mixed precision (4: float32 compute)
     ema: bool = False
     gradient_checkpointing: bool = True
+    cached_targets: bool = False  # data.target_cache: no teacher forward in the step
 
     @property
     def per_gpu_batch(self) -> float:
@@ -98,7 +99,7 @@ def memory_per_gpu(teacher: PrunedWanMeta, student: PrunedWanMeta, run: RunShape
         "EMA of the weights (fp32, sharded)": 4 * ps / g if run.ema else 0.0,
         "teacher shard (frozen)": run.teacher_bytes * pt / g,
         "gathered blocks (2 student + 2 teacher)": 2 * (max(sb) + max(tb)) * cb,
-        "teacher forward working set": teacher_work,
+        "teacher forward working set": 0.0 if run.cached_targets else teacher_work,
         "activations": with_ckpt if run.gradient_checkpointing else without,
     }
     out["total"] = sum(out.values())
@@ -118,7 +119,7 @@ def step_seconds(teacher: PrunedWanMeta, student: PrunedWanMeta, run: RunShape) 
         return blocks + embed_head_macs(meta.dims, run.tokens, run.text_tokens)
 
     passes = 4 if run.gradient_checkpointing else 3  # forward + backward (2 forwards' worth) + recompute
-    macs = run.per_gpu_batch * (forward(teacher) + passes * forward(student))
+    macs = run.per_gpu_batch * ((0 if run.cached_targets else forward(teacher)) + passes * forward(student))
     return {"macs_per_gpu": float(macs), "seconds": macs / macs_per_s, "measured_macs_per_s": macs_per_s}
 
 
@@ -193,6 +194,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16")
     p.add_argument("--ema", action="store_true", help="train.ema_decay > 0")
     p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false")
+    p.add_argument("--cached-targets", action="store_true", help="data.target_cache: the step runs no teacher")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                               f"{teacher.dims})")
     shape = RunShape(args.gpus, args.gpu_memory, args.tokens or parse_video(args.video), args.text_tokens,
                      args.batch, 2 if args.teacher_dtype == "bfloat16" else 4,
-                     2 if args.mixed_precision == "bf16" else 4, args.ema, args.checkpointing)
+                     2 if args.mixed_precision == "bf16" else 4, args.ema, args.checkpointing, args.cached_targets)
     r = report(teacher, student, shape, args.steps)
     print(json.dumps(r, indent=1) if args.json else format_report(r, shape))
     return 0
