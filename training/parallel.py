@@ -3,10 +3,12 @@
 * ``init_distributed`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the run is one
   process and nothing is initialised. NCCL on CUDA, gloo on the CPU.
 * ``wrap_trainable``: ``ddp`` (DistributedDataParallel, every rank holds the whole student: small students) or
-  ``fsdp`` (FSDP2 ``fully_shard`` on every transformer block, then the root: parameters, gradients and optimizer
-  state sharded across ranks). ``none`` for one process.
-* ``shard_frozen``: the frozen teacher, ``fully_shard`` per block with ``reshard_after_forward`` so only one
-  block's full weights exist at a time on each rank; replicated (plain module) otherwise.
+  ``fsdp`` (FSDP2 ``fully_shard`` on every transformer block, the patch embedding, then the root: parameters,
+  gradients and optimizer state sharded across ranks; ``shard_module``). ``none`` for one process. A model built on
+  the meta device (``training.sharded``) is sharded first, then each rank reads only its rows.
+* ``shard_frozen``: the frozen teacher, the same way with ``reshard_after_forward`` so only one block's full weights
+  exist at a time on each rank; replicated (plain module) otherwise.
+* ``checkpoint_activations``: per-block activation checkpointing (inside each block's FSDP2 unit).
 
 The training step draws the *global* batch's randomness from one generator on every rank and each rank takes
 its slice, so a run gives the same result, within float tolerance, on any number of ranks.
