@@ -1,6 +1,8 @@
-"""ComfyUI 0.3.75 as a library, in this process: the stock loader, the pack's nodes and the stock KSampler path.
+"""ComfyUI as a library, in this process: the stock loader, the pack's nodes and the stock KSampler path.
 
-Only the measured suites import this module (the core never does). It follows ../shared/COMFYUI.md "As a library":
+The one place that starts ComfyUI as a library (``import_comfy``): the bench's measured suites, the tests that run
+ComfyUI in-process, the tiny test assets and the toy world's VAE all go through it (the core never does). The tree
+is ``PARE_COMFYUI_DIR``, else the pinned 0.3.75 in the cache. It follows docs/comfyui_notes.md "ComfyUI as a library":
 the ComfyUI tree goes first on ``sys.path`` (its top-level ``nodes`` module must win over this repository's
 ``nodes/`` package), ``args.cpu`` is set before ``comfy.model_management`` is imported, and the pack is loaded as
 a package the way ComfyUI's ``load_custom_node`` does, so its relative imports work.
@@ -50,6 +52,27 @@ class Comfy:
 _COMFY: Comfy | None = None
 
 
+def import_comfy(device: str = "cpu") -> Path:
+    """Make ComfyUI's modules importable in this process, once: its tree first on ``sys.path``, argument parsing
+    off, ``args.cpu`` set before ``comfy.model_management`` is first imported (it probes the device at import).
+    Returns the tree. ``device``: 'cpu', or 'cuda' (taken as 'cpu' where torch has no CUDA)."""
+    if not (COMFY_DIR / "comfy").is_dir():
+        raise ComfyNotFound(f"no ComfyUI tree at {COMFY_DIR}; run `make env` (or set PARE_COMFYUI_DIR)")
+    if "nodes" in sys.modules and not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(str(COMFY_DIR)):
+        raise RuntimeError("another module named 'nodes' is already imported; import ComfyUI in a fresh process")
+    if str(COMFY_DIR) not in sys.path:
+        sys.path.insert(0, str(COMFY_DIR))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    if "comfy.model_management" not in sys.modules:
+        comfy.cli_args.args.cpu = device == "cpu" or not torch.cuda.is_available()
+    comfy.cli_args.args.disable_api_nodes = True
+    return COMFY_DIR
+
+
 def load_comfy(device: str = "cpu") -> Comfy:
     """Import ComfyUI (once per process) for ``device`` ('cpu' or 'cuda') and the pack's node modules."""
     global _COMFY
@@ -57,18 +80,7 @@ def load_comfy(device: str = "cpu") -> Comfy:
         if _COMFY.device != device:
             raise RuntimeError(f"ComfyUI was already imported for {_COMFY.device} in this process, not {device}")
         return _COMFY
-    if not (COMFY_DIR / "comfy").is_dir():
-        raise ComfyNotFound(f"no ComfyUI tree at {COMFY_DIR}; run `make env` (or set PARE_COMFYUI_DIR)")
-    if "nodes" in sys.modules and not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(str(COMFY_DIR)):
-        raise RuntimeError("another module named 'nodes' is already imported; run the bench in a fresh process")
-    sys.path.insert(0, str(COMFY_DIR))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = device == "cpu"
-    comfy.cli_args.args.disable_api_nodes = True
+    import_comfy(device)
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
     import comfy.utils
@@ -95,14 +107,27 @@ def _import_pack() -> dict[str, ModuleType]:
 
 # -- models --------------------------------------------------------------------------------------------------
 
-def stock_unet(comfy: Comfy, name: str):
-    """The stock 'Load Diffusion Model' node (UNETLoader), default weight dtype."""
-    return comfy.nodes.UNETLoader().load_unet(name, "default")[0]
+def stock_unet(comfy: Comfy, name: str, weight_dtype: str = "default"):
+    """The stock 'Load Diffusion Model' node (UNETLoader)."""
+    return comfy.nodes.UNETLoader().load_unet(name, weight_dtype)[0]
 
 
-def pare_unet(comfy: Comfy, name: str):
+def pare_unet(comfy: Comfy, name: str, weight_dtype: str = "default"):
     """PARE Load Pruned Wan."""
-    return comfy.pack["loaders"].PARELoadPrunedWan.execute(name, "default").result[0]
+    return comfy.pack["loaders"].PARELoadPrunedWan.execute(name, weight_dtype).result[0]
+
+
+def compute_dtype(model) -> str:
+    """The dtype ComfyUI computes in for a loaded model (its manual-cast dtype, else the weights' dtype), and the
+    weights' storage dtype when it differs, e.g. 'float16 (weights float8_e4m3fn)'."""
+    base = model.model
+    stored = base.get_dtype()
+    compute = base.manual_cast_dtype or stored
+    name = str(compute).removeprefix("torch.")
+    scaled = getattr(base.model_config, "scaled_fp8", None)
+    if scaled is not None:  # fp8_scaled file: the weights stay fp8 beside their scales, whatever get_dtype says
+        return f"{name} (weights {str(scaled).removeprefix('torch.')}, scaled)"
+    return name if compute == stored else f"{name} (weights {str(stored).removeprefix('torch.')})"
 
 
 def apply_router(comfy: Comfy, model, router, budget: float = 1.0, pin_first: int = 1, pin_last: int = 1,

@@ -9,7 +9,14 @@ cuda``), random weights. Candidates:
 * ``pruned_b<B>``: the student with PARE Apply Router at budget B (the time curve; ``pruned_b<routed_budget>`` is
   "pruned + routed"); the bench router has constant logits, so the decision set is fixed, but the router still runs
   on every model call, so its overhead is in the time;
-* ``teacher_b<routed_budget>``: the teacher routed the same way.
+* ``teacher_b<routed_budget>``: the teacher routed the same way;
+* fp8 rows, where fp8 matrix multiplies are supported (CUDA, compute capability 8.9+; ``--fp8 on`` forces them):
+  ``teacher_fp8_fast`` (stock loader, weight_dtype fp8_e4m3fn_fast), ``pruned_fp8_fast`` (PARE loader, the same
+  weight dtype) and it routed at ``routed_budget``, and ``pruned_fp8_scaled`` (the student in ComfyUI's fp8_scaled
+  layout, default weight dtype).
+
+The student's widths are the tensor-core-aligned ones ``prune`` writes by default (``models.uniform_plan``); each
+row records the dtype ComfyUI computes in (it picks fp16 or bf16 for the bf16 GPU checkpoints, as for a real file).
 
 Each sampler model call is timed (an APPLY_MODEL wrapper, outermost), rounds are interleaved (benchmarks/timing.py)
 and the first round is a warm-up. A step is one model call (CFG batches cond and uncond), so the step time is the
@@ -44,6 +51,13 @@ def _conditioning(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor, torc
     return ctx, neg, latent
 
 
+def fp8_rows(config: BenchConfig) -> bool:
+    """Whether to measure the fp8 rows: as configured, else where fp8 matmuls exist (CUDA sm 8.9+: Ada, Hopper)."""
+    if config.fp8 is not None:
+        return config.fp8
+    return config.device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
 def candidates(comfy: comfy_lib.Comfy, config: BenchConfig, files) -> dict[str, object]:
     """name -> ModelPatcher (shift applied), in measuring order."""
     comfy.add_model_folder("diffusion_models", files.folder)
@@ -52,11 +66,19 @@ def candidates(comfy: comfy_lib.Comfy, config: BenchConfig, files) -> dict[str, 
     student = comfy_lib.pare_unet(comfy, files.student)
     router = load_router(files.folder / files.router)
     router.pare_name = files.router
+    routed = f"b{config.routed_budget:g}"
     models = {BASELINE: teacher_stock, "teacher_pare": teacher, "pruned": student}
     for b in config.budgets:
         models[f"pruned_b{b:g}"] = comfy_lib.apply_router(comfy, student, router, b, PIN_FIRST, PIN_LAST)
-    models[f"teacher_b{config.routed_budget:g}"] = comfy_lib.apply_router(comfy, teacher, router, config.routed_budget,
-                                                                         PIN_FIRST, PIN_LAST)
+    models[f"teacher_{routed}"] = comfy_lib.apply_router(comfy, teacher, router, config.routed_budget,
+                                                         PIN_FIRST, PIN_LAST)
+    if fp8_rows(config):
+        fast = comfy_lib.pare_unet(comfy, files.student, "fp8_e4m3fn_fast")
+        models["teacher_fp8_fast"] = comfy_lib.stock_unet(comfy, files.teacher, "fp8_e4m3fn_fast")
+        models["pruned_fp8_fast"] = fast
+        models[f"pruned_fp8_fast_{routed}"] = comfy_lib.apply_router(comfy, fast, router, config.routed_budget,
+                                                                      PIN_FIRST, PIN_LAST)
+        models["pruned_fp8_scaled"] = comfy_lib.pare_unet(comfy, files.ensure_fp8_scaled())
     return {name: comfy_lib.with_shift(comfy, m, config.shape.shift) for name, m in models.items()}
 
 
@@ -130,7 +152,8 @@ def run(config: BenchConfig, progress=None) -> dict:
                          "executed_fraction": fraction,
                          "macs_per_forward": macs["total"],
                          "peak_memory_bytes": peak[name],
-                         "weights_bytes": int(timed[name][0].model_size())}
+                         "weights_bytes": int(timed[name][0].model_size()),
+                         "dtype": comfy_lib.compute_dtype(timed[name][0])}
     base_macs = results[BASELINE]["macs_per_forward"]
     for r in results.values():
         r["analytic_speedup"] = base_macs / r["macs_per_forward"]
@@ -147,7 +170,7 @@ def run(config: BenchConfig, progress=None) -> dict:
     overhead = _router_overhead(config, files, config.device)
     routed_name = f"pruned_b{config.routed_budget:g}"
     return {
-        "device": _device_name(config.device),
+        "device": _device_name(config.device), "model": config.model,
         "dims": config.dims.to_dict(), "tokens": tokens, "text_tokens": text_tokens,
         "steps": config.shape.steps, "cfg": config.shape.cfg, "repeats": config.repeats, "warmup": config.warmup,
         "baseline": BASELINE, "candidates": results, "budget_curve": curve,
@@ -178,13 +201,13 @@ def table(result: dict) -> list[str]:
     lines = [f"Measured through ComfyUI's KSampler on {result['device']}: dim {d['dim']}, {d['num_heads']} heads, FFN "
              f"{d['ffn_dim']}, {d['num_layers']} blocks, {result['tokens']} tokens, CFG {result['cfg']:g} (batch 2), "
              f"{result['steps']} steps x {result['repeats']} interleaved rounds after {result['warmup']} warm-up",
-             f"{'candidate':15} {'step min':>9} {'median':>9} {'spread':>7} {'speedup':>8} {'analytic':>8} "
-             f"{'realized':>8} {'executed':>8} {'peak MB':>8}"]
+             f"{'candidate':21} {'step min':>9} {'median':>9} {'spread':>7} {'speedup':>8} {'analytic':>8} "
+             f"{'realized':>8} {'executed':>8} {'peak MB':>8}  dtype"]
     for name, r in result["candidates"].items():
         s = r["step_seconds"]
-        lines.append(f"{name:15} {s['min']:>8.3f}s {s['median']:>8.3f}s {s['spread']:>6.0%} "
+        lines.append(f"{name:21} {s['min']:>8.3f}s {s['median']:>8.3f}s {s['spread']:>6.0%} "
                      f"{r['speedup_vs_teacher']['median']:>7.2f}x {r['analytic_speedup']:>7.2f}x {r['realized']:>8.2f} "
-                     f"{r['executed_fraction']:>8.0%} {r['peak_memory_bytes'] / 2**20:>8.0f}")
+                     f"{r['executed_fraction']:>8.0%} {r['peak_memory_bytes'] / 2**20:>8.0f}  {r.get('dtype', '')}")
     lines.append("Time curve of the pruned student under PARE Apply Router (time relative to the unrouted student):")
     for c in result["budget_curve"]:
         lines.append(f"  budget {c['budget']:<5g} executed {c['executed_fraction']:>5.0%}  time {c['time_vs_pruned']['median']:.2f}"

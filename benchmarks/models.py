@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from comfyui_pare.alignment import align_plan
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.router import BlockRouter, RouterSpec, RoutingPolicy, decide, save_router
 from comfyui_pare.surgery import BlockPlan, PrunePlan, plan_selections, prune_state_dict
@@ -27,13 +28,14 @@ PIN_FIRST = PIN_LAST = 1  # PARE Apply Router's defaults
 
 
 def uniform_plan(dims: WanDims, head_fraction: float, ffn_fraction: float) -> PrunePlan:
-    """Every block keeps the same share of heads and FFN neurons (evenly spread indices)."""
+    """Every block keeps the same share of heads and FFN neurons (evenly spread indices), rounded up to the
+    tensor-core grain as ``prune`` does by default: the widths users get (14B at 70% FFN: 9677 -> 9728)."""
     def spread(total: int, fraction: float) -> tuple[int, ...]:
         keep = max(1, round(total * fraction))
         return tuple(sorted({int(i * total / keep) for i in range(keep)}))
 
     block = BlockPlan(heads=spread(dims.num_heads, head_fraction), ffn=spread(dims.ffn_dim, ffn_fraction))
-    return PrunePlan(tuple(block for _ in range(dims.num_layers)))
+    return align_plan(PrunePlan(tuple(block for _ in range(dims.num_layers))), PrunedWanMeta.teacher(dims))
 
 
 def pruned_meta(dims: WanDims, head_fraction: float, ffn_fraction: float) -> PrunedWanMeta:
@@ -57,6 +59,27 @@ def decision_set(costs: list[float], budget: float) -> list[bool]:
     return decide(logits, policy, costs)[0].tolist()
 
 
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def fp8_scaled(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8_scaled layout of a state dict (as its ``*_fp8_scaled`` Wan releases): every 2-D block weight as
+    float8_e4m3fn with a 0-d fp32 ``scale_weight`` (max |w| / 448) and ``scale_input`` (1), the rest as it is, and an
+    empty ``scaled_fp8`` marker (ComfyUI then runs fp8 matrix multiplies where the GPU has them)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, v in sd.items():
+        if key.startswith("blocks.") and key.endswith(".weight") and v.ndim == 2:
+            scale = (v.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
+            out[key] = (v.float() / scale).to(torch.float8_e4m3fn)
+            base = key.removesuffix(".weight")
+            out[f"{base}.scale_weight"] = scale.reshape(())
+            out[f"{base}.scale_input"] = torch.ones((), dtype=torch.float32)
+        else:
+            out[key] = v
+    out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
 @dataclass(frozen=True)
 class BenchFiles:
     folder: Path
@@ -65,9 +88,21 @@ class BenchFiles:
     router: str  # inside ``folder`` too (PARE Load Router's folder in a real install)
     teacher_meta: PrunedWanMeta
     student_meta: PrunedWanMeta
+    student_fp8_scaled: str = "student_fp8_scaled.safetensors"  # made on demand (ensure_fp8_scaled)
 
     def size_ratio(self) -> float:
         return (self.folder / self.student).stat().st_size / (self.folder / self.teacher).stat().st_size
+
+    def ensure_fp8_scaled(self) -> str:
+        """The student in the fp8_scaled layout (built once beside the others); its file name."""
+        path = self.folder / self.student_fp8_scaled
+        if not path.exists():
+            from comfyui_pare.pruned import load_checkpoint
+            from comfyui_pare.safetensors_io import save_atomic
+
+            sd, meta = load_checkpoint(self.folder / self.student)
+            save_atomic(path, fp8_scaled(sd), meta.to_header())
+        return self.student_fp8_scaled
 
 
 def bench_files(dims: WanDims, head_fraction: float, ffn_fraction: float, seed: int = 0,
@@ -75,7 +110,7 @@ def bench_files(dims: WanDims, head_fraction: float, ffn_fraction: float, seed: 
     """Teacher (random weights, fan-in scaled), its uniformly pruned student and the bench router, cached."""
     from training.tiny import random_wan_state_dict
 
-    key = json.dumps([dims.to_dict(), head_fraction, ffn_fraction, seed, str(dtype), 1], sort_keys=True)
+    key = json.dumps([dims.to_dict(), head_fraction, ffn_fraction, seed, str(dtype), 2], sort_keys=True)  # 2: aligned
     folder = CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
     names = ("teacher.safetensors", "student.safetensors", "router.safetensors")
     teacher_meta = PrunedWanMeta.teacher(dims)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import replace
@@ -18,7 +19,7 @@ import torch
 from comfyui_pare.safetensors_io import atomic_write_text
 
 from . import SUITES
-from .config import BenchConfig, MeasuredShape, profile
+from .config import MODELS, RESOLUTIONS, BenchConfig, MeasuredShape, profile
 
 logger = logging.getLogger(__name__)
 SCHEMA = "pare-bench/1"
@@ -30,7 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
                                             "through ComfyUI's own sampler (see docs/benchmarks.md).")
     p.add_argument("--quick", action="store_true", help="seconds: a narrow model, 2 rounds, no compile suite")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: Wan2.1-1.3B width at full depth, 81 frames at 480x832 (needs a GPU)")
+                   help="cuda: Wan2.1-1.3B width at full depth (or --model 14b), 81 frames at 480x832 (needs a GPU); "
+                        "with --quick, a few blocks and 2 rounds (under 2 minutes, file creation included)")
+    p.add_argument("--model", choices=MODELS, default="1.3b",
+                   help="width of the measured models: 1.3b (dim 1536) or 14b (dim 5120, 40 heads, FFN 13824; 8 "
+                        "blocks on a GPU, sized for a 24 GB card)")
+    p.add_argument("--resolution", choices=tuple(RESOLUTIONS), default="480p",
+                   help="GPU token count: 81 frames at 480p (32,760 tokens) or 720p (75,600)")
+    p.add_argument("--fp8", choices=("auto", "on", "off"), default="auto",
+                   help="fp8 rows (fp8_e4m3fn_fast and an fp8_scaled student); auto: on CUDA GPUs with fp8 matmuls "
+                        "(compute capability 8.9+)")
+    p.add_argument("--weights-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the bench checkpoints (default: float32 on the CPU, bfloat16 on a GPU)")
     p.add_argument("--suite", default=None,
                    help=f"comma-separated suites to run, from {', '.join(SUITES)} (default: the profile's)")
     p.add_argument("--out", default="bench-output", help="folder for bench.json and bench.png (default bench-output)")
@@ -44,10 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    config = profile("cuda" if args.device == "cuda" else "quick" if args.quick else "default")
-    if args.device == "cuda" and args.quick:
-        config = replace(config, repeats=2, quick=True)
-    changes: dict = {}
+    if args.device == "cuda":
+        name = "cuda-quick" if args.quick else "cuda"
+    else:
+        name = "quick" if args.quick else "default"
+    if args.quick and args.device == "cpu" and args.model != "1.3b":
+        raise SystemExit("--quick on the CPU uses a narrow stand-in model; --model applies to the default and cuda runs")
+    config = profile(name, args.model, args.resolution)
+    changes: dict = {"fp8": {"auto": None, "on": True, "off": False}[args.fp8]}
+    if args.weights_dtype:
+        changes["weights_dtype"] = args.weights_dtype
     if args.suite:
         suites = tuple(s.strip() for s in args.suite.split(",") if s.strip())
         unknown = [s for s in suites if s not in SUITES]
@@ -78,11 +96,33 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return replace(config, **changes)
 
 
+def comfyui_version() -> str | None:
+    """The version of the ComfyUI tree the measured suites import (its ``comfyui_version.py``), without importing it."""
+    from .comfy_lib import COMFY_DIR
+
+    try:
+        text = (COMFY_DIR / "comfyui_version.py").read_text()
+    except OSError:
+        return None
+    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return found[1] if found else None
+
+
 def environment(config: BenchConfig) -> dict:
+    gpu = config.device == "cuda" and torch.cuda.is_available()
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "cuda": torch.cuda.get_device_name() if config.device == "cuda" and torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name() if gpu else None,
+            "cuda_version": torch.version.cuda if gpu else None,
+            "compute_capability": list(torch.cuda.get_device_capability()) if gpu else None,
+            "comfyui": comfyui_version()}
+
+
+def environment_line(env: dict) -> str:
+    """The line a table of results is quoted with: the card (or CPU), torch, CUDA and ComfyUI versions."""
+    where = f"{env['cuda']} (CUDA {env['cuda_version']})" if env.get("cuda") else f"CPU ({env['cpu_count']} cores)"
+    return f"{where}, torch {env['torch']}, ComfyUI {env.get('comfyui') or 'unknown'}"
 
 
 def run(config: BenchConfig, out: Path) -> dict:
@@ -92,7 +132,7 @@ def run(config: BenchConfig, out: Path) -> dict:
         torch.set_num_threads(config.threads)
     result = {"schema": SCHEMA, "config": config.to_json(), "environment": environment(config), "suites": {},
               "seconds": {}}
-    lines: list[str] = []
+    lines: list[str] = [environment_line(result["environment"])]
     for name in config.suites:
         module = SUITES[name].load()
         start = time.perf_counter()

@@ -75,7 +75,7 @@ def _schedule(num_blocks: int, ratio: float) -> str:
 
 def measured(config: BenchConfig, progress=None) -> dict:
     comfy = comfy_lib.load_comfy(config.device)
-    node = importlib.import_module(f"{comfy_lib.PACK_MODULE}.nodes.token_reduction").PARETokenReduction
+    node = importlib.import_module(f"{comfy_lib.PACK_MODULE}.nodes.token_reduction_nodes").PARETokenReduction
     files = bench_files(config.dims, config.head_fraction, config.ffn_fraction, config.seed,
                         getattr(torch, config.weights_dtype))
     comfy.add_model_folder("diffusion_models", files.folder)

@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .alignment import TENSOR_CORE_MULTIPLE, align_plan, describe_alignment
 from .compute import embed_head_macs, model_block_macs, sum_macs, tokens_for
 from .errors import PareError
 from .lora_cli import add_lora_slice_parser
@@ -22,10 +23,18 @@ logger = logging.getLogger("comfyui_pare")
 
 
 def _prune(args: argparse.Namespace) -> int:
+    if os.path.isdir(args.out):
+        raise PareError(f"--out {args.out} is a directory; give the path of the student .safetensors file to write")
     plan = PrunePlan.load(args.plan)
     with open_wan(args.teacher) as reader:
         if any(os.path.exists(args.out) and os.path.samefile(args.out, f) for f in reader.files):
             raise PareError(f"--out {args.out} is the teacher file itself; write the student to a new file")
+        if not args.no_align:
+            aligned = align_plan(plan, reader.meta)
+            if aligned != plan:
+                logger.info("rounded the plan's widths up to multiples of %d (tensor cores; --no-align keeps them)",
+                            TENSOR_CORE_MULTIPLE)
+            plan = aligned
         student_meta = prune_file(reader, plan, args.out)
     summary = describe(student_meta)
     logger.info(
@@ -37,7 +46,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     with open_wan(args.file) as reader:
-        report = {**describe(reader.meta), "file": reader.describe_format()}
+        report = {**describe(reader.meta), "file": reader.describe_format(), "alignment": describe_alignment(reader.meta)}
     json.dump(report, sys.stdout, indent=2 if args.pretty else None)
     sys.stdout.write("\n")
     return 0
@@ -81,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="input Wan2.1 checkpoint: a .safetensors (plain, ComfyUI, diffusers, fp8_scaled or already pruned), a sharded release's .index.json, or its folder")
     p.add_argument("--plan", required=True, help='plan.json: {"blocks": [{"heads": [...], "ffn": [...]}, ...]}')
     p.add_argument("--out", required=True, help="output safetensors (written atomically)")
+    p.add_argument("--no-align", action="store_true",
+                   help=f"keep the plan's widths as given; by default each block's head and FFN widths are rounded "
+                        f"up to multiples of {TENSOR_CORE_MULTIPLE} channels (tensor cores) by also keeping the "
+                        "lowest-numbered dropped heads / neurons")
     p.set_defaults(func=_prune)
     p = sub.add_parser("inspect", help="print a checkpoint's layout, per-block widths and metadata as JSON")
     p.add_argument("file", help="a Wan2.1 checkpoint in any layout (file, index or folder)")

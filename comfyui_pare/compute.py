@@ -1,6 +1,6 @@
 """Compute accounting: multiply-accumulates (MACs) of a Wan2.1 forward, per block and per part.
 
-"Compute" (../shared/PARE.md, Conventions) is the MACs of the transformer blocks for one denoising step
+"Compute" (docs/method.md, Conventions) is the MACs of the transformer blocks for one denoising step
 (one forward, batch 1) at a given token count, split into attention core, self-attention projections,
 cross-attention and FFN. Embeddings and head are reported separately by ``embed_head_macs``. Norms,
 RoPE, softmax, modulation and residuals are elementwise and not counted. These numbers weight the

@@ -327,6 +327,24 @@ def _check_patch_shapes(p: LoraPatch, shapes: Mapping[str, tuple[int, ...]], sou
             raise shape_error(source, p.keys["diff_b"], bias, tuple(p.diff_b.shape), why)
 
 
+def made_for_student(parsed: ParsedLora, meta: PrunedWanMeta) -> bool:
+    """True for a LoRA trained on this width-pruned student itself: every patch fits the student's own shapes and
+    at least one of them a width the teacher does not have (so it is no teacher LoRA). It needs no slicing."""
+    shapes = meta.expected_shapes()
+    teacher = teacher_shapes(meta.dims)
+    narrowed = False
+    for p in parsed.patches.values():
+        key = weight_key(p.module)
+        if key not in shapes:
+            return False
+        try:
+            _check_patch_shapes(p, shapes, parsed.source)
+        except PareFormatError:
+            return False
+        narrowed = narrowed or shapes[key] != teacher.get(key)
+    return narrowed
+
+
 def _take(t: torch.Tensor | None, dim: int, idx: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else torch.index_select(t, dim, idx).contiguous()
 

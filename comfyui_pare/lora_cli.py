@@ -7,6 +7,7 @@ import json
 import logging
 import os
 
+from .alignment import loaded_meta, pad_lora, unscalable_blocks
 from .errors import PareError
 from .lora import check_lora_base, load_lora_file, slice_lora, to_standard_state_dict
 from .safetensors_io import save_atomic
@@ -26,8 +27,9 @@ def run_lora_slice(args: argparse.Namespace) -> int:
     for other in (args.lora, *([args.model] if os.path.isfile(args.model) else [])):
         if _same_file(args.out, other):
             raise PareError(f"--out {args.out} is the same file as an input ({other}); write to a new file")
-    with open_wan(args.model) as reader:  # headers only: the model's tensors are never loaded
+    with open_wan(args.model) as reader:  # headers (and fp8 scales) only: the weights are never loaded
         meta = reader.meta
+        keep_heads = unscalable_blocks(meta.num_blocks, reader.dtype, lambda k: reader.scale(k) is not None)
     parsed = load_lora_file(args.lora)
     check_lora_base(parsed, meta.dims, args.lora)
     if parsed.unmatched:
@@ -35,7 +37,9 @@ def run_lora_slice(args: argparse.Namespace) -> int:
         more = ", ..." if len(parsed.unmatched) > _SHOW_UNMATCHED else ""
         logger.warning("%s: %d key(s) match no Wan2.1 module and are left out: %s%s",
                        args.lora, len(parsed.unmatched), shown, more)
-    sliced = slice_lora(parsed, meta)
+    # Cut to the student's widths, then zero-padded like the weights PARE Load Pruned Wan pads to the tensor-core
+    # grain, so the stock LoRA loader finds every shape it patches.
+    sliced = pad_lora(slice_lora(parsed, meta), meta, loaded_meta(meta, keep_heads).expected_shapes())
     narrowed = sliced.narrowed
     header = {"format": "pt", METADATA_KEY: json.dumps(
         {"sliced_for": meta.fingerprint(), "source": os.path.basename(args.lora)}, separators=(",", ":"))}

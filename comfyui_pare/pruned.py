@@ -29,6 +29,7 @@ import torch
 
 from .errors import PareFormatError, shape_error
 from .safetensors_io import save_atomic
+from .untrusted import quote, strict_int
 from .wan import DEFAULT_HEAD_DIM, BlockWidth, WanDims, model_shapes
 
 FORMAT_VERSION = 2  # the newest version this pack reads; 2 adds "kept_blocks"
@@ -69,7 +70,10 @@ class PrunedWanMeta:
 
     @property
     def is_pruned(self) -> bool:
-        return self.kept_blocks is not None or any(b != BlockWidth.full(self.dims) for b in self.blocks)
+        # Counts suffice (indices are validated sorted, unique and in range); nothing is built from the dims.
+        d = self.dims
+        return self.kept_blocks is not None or any(b.num_heads != d.num_heads or b.ffn_dim != d.ffn_dim
+                                                   for b in self.blocks)
 
     @property
     def num_blocks(self) -> int:
@@ -103,10 +107,12 @@ class PrunedWanMeta:
                 f"{source}: PARE format version {version} is newer than this pack supports ({FORMAT_VERSION}); "
                 "update comfyui-pare"
             )
+        check_header_numbers(obj, source)
         try:
             dims = WanDims.from_dict({**obj["teacher"], "variant": obj["variant"]})
-            blocks = tuple(BlockWidth(tuple(int(h) for h in b["heads"]), tuple(int(f) for f in b["ffn"]))
-                           for b in obj["blocks"])
+            blocks = tuple(BlockWidth(_index_list(b["heads"], source, f"blocks[{i}].heads"),
+                                      _index_list(b["ffn"], source, f"blocks[{i}].ffn"))
+                           for i, b in enumerate(obj["blocks"]))
         except PareFormatError:
             raise
         except (KeyError, TypeError, ValueError) as e:
@@ -133,6 +139,42 @@ class PrunedWanMeta:
         return model_shapes(self.dims, list(self.blocks))
 
 
+# Bounds for the numbers a header states, checked with their types before anything is built from them (Wan2.1
+# 14B: dim 5120, 40 heads, FFN 13824 = 2.7 x dim, 40 layers). The teacher's dim is also checked against the
+# file's own 'head.modulation' (meta_from_header), whose size is backed by bytes in the file.
+_TEACHER_BOUNDS = {"dim": 1 << 16, "num_heads": 1 << 12, "num_layers": 256, "text_dim": 1 << 16, "in_dim": 1 << 12,
+                   "out_dim": 1 << 12}
+MAX_FFN_PER_DIM = 16
+
+
+def check_header_numbers(obj: Mapping, source: str, model_dim: int | None = None) -> None:
+    """Refuse non-integer, non-finite or absurd teacher dims in PARE metadata before anything is allocated from
+    them; ``model_dim``: the width the file's tensors show, if known. Errors name the file and the field."""
+    teacher = obj.get("teacher") if isinstance(obj, Mapping) else None
+    if not isinstance(teacher, Mapping):
+        return  # from_json reports the malformed metadata
+    field = f"{source}: PARE metadata field 'teacher.{{}}'"
+    for name, high in _TEACHER_BOUNDS.items():
+        if name in teacher:
+            strict_int(teacher[name], field.format(name), 1, high, PareFormatError)
+    if "ffn_dim" in teacher:
+        dim = teacher.get("dim", 1)
+        strict_int(teacher["ffn_dim"], field.format("ffn_dim"), 1, MAX_FFN_PER_DIM * dim, PareFormatError)
+    if "head_dim" in teacher:
+        strict_int(teacher["head_dim"], field.format("head_dim"), 1, _TEACHER_BOUNDS["dim"], PareFormatError)
+    if model_dim is not None and "dim" in teacher and teacher["dim"] != model_dim:
+        raise PareFormatError(f"{field.format('dim')} is {teacher['dim']}, but the file's tensor 'head.modulation' "
+                              f"is {model_dim} wide")
+
+
+def _index_list(value: object, source: str, where: str) -> tuple[int, ...]:
+    """Kept indices as stored: integers only (0.5 or true are refused, not rounded)."""
+    if not isinstance(value, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in value):
+        raise PareFormatError(f"{source}: PARE metadata field '{where}' must be a list of integer indices, got "
+                              f"{quote(value)}")
+    return tuple(value)
+
+
 def _check_indices(idx: tuple[int, ...], total: int, what: str) -> None:
     if not idx:
         raise PareFormatError(f"{what}: keeps nothing; at least one must be kept (skip whole blocks with a router)")
@@ -151,7 +193,13 @@ def _infer_plain_meta(shapes: Mapping[str, tuple[int, ...]], path: str) -> Prune
             f"{path}: not a Wan2.1 diffusion model (no 'head.modulation' / 'patch_embedding.weight'; "
             f"first keys: {sample})"
         )
+    if not shapes["head.modulation"]:
+        raise PareFormatError(f"{path}: tensor 'head.modulation' is a scalar; a Wan2.1 model's is [1, 2, dim]")
     dim = shapes["head.modulation"][-1]
+    ffn_shape = shapes.get("blocks.0.ffn.0.weight")
+    if ffn_shape is not None and tuple(ffn_shape[1:]) != (dim,):  # checked before widths are built from its shape
+        raise PareFormatError(f"{path}: tensor 'blocks.0.ffn.0.weight' has shape {list(ffn_shape)}, expected "
+                              f"[ffn_dim, {dim}] (dim from 'head.modulation')")
     layers = 0
     while f"blocks.{layers}.modulation" in shapes:
         layers += 1
@@ -189,6 +237,8 @@ def meta_from_header(metadata: Mapping[str, str], shapes: Mapping[str, tuple[int
         obj = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as e:
         raise PareFormatError(f"{path}: PARE metadata is not valid JSON ({e})") from e
+    modulation = shapes.get("head.modulation")
+    check_header_numbers(obj, path, modulation[-1] if modulation else None)
     return PrunedWanMeta.from_json(obj, source=path)
 
 

@@ -1,6 +1,6 @@
 """The PARE router: which transformer blocks run at this step, for this sample.
 
-Three parts (../shared/PARE.md, "Depth: the router"):
+Three parts (docs/method.md, "Depth: the router"):
 
 * ``BlockRouter``: a small MLP from (Wan's sinusoidal timestep embedding, mean and std over tokens of the
   patch-embedded latent, optionally the mean text context) to one logit per block. Its cost is a pooling
@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import PareFormatError, shape_error
 from .safetensors_io import load_tensors, read_header, save_atomic
+from .untrusted import quote, strict_int
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ FORMAT_VERSION = 1
 METADATA_KEY = "pare_router"
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _POOL_CHUNK_ELEMENTS = 1 << 24  # float32 elements per pooling chunk: bounds the upcast copy to 64 MiB
+# On a GPU each chunk costs ~8 kernel launches that the routed step waits for (the decision is read back before
+# block 1 runs): 1 << 24 makes 20 chunks at 14B width and 32,760 tokens, so launch latency, not the pooling's
+# memory traffic, sets the router's time there. Larger chunks there (a 256 MiB upcast copy) launch ~4x fewer.
+_POOL_CHUNK_ELEMENTS_GPU = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -85,13 +90,14 @@ class RouterSpec:
         if missing:
             raise PareFormatError(f"{source}: router metadata lacks {missing}")
         budget = obj.get("train_budget")
+        _check_spec_numbers(obj, source)
         try:
             return cls(
-                num_blocks=int(obj["num_blocks"]),
-                dim=int(obj["dim"]),
-                freq_dim=int(obj["freq_dim"]),
-                text_dim=int(obj["text_dim"]),
-                hidden=int(obj["hidden"]),
+                num_blocks=obj["num_blocks"],
+                dim=obj["dim"],
+                freq_dim=obj["freq_dim"],
+                text_dim=obj["text_dim"],
+                hidden=obj["hidden"],
                 model_fingerprint=str(obj.get("model_fingerprint", "")),
                 default_threshold=float(obj.get("default_threshold", 0.5)),
                 train_budget=None if budget is None else float(budget),
@@ -107,6 +113,31 @@ class RouterSpec:
             "fc2.weight": (self.num_blocks, self.hidden),
             "bias": (self.num_blocks,),
         }
+
+
+_SPEC_LIMIT = 1 << 20  # no router dimension comes near this (Wan2.1 14B: dim 5120, 40 blocks)
+
+
+def _check_spec_numbers(obj: Mapping, source: str) -> None:
+    """Router metadata numbers: integers (not 3.7 or true, which int() would round) within sane bounds, and finite
+    threshold / budget; errors name the file and the field."""
+    for name, low in (("num_blocks", 1), ("dim", 1), ("freq_dim", 2), ("text_dim", 0), ("hidden", 1)):
+        strict_int(obj[name], f"{source}: router metadata field '{name}'", low, _SPEC_LIMIT, PareFormatError)
+    for name in ("default_threshold", "train_budget"):
+        value = obj.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise PareFormatError(f"{source}: router metadata field '{name}' must be a number in [0, 1], "
+                                  f"got {quote(value)}")
+
+
+def _check_finite_weights(path: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A NaN or infinite weight makes a block's logit NaN, and a NaN logit silently never runs the block."""
+    for key, t in tensors.items():
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise PareFormatError(f"{path}: router tensor '{key}' has {bad} NaN or infinite value(s); the file is "
+                                  "corrupt or from a diverged training run")
 
 
 def timestep_embedding(timestep: torch.Tensor, freq_dim: int = 256) -> torch.Tensor:
@@ -129,7 +160,8 @@ def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
     if tokens.ndim != 3 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be [batch, tokens, dim] with at least one token, got {list(tokens.shape)}")
     b, n, d = tokens.shape
-    step = max(1, _POOL_CHUNK_ELEMENTS // max(1, b * d))
+    chunk = _POOL_CHUNK_ELEMENTS if tokens.device.type == "cpu" else _POOL_CHUNK_ELEMENTS_GPU
+    step = max(1, chunk // max(1, b * d))
     total = torch.zeros(b, d, dtype=torch.float32, device=tokens.device)
     for i in range(0, n, step):
         total = total + tokens[:, i:i + step].float().sum(dim=1)
@@ -428,6 +460,7 @@ def load_router(path: str | os.PathLike) -> BlockRouter:
     """Load and validate a router file; the router comes back in float32 on the CPU, in eval mode."""
     spec = read_router_spec(path)
     tensors, _ = load_tensors(path, list(spec.tensor_shapes()))
+    _check_finite_weights(str(path), tensors)
     router = BlockRouter(spec)
     router.load_state_dict({k: v.float() for k, v in tensors.items()})
     return router.eval()

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import PareFileError
+from .untrusted import quote
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
@@ -58,18 +59,45 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     if not isinstance(header, dict):
         raise PareFileError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PareFileError(f"{path}: safetensors '__metadata__' is not an object of strings; the file is corrupt")
     end = 0
     for key, entry in header.items():
-        try:
-            end = max(end, int(entry["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError) as e:
-            raise PareFileError(f"{path}: safetensors entry '{key}' is malformed; the file is corrupt") from e
+        end = max(end, _check_entry(path, key, entry))
     if 8 + n + end > size:
         raise PareFileError(
             f"{path}: file is truncated: its header describes {8 + n + end} bytes but it has {size}; "
             "re-download or re-export it"
         )
     return header, metadata
+
+
+# Bytes per element of the safetensors dtypes; a dtype not listed here is not checked for its size.
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _check_entry(path: str, key: str, entry: object) -> int:
+    """One tensor entry of a header: integer shape and offsets that agree (shape x element size = byte span), so
+    every shape a reader trusts is backed by bytes in the file. Returns the entry's end offset."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        ints = [*shape, begin, end]
+        if not isinstance(dtype, str) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                 for n in ints) or end < begin:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise PareFileError(f"{path}: safetensors entry {quote(key)} is malformed (dtype, integer shape and "
+                            "data_offsets expected); the file is corrupt") from None
+    numel = 1
+    for n in shape:
+        numel *= n
+    size, span = _ITEM_BYTES.get(dtype), end - begin
+    # An unknown (e.g. sub-byte) dtype still takes at least one bit per element.
+    if (numel * size != span) if size is not None else ((numel + 7) // 8 > span):
+        raise PareFileError(f"{path}: safetensors entry {quote(key)} declares shape {quote(shape)} ({dtype}) but "
+                            f"{end - begin} bytes; the file is corrupt")
+    return end
 
 
 def load_tensors(path: str | os.PathLike, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

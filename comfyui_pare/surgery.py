@@ -20,11 +20,14 @@ import torch
 
 from .errors import PareFormatError
 from .pruned import PrunedWanMeta
+from .quant_layout import COMFY_QUANT
 from .safetensors_io import StreamingWriter
+from .untrusted import read_text_file
 from .wan import BlockWidth, block_prefix
 from .wan_reader import SCALE_INPUT, SCALE_WEIGHT, SCALED_FP8_MARKER, WanReader
 
 logger = logging.getLogger(__name__)
+MAX_PLAN_BYTES = 256 << 20  # a 14B plan listing every kept index is a few MB
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,15 @@ class PrunePlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PrunePlan":
+        if not os.path.exists(path):
+            raise PareFormatError(f"{path}: plan file not found")
+        text = read_text_file(path, f"{path}: plan file", MAX_PLAN_BYTES)  # a regular file, bounded
         try:
-            with open(path, encoding="utf-8") as f:
-                obj = json.load(f)
-        except FileNotFoundError:
-            raise PareFormatError(f"{path}: plan file not found") from None
+            obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise PareFormatError(f"{path}: plan is not valid JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # integers of thousands of digits, nesting thousands deep
+            raise PareFormatError(f"{path}: plan is not a usable JSON document ({type(e).__name__})") from None
         return cls.from_json(obj, source=str(path))
 
 
@@ -203,9 +208,11 @@ def prune_state_dict(
 def prune_file(reader: WanReader, plan: PrunePlan, out: str | os.PathLike) -> PrunedWanMeta:
     """Write the student of ``plan`` to ``out``, streaming: one input tensor is held at a time.
 
-    The student is in the original layout whatever the input's. A scaled fp8 input gives a scaled student: each
-    weight keeps its stored fp8 values and its own 0-d ``scale_weight`` / ``scale_input`` (a per-tensor scale is the
-    same for every row and column kept), and the ``scaled_fp8`` marker is kept as stored.
+    The student is in the original layout whatever the input's. A scaled fp8 input gives a scaled student in the
+    same quantization layout: each weight keeps its stored fp8 values and its own 0-d weight / input scale (a
+    per-tensor scale is the same for every row and column kept), and the ``scaled_fp8`` marker is kept as stored,
+    or each kept layer its ``.comfy_quant`` config (written as a tensor, also where the input had it in its header:
+    layer names change when blocks are removed).
     """
     sel, out_meta = plan_selections(reader.meta, plan)
     rename = block_renames(reader.meta, plan)
@@ -221,8 +228,14 @@ def prune_file(reader: WanReader, plan: PrunePlan, out: str | os.PathLike) -> Pr
         base = new[: -len(".weight")]
         for kind, tensor in ((SCALE_WEIGHT, reader.scale(key)), (SCALE_INPUT, reader.input_scale(key))):
             if tensor is not None:  # 0-d: read now, they are tiny
-                specs[f"{base}.{kind}"] = (tensor.dtype, tuple(tensor.shape))
-                sources[f"{base}.{kind}"] = lambda t=tensor: t
+                name = f"{base}.{reader.stored_scale_name(kind)}"
+                specs[name] = (tensor.dtype, tuple(tensor.shape))
+                sources[name] = lambda t=tensor: t
+        conf = reader.layer_quant(key)
+        if conf is not None:
+            encoded = conf.encode()
+            specs[f"{base}.{COMFY_QUANT}"] = (encoded.dtype, tuple(encoded.shape))
+            sources[f"{base}.{COMFY_QUANT}"] = lambda t=encoded: t
     marker = reader.marker()
     if marker is not None:
         specs[SCALED_FP8_MARKER] = (marker.dtype, tuple(marker.shape))

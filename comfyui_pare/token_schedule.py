@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from .errors import PareError
 from .token_reduction import METRICS, MODES
+from .untrusted import MAX_JSON_BYTES, quote, read_text_file
 
 FORMAT = "pare_token_schedule"
 FORMAT_VERSION = 1
@@ -39,7 +40,11 @@ PRESETS = ("conservative", "balanced", "fast")
 MAX_RATIO = 0.95  # strength never pushes a ratio past this: at least 5% of the tokens always stay
 # Wan2.1 depths the presets are written for (PARE.md: 1.3B has 30 blocks, 14B has 40).
 PRESET_DEPTHS = {30: "Wan2.1 1.3B", 40: "Wan2.1 14B"}
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
+# Matched against a stripped part, so no two whitespace runs touch (no backtracking blow-up on long blanks).
+_RANGE = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")
+MAX_BLOCKS = 1024  # the deepest model a schedule may name without a model to check it against (Wan2.1: 30 or 40)
+MAX_RULES = 4096
+_MAX_DIGITS = 18  # int() of a longer number is refused by Python itself (and never a block)
 _KNOWN = {"format", "format_version", "num_blocks", "stride", "metric", "mode", "proportional", "seed", "rules",
           "name", "calibration"}
 _RULE_KNOWN = {"feature", "blocks", "start_percent", "end_percent", "ratio"}
@@ -138,49 +143,67 @@ def _fail(source: str, where: str, what: str) -> PareError:
 
 def _number(value: Any, source: str, where: str, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise _fail(source, where, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
+        raise _fail(source, where, f"must be {'an integer' if integer else 'a number'}, got {quote(value)}")
+    if isinstance(value, float) and not math.isfinite(value):  # (an int is finite; isfinite overflows on huge ones)
         raise _fail(source, where, f"must be finite, got {value!r}")
     return value
 
 
-def _parse_blocks(value: Any, source: str, where: str, num_blocks: int | None) -> tuple[int, ...]:
+def _parse_blocks(value: Any, source: str, where: str, num_blocks: int | None, model_blocks: int | None
+                  ) -> tuple[int, ...]:
+    """The block indices of a rule. Every index and range end is checked against the schedule's ``num_blocks``
+    and the model's depth (``model_blocks``, else MAX_BLOCKS) before anything is expanded, so the work is bounded
+    by the model, not by the numbers in the text."""
     if value == "all":
         if num_blocks is None:
             raise _fail(source, where, "is 'all', which needs the schedule's num_blocks")
         return tuple(range(num_blocks))
+
+    def check(low: int, high: int) -> None:
+        if num_blocks is not None and high >= num_blocks:
+            raise _fail(source, where, f"names block {high}, but num_blocks is {num_blocks}")
+        limit = model_blocks if model_blocks is not None else MAX_BLOCKS
+        if high >= limit:
+            raise _fail(source, where, f"names block {max(low, limit)}, but the model has blocks 0-{limit - 1}")
+
+    blocks: set[int] = set()
     if isinstance(value, str):
-        blocks: list[int] = []
         for part in value.split(","):
-            m = _RANGE.match(part)
+            text = part.strip()
+            m = _RANGE.fullmatch(text)
             if not m:
-                raise _fail(source, where, f"has '{part.strip()}', not a block or a range 'A-B'")
+                raise _fail(source, where, f"has {quote(text)}, not a block or a range 'A-B'")
+            if any(len(g) > _MAX_DIGITS for g in m.groups() if g):
+                raise _fail(source, where, f"has {quote(text)}, a block number of more than {_MAX_DIGITS} digits")
             a, b = int(m.group(1)), int(m.group(2) or m.group(1))
             if b < a:
-                raise _fail(source, where, f"has the reversed range '{part.strip()}'")
-            blocks.extend(range(a, b + 1))
+                raise _fail(source, where, f"has the reversed range {quote(text)}")
+            check(a, b)
+            blocks.update(range(a, b + 1))
     elif isinstance(value, list) and value:
-        blocks = [int(_number(b, source, f"{where}[{j}]", integer=True)) for j, b in enumerate(value)]
+        for j, b in enumerate(value):
+            b = _number(b, source, f"{where}[{j}]", integer=True)
+            if b < 0:
+                raise _fail(source, where, f"has a negative block {quote(b)}")
+            check(b, b)
+            blocks.add(b)
     else:
-        raise _fail(source, where, f"must be 'all', a range text like '2-27' or a non-empty list, got {value!r}")
-    if any(b < 0 for b in blocks):
-        raise _fail(source, where, f"has a negative block {min(blocks)}")
-    if num_blocks is not None and max(blocks) >= num_blocks:
-        raise _fail(source, where, f"names block {max(blocks)}, but num_blocks is {num_blocks}")
-    return tuple(sorted(set(blocks)))
+        raise _fail(source, where, f"must be 'all', a range text like '2-27' or a non-empty list, got {quote(value)}")
+    return tuple(sorted(blocks))
 
 
-def _parse_rule(obj: Any, source: str, where: str, num_blocks: int | None) -> ReductionRule:
+def _parse_rule(obj: Any, source: str, where: str, num_blocks: int | None, model_blocks: int | None
+                ) -> ReductionRule:
     if not isinstance(obj, dict):
         raise _fail(source, where, f"must be an object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - _RULE_KNOWN)
     if unknown:
-        raise _fail(source, f"{where}.{unknown[0]}", f"is not a rule field (fields: {sorted(_RULE_KNOWN)})")
+        raise _fail(source, f"{where}.{quote(unknown[0])[1:-1]}", f"is not a rule field (fields: {sorted(_RULE_KNOWN)})")
     for key in ("feature", "blocks", "ratio"):
         if key not in obj:
             raise _fail(source, where, f"lacks '{key}'")
     if obj["feature"] not in FEATURES:
-        raise _fail(source, f"{where}.feature", f"must be one of {list(FEATURES)}, got {obj['feature']!r}")
+        raise _fail(source, f"{where}.feature", f"must be one of {list(FEATURES)}, got {quote(obj['feature'])}")
     ratio = _number(obj["ratio"], source, f"{where}.ratio")
     if not 0.0 <= ratio < 1.0:
         raise _fail(source, f"{where}.ratio", f"must be in [0, 1), got {ratio}")
@@ -188,64 +211,84 @@ def _parse_rule(obj: Any, source: str, where: str, num_blocks: int | None) -> Re
     end = _number(obj.get("end_percent", 1.0), source, f"{where}.end_percent")
     if not 0.0 <= start <= end <= 1.0:
         raise _fail(source, where, f"start_percent {start} and end_percent {end} must satisfy 0 <= start <= end <= 1")
-    return ReductionRule(obj["feature"], _parse_blocks(obj["blocks"], source, f"{where}.blocks", num_blocks),
+    return ReductionRule(obj["feature"], _parse_blocks(obj["blocks"], source, f"{where}.blocks", num_blocks, model_blocks),
                          float(ratio), float(start), float(end))
 
 
-def schedule_from_json(obj: Any, source: str = "inline schedule") -> TokenSchedule:
-    """Validate a parsed JSON schedule; ``source`` (a file name) is named in every error."""
+def schedule_from_json(obj: Any, source: str = "inline schedule", model_blocks: int | None = None) -> TokenSchedule:
+    """Validate a parsed JSON schedule; ``source`` (a file name) is named in every error.
+
+    ``model_blocks``: the most blocks the schedule may name (the model's depth; a depth-pruned student's teacher
+    depth), so a hostile range is refused before it is expanded; without it, MAX_BLOCKS."""
     if not isinstance(obj, dict):
         raise PareError(f"{source}: a token schedule must be a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - _KNOWN)
     if unknown:
-        raise _fail(source, f"field '{unknown[0]}'", f"is unknown (fields: {sorted(_KNOWN)})")
+        raise _fail(source, f"field {quote(unknown[0])}", f"is unknown (fields: {sorted(_KNOWN)})")
     if obj.get("format", FORMAT) != FORMAT:
-        raise _fail(source, "field 'format'", f"must be {FORMAT!r}, got {obj['format']!r}")
+        raise _fail(source, "field 'format'", f"must be {FORMAT!r}, got {quote(obj['format'])}")
     if obj.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-        raise _fail(source, "field 'format_version'", f"is {obj['format_version']!r}; this version reads {FORMAT_VERSION}")
+        raise _fail(source, "field 'format_version'", f"is {quote(obj['format_version'])}; this version reads {FORMAT_VERSION}")
     num_blocks = obj.get("num_blocks")
-    if num_blocks is not None and (_number(num_blocks, source, "field 'num_blocks'", integer=True) < 1):
-        raise _fail(source, "field 'num_blocks'", f"must be positive, got {num_blocks}")
+    if num_blocks is not None:
+        limit = model_blocks if model_blocks is not None else MAX_BLOCKS
+        if _number(num_blocks, source, "field 'num_blocks'", integer=True) < 1:
+            raise _fail(source, "field 'num_blocks'", f"must be positive, got {num_blocks}")
+        if num_blocks > limit:  # checked here, before 'all' expands it
+            raise PareError(f"{source}: made for {quote(num_blocks)} blocks, but the model has {limit}"
+                            if model_blocks is not None else
+                            f"{source}: field 'num_blocks' is {quote(num_blocks)}; at most {MAX_BLOCKS} are supported")
     stride = obj.get("stride", [1, 2, 2])
     if not (isinstance(stride, list) and len(stride) == 3 and all(isinstance(s, int) and not isinstance(s, bool)
                                                                     and s >= 1 for s in stride)):
-        raise _fail(source, "field 'stride'", f"must be three positive integers [frames, rows, columns], got {stride!r}")
+        raise _fail(source, "field 'stride'", f"must be three positive integers [frames, rows, columns], got {quote(stride)}")
     if math.prod(stride) < 2:
         raise _fail(source, "field 'stride'", "must cover at least 2 tokens (every token would be a destination)")
     metric, mode = obj.get("metric", "cosine"), obj.get("mode", "mean")
     if metric not in METRICS:
-        raise _fail(source, "field 'metric'", f"must be one of {list(METRICS)}, got {metric!r}")
+        raise _fail(source, "field 'metric'", f"must be one of {list(METRICS)}, got {quote(metric)}")
     if mode not in MODES:
-        raise _fail(source, "field 'mode'", f"must be one of {list(MODES)}, got {mode!r}")
+        raise _fail(source, "field 'mode'", f"must be one of {list(MODES)}, got {quote(mode)}")
     proportional = obj.get("proportional", True)
     if not isinstance(proportional, bool):
-        raise _fail(source, "field 'proportional'", f"must be true or false, got {proportional!r}")
+        raise _fail(source, "field 'proportional'", f"must be true or false, got {quote(proportional)}")
     seed = int(_number(obj.get("seed", 0), source, "field 'seed'", integer=True))
     rules = obj.get("rules")
     if not isinstance(rules, list):
-        raise _fail(source, "field 'rules'", f"must be a list of rules, got {rules!r}")
-    parsed = tuple(_parse_rule(r, source, f"rules[{i}]", num_blocks) for i, r in enumerate(rules))
+        raise _fail(source, "field 'rules'", f"must be a list of rules, got {quote(rules)}")
+    if len(rules) > MAX_RULES:
+        raise _fail(source, "field 'rules'", f"has {len(rules)} rules; at most {MAX_RULES} are supported")
+    parsed = tuple(_parse_rule(r, source, f"rules[{i}]", num_blocks, model_blocks) for i, r in enumerate(rules))
     calibration = obj.get("calibration", {})
     return TokenSchedule(parsed, tuple(stride), metric, mode, proportional, seed, num_blocks,
-                         str(obj.get("name", source)), calibration if isinstance(calibration, dict) else {})
+                         _name(obj.get("name"), source), calibration if isinstance(calibration, dict) else {})
 
 
-def load_schedule(path: str | os.PathLike) -> TokenSchedule:
-    """Read and validate a schedule file; a missing, unreadable or non-JSON file is an error naming it."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PareError(f"token schedule file {p}: cannot be read ({e.__class__.__name__}: {e})") from e
-    return parse_schedule_text(text, str(p))
+def _name(value: Any, source: str) -> str:
+    """The schedule's display name (it appears in every log line): a short string, else the source."""
+    return value if isinstance(value, str) and 0 < len(value) <= 200 else source
 
 
-def parse_schedule_text(text: str, source: str = "inline schedule") -> TokenSchedule:
+def load_schedule(path: str | os.PathLike, model_blocks: int | None = None, source: str | None = None
+                  ) -> TokenSchedule:
+    """Read and validate a schedule file (a regular file of at most MAX_JSON_BYTES); a missing, unreadable or
+    non-JSON file is an error naming it (``source``, default the path)."""
+    source = source or str(Path(path))
+    text = read_text_file(path, f"token schedule file {source}")
+    return parse_schedule_text(text, source, model_blocks)
+
+
+def parse_schedule_text(text: str, source: str = "inline schedule", model_blocks: int | None = None
+                        ) -> TokenSchedule:
+    if len(text) > MAX_JSON_BYTES:
+        raise PareError(f"{source}: {len(text)} characters; a schedule JSON is at most {MAX_JSON_BYTES}")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise PareError(f"{source}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-    return schedule_from_json(obj, source)
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits, arrays nested thousands deep
+        raise PareError(f"{source}: not a usable JSON document ({type(e).__name__}: {quote(str(e))})") from None
+    return schedule_from_json(obj, source, model_blocks)
 
 
 def save_schedule(path: str | os.PathLike, schedule: TokenSchedule) -> None:

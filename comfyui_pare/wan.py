@@ -116,7 +116,7 @@ class WanDims:
         return dims
 
 
-# The two public Wan2.1 sizes (../shared/PARE.md).
+# The two public Wan2.1 sizes (docs/method.md).
 WAN21_1_3B = WanDims(dim=1536, num_heads=12, ffn_dim=8960, num_layers=30)
 WAN21_14B = WanDims(dim=5120, num_heads=40, ffn_dim=13824, num_layers=40)
 WAN21_14B_I2V = WanDims(dim=5120, num_heads=40, ffn_dim=13824, num_layers=40, in_dim=36, variant="i2v")

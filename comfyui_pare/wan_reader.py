@@ -34,6 +34,20 @@ from safetensors import safe_open
 
 from .errors import PareFileError, PareFormatError
 from .pruned import FLOAT_DTYPES, METADATA_KEY, PrunedWanMeta, check_tensors, meta_from_header
+from .quant_layout import (
+    COMFY_QUANT,
+    MARKER,
+    PER_LAYER,
+    SCALE_INPUT,
+    SCALE_SUFFIXES,
+    SCALE_WEIGHT,
+    SCALED_FP8_MARKER,
+    STORED_NAME,
+    LayerQuant,
+    decode_config_tensor,
+    header_layer_configs,
+    marker_for,
+)
 from .safetensors_io import read_header, torch_dtype
 from .wan import KNOWN_PREFIXES, diffusers_key
 
@@ -43,8 +57,6 @@ ORIGINAL, ORIGINAL_SHARDED, COMFYUI_PREFIXED = "original", "original-sharded", "
 DIFFUSERS, DIFFUSERS_SHARDED = "diffusers", "diffusers-sharded"
 LAYOUTS = (ORIGINAL, ORIGINAL_SHARDED, COMFYUI_PREFIXED, DIFFUSERS, DIFFUSERS_SHARDED)
 
-SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker key; its dtype is the fp8 dtype of the scaled weights
-SCALE_WEIGHT, SCALE_INPUT = "scale_weight", "scale_input"
 INDEX_SUFFIX = ".safetensors.index.json"
 _SHARD_RE = re.compile(r".*-(\d+)-of-(\d+)\.safetensors")
 _PIPELINE_SUBFOLDER = "transformer"  # a diffusers pipeline keeps the Wan transformer here
@@ -132,13 +144,9 @@ class WanReader:
         self.files = [str(f) for f in files]
         source = str(self.path)
         stored, metadata = self._read_headers(files, weight_map, source)
-        if "_quantization_metadata" in metadata:
-            raise PareFormatError(f"{source}: uses ComfyUI's per-layer mixed-precision format "
-                                  "('_quantization_metadata'), which PARE does not read; use a bf16/fp16, fp8 or "
-                                  "fp8_scaled file")
         self.metadata: dict[str, str] = metadata
         self.prefix = _find_prefix(stored)
-        weights, scales, marker, others = self._split(stored)
+        weights, scales, marker, others, quant_tensors, layouts = self._split(stored)
         diffusers = "head.modulation" not in weights and any(k in weights for k in _DIFFUSERS_MARKS)
         if diffusers:
             weights, scales = _rename_diffusers(weights, scales, source)
@@ -157,17 +165,30 @@ class WanReader:
         check_tensors(self.meta, shapes, {k: v.dtype for k, v in weights.items()}, source,
                       stored_name=lambda k: weights[k].name if k in weights else self.prefix + k,
                       has_metadata=METADATA_KEY in metadata)
+        self._layer_quant = self._layer_configs(quant_tensors, metadata, weights, source)
+        if self._layer_quant:
+            layouts.add(PER_LAYER)
+        if marker is not None:
+            layouts.add(MARKER)
+        if len(layouts) > 1:
+            raise PareFormatError(f"{source}: mixes ComfyUI's two scaled fp8 layouts (a '{SCALED_FP8_MARKER}' "
+                                  f"marker / scale_weight, and per-layer weight_scale / .{COMFY_QUANT}); re-save it "
+                                  "in one of them")
+        self.quant_layout: str | None = layouts.pop() if layouts else None
         self._check_scales(weights, scales, marker, source)
         order = list(self.meta.expected_shapes())
         self._weights = {k: weights[k] for k in order}
         self._scales = scales
         self._marker = marker
-        self.scaled_fp8 = marker is not None
+        self.scaled_fp8 = self.quant_layout is not None
         self.scaled_fp8_dtype: torch.dtype | None = None
         if marker is not None:
             # ComfyUI (model_detection.model_config_from_unet): the marker's dtype, an F32 marker meaning e4m3fn.
             dtype = torch_dtype(marker.dtype, f"{source}: '{marker.name}'")
             self.scaled_fp8_dtype = torch.float8_e4m3fn if dtype == torch.float32 else dtype
+        elif self._layer_quant:
+            dtypes = {c.dtype for c in self._layer_quant.values()}
+            self.scaled_fp8_dtype = dtypes.pop() if len(dtypes) == 1 else None
 
     # -- reading the headers ------------------------------------------------------------------------------------
 
@@ -198,11 +219,13 @@ class WanReader:
                                       "incomplete or from another download")
         return stored, metadata
 
-    def _split(self, stored: dict[str, StoredTensor]
-               ) -> tuple[dict[str, StoredTensor], dict[str, dict[str, StoredTensor]], StoredTensor | None, list[str]]:
-        """(weights, scales by weight key and kind, the scaled_fp8 marker, keys outside the prefix)."""
+    def _split(self, stored: dict[str, StoredTensor]):
+        """(weights, scales by weight key and canonical kind, the scaled_fp8 marker, keys outside the prefix,
+        per-layer quantization config tensors by weight key, the scale layouts seen)."""
         weights: dict[str, StoredTensor] = {}
         scales: dict[str, dict[str, StoredTensor]] = {}
+        quant: dict[str, StoredTensor] = {}
+        layouts: set[str] = set()
         marker = None
         others: list[str] = []
         for name, st in stored.items():
@@ -213,12 +236,28 @@ class WanReader:
                 others.append(name)
                 continue
             key = name[len(self.prefix):]
-            base, _, kind = key.rpartition(".")
-            if kind in (SCALE_WEIGHT, SCALE_INPUT) and base:
+            base, _, suffix = key.rpartition(".")
+            if suffix in SCALE_SUFFIXES and base:
+                layout, kind = SCALE_SUFFIXES[suffix]
+                layouts.add(layout)
                 scales.setdefault(f"{base}.weight", {})[kind] = st
+            elif suffix == COMFY_QUANT and base:
+                quant[f"{base}.weight"] = st
             else:
                 weights[key] = st
-        return weights, scales, marker, others
+        return weights, scales, marker, others, quant, layouts
+
+    def _layer_configs(self, quant: dict[str, StoredTensor], metadata: dict[str, str],
+                       weights: dict[str, StoredTensor], source: str) -> dict[str, LayerQuant]:
+        """Per-layer configs by weight key, from ``.comfy_quant`` tensors or the ``_quantization_metadata`` header."""
+        configs = {k: decode_config_tensor(self._read(st), f"{source}: '{st.name}'") for k, st in quant.items()}
+        for layer, conf in header_layer_configs(metadata, source).items():
+            configs.setdefault(f"{layer.removeprefix(self.prefix)}.weight", conf)
+        for key in configs:
+            if key not in weights:
+                raise PareFormatError(f"{source}: a quantization config names layer '{key[:-len('.weight')]}', "
+                                      "which the file does not have")
+        return configs
 
     def _check_scales(self, weights: dict[str, StoredTensor], scales: dict[str, dict[str, StoredTensor]],
                       marker: StoredTensor | None, source: str) -> None:
@@ -227,9 +266,10 @@ class WanReader:
             if key not in weights:
                 raise PareFormatError(f"{source}: '{st.name}' scales a weight the file does not have "
                                       f"('{self.prefix}{key}')")
-            if marker is None:
-                raise PareFormatError(f"{source}: '{st.name}' is an fp8 scale, but the file has no '{SCALED_FP8_MARKER}' "
-                                      "marker, so ComfyUI would ignore the scales; the file is incomplete")
+            if marker is None and key not in self._layer_quant:
+                raise PareFormatError(f"{source}: '{st.name}' is an fp8 scale, but the file has neither a "
+                                      f"'{SCALED_FP8_MARKER}' marker nor a quantization config for its layer, so "
+                                      "ComfyUI would ignore the scales; the file is incomplete")
             for s in kinds.values():
                 n = 1
                 for d in s.shape:
@@ -274,6 +314,14 @@ class WanReader:
         st = self._scales.get(key, {}).get(SCALE_INPUT)
         return None if st is None else self._read(st)
 
+    def layer_quant(self, key: str) -> LayerQuant | None:
+        """The per-layer quantization config of a weight (per-layer layout), or None."""
+        return self._layer_quant.get(key)
+
+    def stored_scale_name(self, kind: str) -> str:
+        """The suffix this file's layout gives a scale of canonical ``kind`` (``scale_weight`` / ``scale_input``)."""
+        return STORED_NAME[(self.quant_layout or MARKER, kind)]
+
     def marker(self) -> torch.Tensor | None:
         """The ``scaled_fp8`` marker tensor as stored (its element count tells ComfyUI about fp8 matmuls)."""
         return None if self._marker is None else self._read(self._marker)
@@ -300,20 +348,30 @@ class WanReader:
             t = t.to(torch.float32) * s.to(torch.float32)
         return t if dtype is None else t.to(dtype)
 
-    def state_dict(self, dequantize: bool = True, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def state_dict(self, dequantize: bool = True, dtype: torch.dtype | None = None,
+                   quant_layout: str | None = None) -> dict[str, torch.Tensor]:
         """Every tensor at once (small models). ``dequantize``: scaled fp8 weights as fp32 real weights, the rest as
-        stored (or all cast to ``dtype``). Without it: ComfyUI's own layout, raw weights plus their
-        ``<module>.scale_weight`` / ``.scale_input`` and the ``scaled_fp8`` marker."""
+        stored (or all cast to ``dtype``). Without it: ComfyUI's own layout, raw weights plus their scales, in the
+        file's quantization layout or in ``quant_layout`` (``"scaled_fp8"``: the marker layout ComfyUI 0.3.x reads,
+        also for a per-layer file)."""
         if dequantize:
             return {k: (self.dequantized(k, dtype or torch.float32) if k in self._scales or dtype is not None
                         else self.tensor(k)) for k in self._weights}
         sd = {k: self.tensor(k) if dtype is None else self.tensor(k).to(dtype) for k in self._weights}
+        layout = quant_layout or self.quant_layout or MARKER
         for key, kinds in self._scales.items():
             base = key[: -len(".weight")]
             for kind, st in kinds.items():
-                sd[f"{base}.{kind}"] = self._read(st)
-        if self._marker is not None:
+                sd[f"{base}.{STORED_NAME[(layout, kind)]}"] = self._read(st)
+        if layout == PER_LAYER:
+            for key, conf in self._layer_quant.items():
+                sd[f"{key[: -len('.weight')]}.{COMFY_QUANT}"] = conf.encode()
+        elif self._marker is not None:
             sd[SCALED_FP8_MARKER] = self._read(self._marker)
+        elif self._layer_quant:  # per-layer file for a ComfyUI that reads the marker layout only
+            sd[SCALED_FP8_MARKER] = marker_for(list(self._layer_quant.values()), str(self.path))
+            for key in self._layer_quant:  # the per-layer layout drops input scales of 1.0; 0.3.x expects them
+                sd.setdefault(f"{key[: -len('.weight')]}.{SCALE_INPUT}", torch.ones((), dtype=torch.float32))
         return sd
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -325,6 +383,7 @@ class WanReader:
         """What ``inspect`` reports about the file itself."""
         out = {"layout": self.layout, "files": len(self.files), "scaled_fp8": self.scaled_fp8}
         if self.scaled_fp8:
+            out["quant_layout"] = self.quant_layout
             out["scaled_fp8_dtype"] = str(self.scaled_fp8_dtype).removeprefix("torch.")
             out["scaled_weights"] = len(self._scales)
         dtypes: dict[str, int] = {}

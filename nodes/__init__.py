@@ -10,7 +10,7 @@ from .folders import register_folders
 from .loaders import PARELoadPrunedWan
 from .lora import PARELoraLoader
 from .routing_nodes import PAREApplyRouter, PARELoadRouter, PARERoutingReport, PAREStaticSchedule
-from .token_reduction import PARETokenReduction
+from .token_reduction_nodes import PARETokenReduction
 from .toy_text import PAREToyTextEncode
 
 # Node IDs are stable forever: deprecate, never rename or delete.

@@ -2,16 +2,15 @@
 
 The nodes use ComfyUI's public node API (``comfy_api.latest``, V3) and a handful of internals that ComfyUI does not
 promise to keep. Each internal is listed here as a ``Seam``: what it is, which node needs it, and how to check
-that the running ComfyUI still has it. ``check_seams`` runs at start-up and logs every missing seam once;
-``require`` is called by a node before it touches a seam and raises ``ComfyVersionError`` naming the ComfyUI
-version the pack needs, instead of an AttributeError deep inside a sampler.
+that the running ComfyUI has it (a function, an argument, an attribute: never a version string). ``check_seams``
+runs at start-up and logs every missing seam once; ``require`` is called by a node before it touches a seam and
+raises ``ComfyVersionError`` naming the internal and the running ComfyUI version, instead of an AttributeError deep
+inside a sampler.
 
-Checked against the pinned ComfyUI 0.3.75 (the tests run on it) and, by reading, against the newest ComfyUI source
-available to us (comfyanonymous/ComfyUI, 0.8.x, 2026): ``wan_attn_block_class`` and the
-``patches_replace["dit"][("double_block", i)]`` seam in ``WanModel.forward_orig`` are unchanged; the DIFFUSION_MODEL
-wrapper still wraps ``WanModel._forward(x, timestep, context, clip_fea, time_dim_concat, transformer_options)``;
-``ModelPatcher._load_list`` still skips modules that have parametrised children (so Wan's ``modulation`` tables still
-need the pack's ON_LOAD merge); its tuples grew from 4 to 5 fields, which the pack does not read.
+Tested by running on ComfyUI 0.3.75 and 0.8.0 (``TESTED_COMFYUI``). Where releases differ, the nodes detect what the
+running one has: ``nodes/wan_model.py`` builds the model through the running release's own
+``load_diffusion_model_state_dict`` (quantization layout, dtype choice, patcher class); ``nodes/hooks.py`` reads
+optional ``transformer_options`` keys and tolerates the newer ``args["transformer_options"]`` of block patches.
 """
 
 from __future__ import annotations
@@ -27,8 +26,36 @@ from ..comfyui_pare.errors import PareError
 
 logger = logging.getLogger(__name__)
 
-TESTED_COMFYUI = "0.3.75"
-NEEDS = f"comfyui-pare needs ComfyUI {TESTED_COMFYUI} or a later version that still has it (tested: {TESTED_COMFYUI})"
+TESTED_COMFYUI = ("0.3.75", "0.8.0")
+OLDEST_SUPPORTED = TESTED_COMFYUI[0]
+
+
+def comfy_version() -> str:
+    """The running ComfyUI's version, as its ``comfyui_version.py`` says (for messages only)."""
+    try:
+        return importlib.import_module("comfyui_version").__version__
+    except (ImportError, AttributeError):
+        return "(unknown version)"
+
+
+def _older_than_supported(version: str) -> bool:
+    """True only for a clearly numbered release older than the oldest the pack supports (wording of messages)."""
+    def parts(v: str) -> tuple[int, ...] | None:
+        try:
+            return tuple(int(p) for p in v.split(".")[:3])
+        except ValueError:
+            return None
+    have, oldest = parts(version), parts(OLDEST_SUPPORTED)
+    return have is not None and oldest is not None and have < oldest
+
+
+def advice() -> str:
+    """What a user on the running ComfyUI can do about a missing internal: never 'update' to someone ahead."""
+    version, tested = comfy_version(), " and ".join(TESTED_COMFYUI)
+    if _older_than_supported(version):
+        return f"comfyui-pare supports ComfyUI {OLDEST_SUPPORTED} and later (tested: {tested}); update ComfyUI"
+    return (f"comfyui-pare is tested on ComfyUI {tested}; this ComfyUI ({version}) changed that internal. Please "
+            "report it at the comfyui-pare repository with the ComfyUI version, or use a tested ComfyUI meanwhile")
 
 
 class ComfyVersionError(PareError):
@@ -42,34 +69,27 @@ class Seam:
     check: Callable[[], bool]
 
 
+def _resolve(module: str, dotted: str):
+    obj = importlib.import_module(module)
+    for part in dotted.split(".") if dotted else ():
+        obj = getattr(obj, part)
+    return obj
+
+
 def _attr(module: str, *path: str) -> Callable[[], bool]:
     def check() -> bool:
-        obj = importlib.import_module(module)
-        for part in path:
-            obj = getattr(obj, part)
+        _resolve(module, ".".join(path))  # raises AttributeError / ImportError when missing
         return True
     return check
 
 
 def _params(module: str, qualname: str, *names: str) -> Callable[[], bool]:
-    def check() -> bool:
-        obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        params = inspect.signature(obj).parameters
-        return all(n in params for n in names)
-    return check
+    return lambda: all(n in inspect.signature(_resolve(module, qualname)).parameters for n in names)
 
 
 def _source_has(module: str, qualname: str, *snippets: str) -> Callable[[], bool]:
     """For seams that are conventions inside a function body (dict keys), not names we can getattr."""
-    def check() -> bool:
-        obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        source = inspect.getsource(obj)
-        return all(s in source for s in snippets)
-    return check
+    return lambda: all(s in inspect.getsource(_resolve(module, qualname)) for s in snippets)
 
 
 WAN = "comfy.ldm.wan.model"
@@ -82,12 +102,10 @@ SEAMS: tuple[Seam, ...] = (
     Seam("WanAttentionBlock(cross_attn_type, dim, ffn_dim, num_heads, ..., operation_settings)",
          "PARE Load Pruned Wan", _params(WAN, "WanAttentionBlock.__init__", "cross_attn_type", "dim", "ffn_dim",
                                          "num_heads", "operation_settings")),
-    Seam("comfy.model_detection.model_config_from_unet (detection; pops the scaled_fp8 marker and sets "
-         "model_config.scaled_fp8)", "PARE Load Pruned Wan",
-         _source_has("comfy.model_detection", "model_config_from_unet", "scaled_fp8")),
-    Seam("comfy.model_management.unet_dtype / unet_manual_cast / unet_offload_device", "PARE Load Pruned Wan",
-         lambda: all(_attr("comfy.model_management", n)() for n in ("unet_dtype", "unet_manual_cast",
-                                                                     "unet_offload_device", "get_torch_device"))),
+    Seam("comfy.sd.load_diffusion_model_state_dict detecting through comfy.model_detection.model_config_from_unet",
+         "PARE Load Pruned Wan",
+         lambda: _source_has("comfy.sd", "load_diffusion_model_state_dict", "model_config_from_unet")()
+         and _attr("comfy.model_detection", "model_config_from_unet")()),
     Seam("patches_replace['dit'][('double_block', i)] per-block replace in WanModel.forward_orig",
          "PARE Apply Router, PARE Static Block Schedule, PARE Token Reduction",
          _source_has(WAN, "WanModel.forward_orig", '("double_block", i)', '"original_block"')),
@@ -156,7 +174,8 @@ def check_seams() -> list[Seam]:
     """Log each internal this ComfyUI lacks (once, at start-up); the nodes that need it will refuse to run."""
     missing = missing_seams()
     for seam in missing:
-        logger.error("comfyui-pare: this ComfyUI lacks %s (needed by %s). %s.", seam.name, seam.used_by, NEEDS)
+        logger.error("comfyui-pare: ComfyUI %s lacks %s (needed by %s). %s.", comfy_version(), seam.name,
+                     seam.used_by, advice())
     return missing
 
 
@@ -165,5 +184,5 @@ def require(*used_by: str) -> None:
     missing = [s for s in SEAMS if any(u in s.used_by for u in used_by) and not _present(s)]
     if missing:
         names = "; ".join(s.name for s in missing)
-        raise ComfyVersionError(f"{', '.join(used_by)} cannot run on this ComfyUI: it lacks {names}. {NEEDS}. "
-                                "Update ComfyUI, or install the comfyui-pare release made for your ComfyUI.")
+        raise ComfyVersionError(f"{', '.join(used_by)} cannot run on ComfyUI {comfy_version()}: it lacks {names}. "
+                                f"{advice()}.")

@@ -7,13 +7,15 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
+from ..comfyui_pare.alignment import pad_state_dict
 from ..comfyui_pare.errors import PareError
-from ..comfyui_pare.pruned import describe
+from ..comfyui_pare.pruned import METADATA_KEY, describe
+from ..comfyui_pare.quant_layout import QUANT_METADATA
 from ..comfyui_pare.wan_reader import open_wan, resolve_checkpoint
 from .comfy_compat import require
 from .folders import DIFFUSION_MODELS, file_fingerprint
 from .model_info import attach_meta
-from .wan_model import WEIGHT_DTYPES, build_wan_patcher
+from .wan_model import WEIGHT_DTYPES, build_wan_patcher, quant_layout_for_comfy
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class PARELoadPrunedWan(io.ComfyNode):
                     "weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                     tooltip="Storage dtype of the weights, as in the stock Load Diffusion Model node: fp8 "
                             "halves memory; fp8_e4m3fn_fast also uses fp8 matrix multiplies where supported "
-                            "(widths must be multiples of 16; the load log warns otherwise). fp8_scaled files "
+                            "(the loader pads every width to a multiple of 64, which they need). fp8_scaled files "
                             "keep their own scaled fp8 weights.",
                 ),
             ],
@@ -68,19 +70,31 @@ class PARELoadPrunedWan(io.ComfyNode):
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str) -> io.NodeOutput:
         require("PARE Load Pruned Wan")
-        path = folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, unet_name)
-        with open_wan(path) as reader:  # a shard of a sharded release loads the whole release, via its index
-            meta, layout, scaled = reader.meta, reader.layout, reader.scaled_fp8
-            source = str(reader.path)
-            # ComfyUI's own layout: fp8 weights stay fp8 beside their scales and the scaled_fp8 marker, so ComfyUI's
-            # scaled fp8 operations run them exactly as for the stock loader.
-            sd = reader.state_dict(dequantize=False)
-        patcher = build_wan_patcher(sd, meta, dict(WEIGHT_DTYPES[weight_dtype]), source=source)
-        attach_meta(patcher, meta)
-        summary = describe(meta)
-        logger.info(
-            "PARE: loaded %s (%s layout%s, %s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, layout,
-            ", fp8_scaled" if scaled else "", meta.dims.variant, meta.num_blocks,
-            100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
-        )
-        return io.NodeOutput(patcher)
+        return io.NodeOutput(load_pruned_wan(unet_name, weight_dtype))
+
+
+def load_pruned_wan(unet_name: str, weight_dtype: str = "default", disable_dynamic: bool | None = None):
+    """The model of PARE Load Pruned Wan. Also the patcher's ``cached_patcher_init``: newer ComfyUI releases call it
+    to build a fresh copy (multi-GPU cloning, ``clone(disable_dynamic=True)``), with ``disable_dynamic``."""
+    path = folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, unet_name)
+    with open_wan(path) as reader:  # a shard of a sharded release loads the whole release, via its index
+        meta, layout, scaled = reader.meta, reader.layout, reader.scaled_fp8
+        source = str(reader.path)
+        # ComfyUI's own layout: fp8 weights stay fp8 beside their scales, so the running ComfyUI's quantized
+        # operations run them exactly as for the stock loader.
+        sd = reader.state_dict(dequantize=False, quant_layout=quant_layout_for_comfy())
+        # The per-layer quantization configs travel as .comfy_quant tensors (or as the marker layout): the header's
+        # copy would be read a second time (0.8+) or by 0.3.75's different, older mixed-precision path.
+        metadata = {k: v for k, v in reader.metadata.items() if k not in (METADATA_KEY, QUANT_METADATA)}
+    sd, built = pad_state_dict(sd, meta, source=source)  # widths on the tensor-core grain (exact zero padding)
+    patcher = build_wan_patcher(sd, built, dict(WEIGHT_DTYPES[weight_dtype]), source=source, metadata=metadata,
+                                disable_dynamic=disable_dynamic)
+    patcher.cached_patcher_init = (load_pruned_wan, (unet_name, weight_dtype))
+    attach_meta(patcher, meta)  # the student's own widths: compute, reports, routers and LoRA slicing use them
+    summary = describe(meta)
+    logger.info(
+        "PARE: loaded %s (%s layout%s, %s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, layout,
+        ", fp8_scaled" if scaled else "", meta.dims.variant, meta.num_blocks,
+        100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
+    )
+    return patcher

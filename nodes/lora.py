@@ -15,7 +15,7 @@ are never merged. An ``ON_LOAD`` callback patches such parameters with ComfyUI's
 from __future__ import annotations
 
 import logging
-from math import prod
+from math import isfinite, prod
 from typing import Any, Mapping
 
 import comfy.lora
@@ -26,12 +26,14 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..comfyui_pare.errors import PareFormatError
+from ..comfyui_pare.alignment import pad_lora
+from ..comfyui_pare.errors import PareError, PareFormatError
 from ..comfyui_pare.lora import (
     LoraPatch,
     ParsedLora,
     bias_key,
     load_lora_file,
+    made_for_student,
     slice_lora,
     to_standard_state_dict,
     weight_key,
@@ -119,12 +121,19 @@ def patch_bare_parameters(patcher: comfy.model_patcher.ModelPatcher, device_to, 
                           force_patch_weights, full_load) -> None:
     """ON_LOAD callback: merge the pending patches ComfyUI's loader skipped, where the parameter lives.
 
-    ``patch_weight_to_device`` records a backup, which both marks the key as merged (so a reload with the same
-    patches does not add them twice) and is what ``unpatch_model`` restores.
+    Every load merges from the original weight: a key merged by an earlier load is first put back to its backup.
+    So the result is the same whether the patcher kept the merged weight since the last load (``ModelPatcher``)
+    or restored its backups at the start of this load (newer releases' ``ModelPatcherDynamic``), and a reload
+    never adds the patch twice. ``patch_weight_to_device`` records the backup that ``unpatch_model`` restores.
     """
     for key in list(patcher.patches):
-        if key not in patcher.backup and _skipped_by_comfy_loader(patcher.model, key):
-            patcher.patch_weight_to_device(key)
+        if not _skipped_by_comfy_loader(patcher.model, key):
+            continue
+        saved = patcher.backup.get(key)
+        if saved is not None:  # merged before: start again from the original
+            put = comfy.utils.copy_to_param if saved.inplace_update else comfy.utils.set_attr_param
+            put(patcher.model, key, saved.weight)
+        patcher.patch_weight_to_device(key)
 
 
 def apply_lora(model: comfy.model_patcher.ModelPatcher, path: str, strength: float
@@ -132,10 +141,13 @@ def apply_lora(model: comfy.model_patcher.ModelPatcher, path: str, strength: flo
     """(patched clone, patches applied, modules narrowed to the pruned widths). The input is not modified."""
     meta = model_meta(model)
     parsed = load_lora_file(path)
-    sliced = slice_lora(parsed, meta)
+    model_shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=PREFIX).items()}
+    # A teacher LoRA is cut to the student's widths; one trained on the student fits them already. Either way it is
+    # then padded to the widths the loader built (zero padding to the tensor-core grain).
+    sliced = parsed if made_for_student(parsed, meta) else slice_lora(parsed, meta)
+    sliced = pad_lora(sliced, meta, model_shapes, PREFIX)
     warn_skipped_keys(parsed)
     narrowed = sliced.narrowed
-    model_shapes = {k: tuple(v.shape) for k, v in model.model_state_dict(filter_prefix=PREFIX).items()}
     patches = comfy_patches(sliced, model_shapes)
 
     patched = model.clone()
@@ -192,6 +204,8 @@ class PARELoraLoader(io.ComfyNode):
     def execute(cls, model: comfy.model_patcher.ModelPatcher, lora_name: str, strength_model: float) -> io.NodeOutput:
         if strength_model == 0:  # as the stock loader: nothing to apply, the input passes through
             return io.NodeOutput(model)
+        if not isfinite(strength_model):  # NaN passes ComfyUI's min/max checks and would turn every weight NaN
+            raise PareError(f"PARE LoRA Loader: strength_model must be a finite number, got {strength_model}")
         require("PARE LoRA Loader")
         path = folder_paths.get_full_path_or_raise(LORAS, lora_name)
         patched, applied, narrowed = apply_lora(model, path, strength_model)

@@ -1,15 +1,12 @@
 """Router-driven block skipping inside ComfyUI's own sampler (the runtime half of PARE's depth pruning).
 
-How it hooks in (ComfyUI 0.3.75):
+How it hooks in (the lifecycle is nodes/hooks.py's, shared with token reduction):
 
-* ``OUTER_SAMPLE`` wrapper, once per sampling run: clones the routing template into a fresh per-run state
-  (so runs never share state) and logs one summary line in ``finally``. The schedule range is mapped to
-  sigmas with the sampling object the run really uses: ``get_model_object("model_sampling")`` sees the
-  ``ModelSamplingSD3`` object patch, which ComfyUI applies to the model itself only later, when it loads
-  the model inside sampling (reading ``model.model_sampling`` here gave the file's default shift on the
-  first run after a load).
-* ``DIFFUSION_MODEL`` wrapper, once per model call: opens a call record (the call's sigmas and CFG
-  branches, kept on the device) and times the call.
+* A fresh ``RoutingRun`` per sampling run, made from the template by the kit's ``OUTER_SAMPLE`` wrapper; the
+  schedule range is mapped to sigmas with the sampled model's own ``percent_to_sigma`` (shift included, first
+  run after a load too). One summary line per run.
+* Per model call (the kit's ``DIFFUSION_MODEL`` wrapper): a call record (the call's sigmas and CFG branches, kept
+  on the device), timed.
 * A ``double_block`` replace patch per block: the patch of block 0 asks the decider once per model call
   (router on the patch-embedded tokens that block 0 receives, or the static schedule), on the device, and
   reads the decision to the host once; every block patch then looks it up and either calls the block,
@@ -29,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -42,7 +40,7 @@ from ..comfyui_pare.pruned import PrunedWanMeta
 from ..comfyui_pare.report import CallRecord, StepRecord, steps_from_calls, summary_lines
 from ..comfyui_pare.router import BlockRouter, DecisionTensors, RoutingPolicy, decide
 from ..comfyui_pare.schedule import SkipRange
-from .patching import chain_block_patches, set_keyed_wrappers
+from .hooks import CallInfo, HookRun, RunTemplate, install, log_summary
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +113,9 @@ def _block_mask(rng: SkipRange, n: int, device: torch.device) -> torch.Tensor:
 
 
 @dataclass(eq=False)
-class RoutingTemplate:
-    """What the Apply node configures; a fresh RoutingRun is made from it for every sampling run.
-
-    ModelPatcher.clone() deep-copies model_options; the template is configuration plus the slot where the
-    last run is kept for the report, so every clone of a routed model shares it (``__deepcopy__``).
-    """
+class RoutingTemplate(RunTemplate):
+    """What the Apply node configures; a fresh RoutingRun is made from it for every sampling run (shared by clones,
+    with the last run kept for the report)."""
 
     decider: Decider
     meta: PrunedWanMeta
@@ -129,9 +124,6 @@ class RoutingTemplate:
     cfg_disagreement: str = "subset"
     label: str = "PARE routing"
     last_run: "RoutingRun | None" = None  # the finished run the report node shows
-
-    def __deepcopy__(self, memo) -> "RoutingTemplate":
-        return self
 
     def start_run(self, model_sampling, schedule: list[float] | None = None) -> "RoutingRun":
         return RoutingRun(self, model_sampling.percent_to_sigma, schedule)
@@ -179,11 +171,12 @@ class ModelCall:
     timer: CallTimer | None = None
 
 
-class RoutingRun:
-    """Per-sampling-run state: the current model call and the records of all calls."""
+class RoutingRun(HookRun):
+    """Per-sampling-run state: the current model call (per thread) and the records of all calls."""
 
     def __init__(self, template: RoutingTemplate, percent_to_sigma: Callable[[float], float],
                  schedule: list[float] | None = None):
+        super().__init__()
         self.template = template
         self._percent_to_sigma = percent_to_sigma  # the sampled model's own mapping (shift included)
         self._sigma_of: dict[float, float] = {}
@@ -191,7 +184,7 @@ class RoutingRun:
         self.sigma_low = self.percent_to_sigma(template.end_percent)
         self.schedule = schedule  # the sampler's sigmas (steps + 1), for grouping calls into steps
         self.calls: list[ModelCall] = []
-        self.current: ModelCall | None = None
+        self._calls_lock = threading.Lock()
         self.block_calls = 0  # times an original block actually ran
         self.unrouted_calls = 0  # model calls in which no PARE block patch ran
         self._costs: dict[tuple[int, int], list[float]] = {}
@@ -220,16 +213,9 @@ class RoutingRun:
     # Under torch.compile these run eagerly and are never traced (compiler.disable): they are bookkeeping
     # and host-side decisions, and tracing them would guard on values that change every step.
     @torch.compiler.disable
-    def begin_call(self, x, timestep, context, transformer_options) -> None:
-        sigmas = transformer_options.get("sigmas")
-        sig = (sigmas if sigmas is not None else timestep / 1000.0).detach().reshape(-1)
-        sig = sig.to(torch.float64 if sig.device.type != "mps" else torch.float32)  # compare like the host did
-        rows = x.shape[0]
-        if sig.shape[0] != rows:
-            sig = sig.repeat((rows + sig.shape[0] - 1) // sig.shape[0])[:rows]
-        branches = list(transformer_options.get("cond_or_uncond", [0]))
-        self.current = ModelCall(sigma=sig, branches=branches, rows=rows, timestep=timestep, context=context,
-                                 timer=CallTimer(x.device))
+    def begin_call(self, info: CallInfo) -> None:
+        self.current = ModelCall(sigma=info.sigma, branches=info.branches, rows=info.rows, timestep=info.timestep,
+                                 context=info.context, timer=CallTimer(info.sigma.device))
 
     @torch.compiler.disable
     def end_call(self) -> None:
@@ -245,7 +231,14 @@ class RoutingRun:
             self.warn_once("unrouted", "%s: a model call ran without PARE's block patches (another node replaced "
                            "the model's forward?), so it was not routed; apply PARE routing last",
                            self.template.label)
-        self.calls.append(call)
+        with self._calls_lock:
+            self.calls.append(call)
+
+    def finish(self) -> None:
+        if not self.calls:
+            logger.warning("%s: no model call reached PARE's routing in this run (another node replaced the "
+                           "model's forward?)", self.template.label)
+        log_summary(self.template.label, self.summary())
 
     def costs(self, tokens: int, text_tokens: int) -> list[float]:
         key = (tokens, text_tokens)
@@ -364,54 +357,10 @@ class RoutedBlock:
         return {"img": img.index_copy(0, run.row_index(keep, img.device), out)}
 
 
-# -- wrappers -----------------------------------------------------------------------------------------------
-
-def _schedule(args: tuple, kwargs: dict) -> list[float] | None:
-    """The sampler's sigmas from OUTER_SAMPLE's (noise, latent_image, sampler, sigmas, ...) arguments."""
-    sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
-    return sigmas.detach().float().reshape(-1).tolist() if torch.is_tensor(sigmas) else None
-
-
-def _outer_sample(executor, *args, **kwargs):
-    guider = executor.class_obj
-    original = guider.model_options
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-    topts = guider.model_options["transformer_options"]
-    template: RoutingTemplate = topts[KEY]
-    # get_model_object sees object patches (ModelSamplingSD3's shift) before sampling applies them.
-    run = template.start_run(guider.model_patcher.get_model_object("model_sampling"), _schedule(args, kwargs))
-    topts[KEY] = run
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        template.last_run = run
-        if not run.calls:
-            logger.warning("%s: no model call reached PARE's routing in this run (another node replaced the "
-                           "model's forward?)", template.label)
-        lines = run.summary()
-        logger.info("%s: %s", template.label, "; ".join(lines[1:3] + lines[-1:]) if len(lines) > 2 else lines[0])
-        guider.model_options = original
-
-
-@torch.compiler.disable(recursive=False)  # bookkeeping stays eager; the model it calls is compiled
-def _diffusion_model(executor, x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs):
-    run = transformer_options.get(KEY)
-    if not isinstance(run, RoutingRun):
-        return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
-    run.begin_call(x, timestep, context, transformer_options)
-    try:
-        return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
-    finally:
-        run.end_call()
-
-
-def apply_routing(model: comfy.model_patcher.ModelPatcher, template: RoutingTemplate) -> comfy.model_patcher.ModelPatcher:
+def apply_routing(model: comfy.model_patcher.ModelPatcher, template: RoutingTemplate, node: str
+                  ) -> comfy.model_patcher.ModelPatcher:
     """A patched clone; replaces any PARE routing already on ``model`` (idempotent) and keeps other patches."""
-    m = model.clone()
-    m.model_options["transformer_options"][KEY] = template
-    chain_block_patches(m, template.meta.num_blocks, RoutedBlock, own=RoutedBlock)
-    set_keyed_wrappers(m, KEY, _outer_sample, _diffusion_model)
-    return m
+    return install(model, KEY, template, RoutedBlock, template.meta.num_blocks, node)
 
 
 def routing_template(model: comfy.model_patcher.ModelPatcher) -> RoutingTemplate | None:

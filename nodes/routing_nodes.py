@@ -119,7 +119,7 @@ class PAREApplyRouter(io.ComfyNode):
             label = f"PARE router {name} (trained threshold {threshold:g}, budget {router.spec.train_budget:g})"
         template = RoutingTemplate(RouterDecider(router, policy), meta, start_percent, end_percent,
                                    cfg_disagreement, label)
-        return io.NodeOutput(apply_routing(model, template))
+        return io.NodeOutput(apply_routing(model, template, "PARE Apply Router"))
 
 
 class PAREStaticSchedule(io.ComfyNode):
@@ -151,7 +151,7 @@ class PAREStaticSchedule(io.ComfyNode):
         _check_range(0.0, 1.0, cfg_disagreement)
         template = RoutingTemplate(ScheduleDecider(ranges), meta, 0.0, 1.0, cfg_disagreement,
                                    f"PARE static schedule '{schedule}'")
-        return io.NodeOutput(apply_routing(model, template))
+        return io.NodeOutput(apply_routing(model, template, "PARE Static Block Schedule"))
 
 
 class PARERoutingReport(io.ComfyNode):

@@ -1,21 +1,26 @@
-"""Build ComfyUI's own Wan2.1 model with per-block widths, wrapped in ComfyUI's ModelPatcher.
+"""Build ComfyUI's own Wan2.1 model with per-block widths, through the running ComfyUI's own loader.
 
-ComfyUI's detection assumes head dim 128, text dim 4096 and one FFN width for all blocks, so a pruned
-checkpoint cannot go through the stock loader. We follow ``comfy.sd.load_diffusion_model_state_dict`` step
-by step (same dtype choice, same operations, same ModelPatcher) and only differ where the widths differ:
-each block is built by ComfyUI's ``WanAttentionBlock`` with its own FFN width, and its self-attention
-projections are re-created at the kept width with the same operations class, so fp8 weights, manual casting,
-LoRA patching and memory management work exactly as for a stock Wan.
+ComfyUI's detection assumes head dim 128, text dim 4096 and one FFN width for all blocks, so a pruned checkpoint
+cannot go through the stock loader unchanged. Rather than re-implement that loader (its quantization handling,
+dtype choice, operations, weight assignment and patcher class all change between releases), we call the running
+ComfyUI's ``comfy.sd.load_diffusion_model_state_dict`` and correct only what detection gets wrong: while our load
+runs, on our thread, ``model_detection.model_config_from_unet``'s result gets the file's dims and a block factory
+that builds each ``WanAttentionBlock`` at its own widths. Everything else (``convert_old_quants`` and
+``quant_config`` on newer releases, the ``scaled_fp8`` marker on older ones, ``CoreModelPatcher`` /
+``ModelPatcherDynamic``, ``assign=`` loading) is whatever the running release does for a stock Wan.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
-from typing import Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 import comfy.model_detection
-import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.sd
 import comfy.utils
 import torch
 from comfy.ldm.wan.model import WanAttentionBlock
@@ -23,6 +28,7 @@ from comfy.ldm.wan.model import WanAttentionBlock
 from ..comfyui_pare.errors import PareFormatError
 from ..comfyui_pare.pruned import FP8_MATMUL_MULTIPLE, PrunedWanMeta, unaligned_widths
 from ..comfyui_pare.wan import BlockWidth
+from .comfy_compat import ComfyVersionError, comfy_version
 
 logger = logging.getLogger(__name__)
 
@@ -36,28 +42,35 @@ WEIGHT_DTYPES = {
 
 
 def _narrow_self_attention(attn: torch.nn.Module, num_heads: int, operation_settings: dict) -> None:
-    """Re-create q/k/v/o and the q/k RMSNorms of one self-attention at ``num_heads`` kept heads."""
+    """Re-create q/k/v/o and the q/k RMSNorms of one self-attention at ``num_heads`` kept heads.
+
+    Widths come from the module's attributes, never from its weights: with DynamicVRAM, ComfyUI's operations leave
+    ``weight`` as None until the state dict is loaded."""
     ops, device, dtype = (operation_settings.get(k) for k in ("operations", "device", "dtype"))
     dim, inner = attn.dim, num_heads * attn.head_dim
-    if inner == attn.q.weight.shape[0]:
+    if num_heads == attn.num_heads:
         return
     for name in ("q", "k", "v"):
         setattr(attn, name, ops.Linear(dim, inner, device=device, dtype=dtype))
     attn.o = ops.Linear(inner, dim, device=device, dtype=dtype)
-    attn.norm_q = ops.RMSNorm(inner, eps=attn.eps, elementwise_affine=True, device=device, dtype=dtype)
-    attn.norm_k = ops.RMSNorm(inner, eps=attn.eps, elementwise_affine=True, device=device, dtype=dtype)
+    for name in ("norm_q", "norm_k"):
+        if not isinstance(getattr(attn, name), torch.nn.Identity):  # qk_norm=False keeps Identity
+            setattr(attn, name, ops.RMSNorm(inner, eps=attn.eps, elementwise_affine=True, device=device, dtype=dtype))
     attn.num_heads = num_heads  # head_dim stays the teacher's, so RoPE is unchanged
 
 
-class _PrunedBlockFactory:
-    """Passed to WanModel as ``wan_attn_block_class``: builds block i with the i-th widths."""
+class PrunedBlockFactory:
+    """Passed to WanModel as ``wan_attn_block_class``: builds block i with the i-th widths.
+
+    WanModel calls it once per block, in order, without the index; the count wraps, so a second build of the same
+    model (a clone that re-creates it) gets the same widths."""
 
     def __init__(self, widths: Sequence[BlockWidth]):
         self._widths = list(widths)
         self._built = 0
 
     def __call__(self, cross_attn_type, dim, ffn_dim, num_heads, *args, operation_settings=None, **kwargs):
-        width = self._widths[self._built]
+        width = self._widths[self._built % len(self._widths)]
         self._built += 1
         block = WanAttentionBlock(cross_attn_type, dim, width.ffn_dim, num_heads, *args,
                                   operation_settings=operation_settings, **kwargs)
@@ -65,22 +78,59 @@ class _PrunedBlockFactory:
         block.num_heads = width.num_heads
         return block
 
+    def __repr__(self) -> str:
+        return f"PrunedBlockFactory({len(self._widths)} blocks)"
 
-def _model_config(sd: dict[str, torch.Tensor], meta: PrunedWanMeta, source: str):
-    """ComfyUI's own model config for the file (``model_config_from_unet``, as the stock loader: this is also where
-    the ``scaled_fp8`` marker is popped and scaled fp8 operations are chosen), corrected with the metadata's dims."""
-    model_config = comfy.model_detection.model_config_from_unet(sd, "")
+
+def _correct_config(model_config, meta: PrunedWanMeta, source: str) -> None:
+    """Check ComfyUI's detection against the file's metadata and give it the dims detection cannot read."""
     config = model_config.unet_config if model_config is not None else {}
     if config.get("image_model") != "wan2.1":
-        raise PareFormatError(f"{source}: ComfyUI does not recognise this file as a Wan2.1 model")
+        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} does not recognise this file as a Wan2.1 model")
     if config.get("model_type") != meta.dims.variant:
-        raise PareFormatError(
-            f"{source}: ComfyUI detects a Wan '{config.get('model_type')}' model but the metadata says "
-            f"'{meta.dims.variant}'"
-        )
+        raise PareFormatError(f"{source}: ComfyUI detects a Wan '{config.get('model_type')}' model but the "
+                              f"metadata says '{meta.dims.variant}'")
     # Detection assumes head dim 128 and text dim 4096 and reads the FFN width of block 0 only.
     config.update(num_heads=meta.dims.num_heads, ffn_dim=meta.dims.ffn_dim, text_dim=meta.dims.text_dim)
-    return model_config
+    if meta.is_pruned:
+        config["wan_attn_block_class"] = PrunedBlockFactory(meta.blocks)
+
+
+_DETECTION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _detection_corrected(meta: PrunedWanMeta, source: str) -> Iterator[list]:
+    """While the block runs, detection on this thread returns configs corrected for ``meta``; other threads (another
+    node pack loading a model at the same time) see ComfyUI's detection unchanged. Yields the configs corrected."""
+    original: Callable = comfy.model_detection.model_config_from_unet
+    owner, corrected = threading.get_ident(), []
+
+    def detect(*args, **kwargs):
+        model_config = original(*args, **kwargs)
+        if threading.get_ident() == owner:
+            _correct_config(model_config, meta, source)
+            corrected.append(model_config)
+        return model_config
+
+    with _DETECTION_LOCK:
+        comfy.model_detection.model_config_from_unet = detect
+        try:
+            yield corrected
+        finally:
+            comfy.model_detection.model_config_from_unet = original
+
+
+def quant_layout_for_comfy() -> str | None:
+    """The scaled fp8 layout to hand the running ComfyUI: as stored where it converts layouts itself
+    (``comfy.utils.convert_old_quants``, 0.8 and later), else the ``scaled_fp8`` marker layout that 0.3.x reads."""
+    return None if hasattr(comfy.utils, "convert_old_quants") else "scaled_fp8"
+
+
+def _accepted(fn: Callable, **kwargs) -> dict:
+    """The keyword arguments ``fn`` takes in the running ComfyUI (older releases lack ``metadata``, ...)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
 
 
 def warn_fp8_unfriendly_widths(meta: PrunedWanMeta, source: str) -> list[str]:
@@ -98,39 +148,28 @@ def warn_fp8_unfriendly_widths(meta: PrunedWanMeta, source: str) -> list[str]:
 
 
 def build_wan_patcher(
-    sd: dict[str, torch.Tensor], meta: PrunedWanMeta, model_options: dict | None = None, source: str = "model"
+    sd: dict[str, torch.Tensor], meta: PrunedWanMeta, model_options: dict | None = None, source: str = "model",
+    metadata: dict[str, str] | None = None, disable_dynamic: bool | None = None,
 ) -> comfy.model_patcher.ModelPatcher:
-    """Create the ComfyUI model for a validated (pruned or plain) Wan state dict; consumes ``sd``."""
-    model_options = model_options or {}
-    # Counted before detection pops the scaled_fp8 marker, as the stock loader counts them.
-    parameters = comfy.utils.calculate_parameters(sd)
-    weight_dtype = comfy.utils.weight_dtype(sd)
-    model_config = _model_config(sd, meta, source)
-    if model_config.scaled_fp8 is not None:
-        weight_dtype = None  # as the stock loader: scaled fp8 weights do not pick the compute dtype
-
-    load_device = mm.get_torch_device()
-    offload_device = mm.unet_offload_device()
-    dtype = model_options.get("dtype")
-    if dtype is None:
-        dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=list(model_config.supported_inference_dtypes),
-                              weight_dtype=weight_dtype)
-    manual_cast_dtype = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast_dtype)
-    model_config.custom_operations = model_options.get("custom_operations", model_config.custom_operations)
-    if model_options.get("fp8_optimizations", False):
-        model_config.optimizations["fp8"] = True
-    if model_config.optimizations.get("fp8", False):
+    """The running ComfyUI's own model and patcher for a validated (pruned or plain) Wan state dict in the original
+    key layout; consumes ``sd``. ``metadata``: the file's safetensors header metadata (newer releases read their
+    quantization layout from it); ``disable_dynamic``: passed on where the running loader has it."""
+    model_options = dict(model_options or {})
+    if model_options.get("fp8_optimizations") or "scaled_fp8" in sd or any(k.endswith(".comfy_quant") for k in sd):
         warn_fp8_unfriendly_widths(meta, source)
-
-    if meta.is_pruned:
-        model_config.unet_config["wan_attn_block_class"] = _PrunedBlockFactory(meta.blocks)
-    try:
-        model = model_config.get_model(sd, "")
-    finally:
-        # The factory is a build-time detail; keep the stored config plain (it may be saved or printed).
-        model_config.unet_config.pop("wan_attn_block_class", None)
-    model = model.to(offload_device)
-    model.load_model_weights(sd, "")
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    load = comfy.sd.load_diffusion_model_state_dict
+    kwargs = _accepted(load, metadata=metadata, disable_dynamic=disable_dynamic)
+    if disable_dynamic is None:
+        kwargs.pop("disable_dynamic", None)
+    with _detection_corrected(meta, source) as corrected:
+        patcher = load(sd, model_options=model_options, **kwargs)
+    if not corrected:
+        raise ComfyVersionError(
+            f"PARE Load Pruned Wan cannot run on ComfyUI {comfy_version()}: its comfy.sd.load_diffusion_model_state_dict "
+            "no longer detects models through comfy.model_detection.model_config_from_unet, which the pack uses to "
+            "give ComfyUI the pruned widths. Please report this ComfyUI version to comfyui-pare.")
+    if patcher is None:
+        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} could not build a Wan2.1 model from this file")
+    # The factory is a build-time detail; keep the stored config plain (it may be saved or printed).
+    patcher.model.model_config.unet_config.pop("wan_attn_block_class", None)
     return patcher

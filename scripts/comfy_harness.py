@@ -18,11 +18,39 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PARE_CACHE", Path.home() / ".cache" / "comfyui-pare"))
 COMFY_DIR = Path(os.environ.get("PARE_COMFYUI_DIR", CACHE / "comfyui-0.3.75"))
+# The second real ComfyUI (upstream 0.8.0), set up by scripts/setup_env.sh when its source tree exists.
+COMFY_080_SOURCE = Path(os.environ.get("PARE_COMFYUI_080_SRC", REPO.parent / "shared" / "comfyui" / "0.8.0"))
+COMFY_080_DIR = CACHE / "comfyui-0.8.0"
+
+
+@dataclass(frozen=True)
+class ComfyInstall:
+    """One real ComfyUI the tests run against: its tree and, where it pins another front end than the venv's,
+    the folder of that front end's static files."""
+    version: str
+    comfy_dir: Path
+    front_end_root: Path | None = None
+
+    def missing(self) -> str | None:
+        """Why this ComfyUI cannot run here (a message naming what is missing), or None."""
+        if (self.comfy_dir / "main.py").exists():
+            return None
+        if self.version == "0.8.0" and not (COMFY_080_SOURCE / "main.py").exists():
+            return f"ComfyUI 0.8.0 tests skipped: no ComfyUI 0.8.0 tree at {COMFY_080_SOURCE} (set PARE_COMFYUI_080_SRC)"
+        return f"no ComfyUI {self.version} at {self.comfy_dir}; run `make test` or scripts/setup_env.sh first"
+
+
+INSTALLS = {
+    "0.3.75": ComfyInstall("0.3.75", COMFY_DIR),
+    "0.8.0": ComfyInstall("0.8.0", COMFY_080_DIR,
+                          CACHE / "frontend-1.35.9" / "comfyui_frontend_package" / "static"),
+}
 
 
 class PromptError(RuntimeError):
@@ -42,8 +70,10 @@ def _free_port() -> int:
 class ComfyServer:
     def __init__(self, base_dir: str | os.PathLike | None = None, comfy_dir: Path = COMFY_DIR,
                  python: str = sys.executable, extra_args: tuple[str, ...] = (),
-                 extra_custom_nodes: tuple[Path, ...] = (), front_end: bool = False):
+                 extra_custom_nodes: tuple[Path, ...] = (), front_end: bool = False,
+                 front_end_root: Path | None = None):
         self.comfy_dir = Path(comfy_dir)
+        self.front_end_root = front_end_root  # the front end to serve when front_end is True (None: the venv's)
         if not (self.comfy_dir / "main.py").exists():
             raise FileNotFoundError(f"no ComfyUI at {self.comfy_dir}; run `make test` or scripts/setup_env.sh first")
         self._own_base = base_dir is None
@@ -70,6 +100,8 @@ class ComfyServer:
         if not self.front_end:  # no UI needed: an empty root spares importing the front-end package
             (self.base / "front-end-empty").mkdir(exist_ok=True)
             front = ["--front-end-root", str(self.base / "front-end-empty")]
+        elif self.front_end_root is not None:
+            front = ["--front-end-root", str(self.front_end_root)]
         cmd = [self.python, str(self.comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1",
                "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes",
                *front, "--base-directory", str(self.base), *self.extra_args]

@@ -72,6 +72,39 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
     || log "could not install chromium; the front-end test will be skipped"
 fi
 
+# A second real ComfyUI: upstream 0.8.0, from an unmodified tree beside the checkout (../shared/comfyui/0.8.0, or
+# PARE_COMFYUI_080_SRC), copied so its custom_nodes/ is ours. Its extra runtime packages join the same venv; its
+# pinned front end goes to a folder of its own (the venv keeps 0.3.75's), served with --front-end-root.
+COMFY08_SRC="${PARE_COMFYUI_080_SRC:-$REPO/../shared/comfyui/0.8.0}"
+COMFY08="$CACHE/comfyui-0.8.0"
+if [ -f "$COMFY08_SRC/comfyui_version.py" ]; then
+  if [ ! -f "$COMFY08/.stamp" ]; then
+    log "copying ComfyUI 0.8.0 from $COMFY08_SRC"
+    rm -rf "$COMFY08"
+    cp -a "$COMFY08_SRC" "$COMFY08"
+    chmod -R u+w "$COMFY08"
+    rm -f "$COMFY08/extra_model_paths.yaml"
+    grep -q '__version__ = "0.8.0"' "$COMFY08/comfyui_version.py"
+    touch "$COMFY08/.stamp"
+  fi
+  if [ ! -f "$VENV/.stamp-comfy080" ]; then
+    log "installing ComfyUI 0.8.0's extra runtime packages (comfy-kitchen, pydantic-settings)"
+    "$VENV/bin/python" -m pip install -qq -c "$CACHE/torch-constraints.txt" "comfy-kitchen>=0.2.3" "pydantic-settings~=2.0"
+    touch "$VENV/.stamp-comfy080"
+  fi
+  FRONTEND08="$(grep -E '^comfyui-frontend-package==' "$COMFY08/requirements.txt")"
+  FRONTEND08_DIR="$CACHE/frontend-${FRONTEND08#*==}"
+  if [ ! -f "$FRONTEND08_DIR/.stamp" ]; then
+    log "installing $FRONTEND08 (the front end ComfyUI 0.8.0 pins) into $FRONTEND08_DIR"
+    rm -rf "$FRONTEND08_DIR"
+    "$VENV/bin/python" -m pip install -qq --no-deps --target "$FRONTEND08_DIR" "$FRONTEND08"
+    touch "$FRONTEND08_DIR/.stamp"
+  fi
+  mkdir -p "$COMFY08/custom_nodes"
+else
+  log "no ComfyUI 0.8.0 tree at $COMFY08_SRC: the 0.8.0 tests will skip"
+fi
+
 # Link this checkout into the shared ComfyUI tree (the demo's server uses it; tests use their own base dirs).
 mkdir -p "$COMFY/custom_nodes"
 ln -sfn "$REPO" "$COMFY/custom_nodes/comfyui-pare"

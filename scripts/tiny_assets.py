@@ -17,16 +17,15 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.comfy_lib import import_comfy
+from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
+from comfyui_pare.safetensors_io import save_atomic
+from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 
-from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint  # noqa: E402
-from comfyui_pare.safetensors_io import save_atomic  # noqa: E402
-from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 ASSET_VERSION = "1"
 CACHE = Path(os.environ.get("PARE_CACHE", Path.home() / ".cache" / "comfyui-pare"))
-COMFY_DIR = Path(os.environ.get("PARE_COMFYUI_DIR", CACHE / "comfyui-0.3.75"))
 
 TEACHER_T2V = "pare_tiny_t2v_teacher.safetensors"
 TEACHER_I2V = "pare_tiny_i2v_teacher.safetensors"
@@ -53,13 +52,7 @@ def write_conditioning(dest: Path) -> None:
 
 def write_vae(dest: Path) -> None:
     """ComfyUI's own Wan2.1 VAE class at base dim 8, with deterministic random weights."""
-    sys.path.insert(0, str(COMFY_DIR))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    import_comfy("cpu")
     from comfy.ldm.wan.vae import WanVAE
 
     vae = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],

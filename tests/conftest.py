@@ -2,20 +2,51 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+# The checkout's root, scripts/ and tests/ are on the import path by pytest's ``pythonpath`` (pyproject.toml): this
+# checkout's core wins over an editable install made from another one.
 import pytest
+import tiny_assets
 import torch
+from comfy_harness import INSTALLS, ComfyServer
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"  # test-only nodes (block call counter)
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))  # this checkout's core, whatever an editable install elsewhere points to
 
-import tiny_assets  # noqa: E402
-from comfy_harness import ComfyServer  # noqa: E402
+# Test modules marked ``every_comfyui`` run against each real ComfyUI we have (0.3.75 and upstream 0.8.0); the
+# rest against the pinned 0.3.75 only, to keep CI time in bounds.
+PINNED = "0.3.75"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "every_comfyui: run the module's ComfyUI tests on every real ComfyUI (0.3.75, "
+                                       "0.8.0)")
+
+
+def pytest_generate_tests(metafunc):
+    if "comfyui_version" in metafunc.fixturenames:
+        every = metafunc.definition.get_closest_marker("every_comfyui") is not None
+        metafunc.parametrize("comfyui_version", list(INSTALLS) if every else [PINNED], scope="session")
+
+
+def comfy_install(version: str):
+    """The ComfyUI install for ``version``, or a skip naming what is missing (the 0.8.0 source tree)."""
+    install = INSTALLS[version]
+    reason = install.missing()
+    if reason:
+        pytest.skip(reason)
+    return install
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, two threads waiting on each other cost far more wall time."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
@@ -24,11 +55,13 @@ def assets_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfy(assets_dir, tmp_path_factory):
-    """A real ComfyUI 0.3.75 with this pack in custom_nodes and the tiny assets in its folders."""
-    base = tmp_path_factory.mktemp("comfy-base")
+def comfy(assets_dir, tmp_path_factory, comfyui_version):
+    """A real ComfyUI (0.3.75, or each version for ``every_comfyui`` modules) with this pack in custom_nodes and the
+    tiny assets in its folders."""
+    install = comfy_install(comfyui_version)
+    base = tmp_path_factory.mktemp(f"comfy-base-{comfyui_version}")
     tiny_assets.install_assets(base)
-    server = ComfyServer(base_dir=base, extra_custom_nodes=(TEST_NODES,))
+    server = ComfyServer(base_dir=base, comfy_dir=install.comfy_dir, extra_custom_nodes=(TEST_NODES,))
     server.start()
     yield server
     server.stop()

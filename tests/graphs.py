@@ -83,3 +83,12 @@ def pare_loader(name: str, weight_dtype: str = "default") -> tuple[str, dict]:
 
 def stock_loader(name: str, weight_dtype: str = "default") -> tuple[str, dict]:
     return "UNETLoader", {"unet_name": name, "weight_dtype": weight_dtype}
+
+
+def chain(*hooks):
+    """A ``patch_model`` hook for ``sample_graph`` that applies ``hooks`` in order (each: (graph, model) -> model)."""
+    def patch(g, model):
+        for hook in hooks:
+            model = hook(g, model)
+        return model
+    return patch

@@ -36,7 +36,7 @@ def write_plan(path: Path, blocks: list[dict]) -> Path:
     return path
 
 
-# Original Wan2.1 module names -> diffusers' WanTransformer3DModel names (../shared/COMFYUI.md), written out by
+# Original Wan2.1 module names -> diffusers' WanTransformer3DModel names (docs/comfyui_notes.md), written out by
 # hand rather than taken from comfyui_pare.lora, so the parser and the model are checked against an independent table.
 DIFFUSERS_BLOCK_NAMES = {
     "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",

@@ -83,6 +83,34 @@ def scale_to_fp8(sd: dict[str, torch.Tensor], other_dtype: torch.dtype = torch.b
     return out
 
 
+def to_per_layer(scaled: dict[str, torch.Tensor], in_header: bool = False
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The same scaled fp8 weights in ComfyUI 0.8's per-layer layout (what its ``convert_old_quants`` makes of the
+    marker layout): ``weight_scale`` / ``input_scale`` (a scale of 1.0 dropped) and a ``.comfy_quant`` JSON config
+    per layer, as uint8 tensors or, ``in_header``, in the ``_quantization_metadata`` header. (state dict, metadata)"""
+    marker = scaled["scaled_fp8"]
+    conf = {"format": "float8_e4m3fn", **({"full_precision_matrix_mult": True} if marker.numel() == 2 else {})}
+    out: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for key, v in scaled.items():
+        if key == "scaled_fp8":
+            continue
+        if key.endswith(".scale_weight"):
+            base = key.removesuffix(".scale_weight")
+            out[f"{base}.weight_scale"] = v
+            layers[base] = conf
+        elif key.endswith(".scale_input"):
+            if float(v) != 1.0:
+                out[key.removesuffix(".scale_input") + ".input_scale"] = v
+        else:
+            out[key] = v
+    if in_header:
+        return out, {"format": "pt", "_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    for base, c in layers.items():
+        out[f"{base}.comfy_quant"] = torch.tensor(list(json.dumps(c).encode("utf-8")), dtype=torch.uint8)
+    return out, {"format": "pt"}
+
+
 def dequantize(scaled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the scaled weights mean: weight * scale_weight in fp32 (scales and marker dropped)."""
     out = {}

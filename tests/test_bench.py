@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -92,3 +93,25 @@ def test_bench_quick_writes_its_schema(tmp_path):
     assert measured["router_overhead"]["decision_seconds"]["median"] > 0
     with Image.open(tmp_path / "bench.png") as image:
         assert image.size[0] > 100 and image.size[1] > 100
+
+
+@pytest.mark.parametrize("argv,blocks,tokens", [
+    (["--device", "cuda"], 30, 32760),
+    (["--device", "cuda", "--model", "14b"], 8, 32760),
+    (["--device", "cuda", "--model", "14b", "--resolution", "720p"], 8, 75600),
+    (["--device", "cuda", "--model", "14b", "--quick"], 2, 32760),
+], ids=["1.3b", "14b", "14b-720p", "14b-quick"])
+def test_gpu_profiles_measure_the_widths_users_get(argv, blocks, tokens):
+    """The GPU configs (no GPU needed to build them): real widths, aligned student plans, sized for a 24 GB card."""
+    from benchmarks.runner import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config.device == "cuda" and config.dims.num_layers == blocks and config.shape.tokens == tokens
+    meta = pruned_meta(config.dims, config.head_fraction, config.ffn_fraction)
+    assert all(b.ffn_dim % 64 == 0 and (b.num_heads * config.dims.head_dim) % 64 == 0 for b in meta.blocks)
+    if config.model == "14b":
+        assert (config.dims.dim, config.dims.num_heads, config.dims.ffn_dim) == (5120, 40, 13824)
+        assert meta.blocks[0].ffn_dim == 9728  # 70% of 13824 = 9677, rounded up to the grain as prune does
+        teacher_bytes = 2 * sum(math.prod(s) for s in PrunedWanMeta.teacher(config.dims).expected_shapes().values())
+        student_bytes = 2 * sum(math.prod(s) for s in meta.expected_shapes().values())
+        assert teacher_bytes + student_bytes < 12e9  # bf16 weights leave room for a 720p step on 24 GB

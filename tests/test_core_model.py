@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers import diffusers_module
 
+from benchmarks import comfy_lib as comfy_lib_module
 from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
 from comfyui_pare.wan import WanDims
@@ -25,8 +23,6 @@ from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 
 logger = logging.getLogger(__name__)
 
-CACHE = Path(os.environ.get("PARE_CACHE", Path.home() / ".cache" / "comfyui-pare"))
-COMFY_DIR = Path(os.environ.get("PARE_COMFYUI_DIR", CACHE / "comfyui-0.3.75"))
 # Head dim 128 and text dim 4096, so ComfyUI's own detection (comfy.sd) loads it for the end-to-end sampler test.
 STOCK_SMALL = WanDims(dim=256, num_heads=2, ffn_dim=256, num_layers=2, text_dim=4096)
 FP32_TOL = 2e-5  # outputs are O(1-5); independent fp32 implementations differ by a few ulps per op
@@ -35,16 +31,10 @@ FP32_TOL = 2e-5  # outputs are O(1-5); independent fp32 implementations differ b
 @pytest.fixture(scope="module")
 def comfy_lib():
     """ComfyUI's ``comfy`` package, imported as a library on the CPU (not the server fixture ``comfy``)."""
-    if not (COMFY_DIR / "comfy" / "ldm" / "wan" / "model.py").is_file():
-        pytest.skip(f"ComfyUI 0.3.75 not found at {COMFY_DIR} (run scripts/setup_env.sh)")
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.insert(0, str(COMFY_DIR))
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    try:
+        comfy_lib_module.import_comfy("cpu")
+    except comfy_lib_module.ComfyNotFound as e:
+        pytest.skip(str(e))
     import comfy.latent_formats
     import comfy.ldm.wan.model
     import comfy.model_sampling
@@ -162,7 +152,7 @@ def test_pruned_student_equals_zeroed_teacher(comfy_lib, record_property, dims):
 
 
 def to_diffusers(sd: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Original Wan keys -> diffusers WanTransformer3DModel keys (../shared/COMFYUI.md)."""
+    """Original Wan keys -> diffusers WanTransformer3DModel keys (docs/comfyui_notes.md)."""
     out = {}
     for key, t in sd.items():
         if key.endswith("modulation"):  # a bare parameter, not a module's weight

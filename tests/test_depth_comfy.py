@@ -25,7 +25,7 @@ from comfyui_pare.surgery import PrunePlan, prune_state_dict
 pytestmark = pytest.mark.comfy
 KEEP = [0, 2, 3, 5]  # of the tiny teacher's 6 blocks; teacher block 3 is also width-pruned
 PLAN = PrunePlan.from_json({
-    "blocks": [{}, {}, {}, {"heads": [1, 2, 6], "ffn": list(range(0, 512, 3))}, {}, {}], "kept_blocks": KEEP})
+    "blocks": [{}, {}, {}, {"heads": [1, 2, 5, 6], "ffn": list(range(0, 512, 3))}, {}, {}], "kept_blocks": KEEP})
 STUDENT, MERGED = "depth_tiny_student.safetensors", "depth_tiny_merged_then_pruned.safetensors"
 LORA = "depth_teacher_lora.safetensors"
 

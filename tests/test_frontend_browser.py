@@ -1,8 +1,8 @@
-"""The artist's path, in ComfyUI's real front end (comfyui-frontend-package, the version ComfyUI 0.3.75 pins) driven by
-headless Chromium: the shipped workflows show up in the template browser, open with no missing or red node, turn
+"""The artist's path, in ComfyUI's real front end (comfyui-frontend-package: the version ComfyUI 0.3.75 pins, and the
+one upstream ComfyUI 0.8.0 pins, served by that ComfyUI) driven by headless Chromium: the shipped workflows show up in the template browser, open with no missing or red node, turn
 into the same prompt as our converter, every PARE widget shows its tooltip, and a workflow queued with the Run button
 renders the toy world's videos (teacher and routed student), which appear in the page. Screenshots go to
-test-output/browser/ (PARE_TEST_OUTPUT overrides).
+test-output/browser/ (0.8.0: test-output/browser-comfyui-0.8.0/; PARE_TEST_OUTPUT overrides).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import toy_assets
 from comfy_harness import ComfyServer
-from conftest import REPO
+from conftest import PINNED, REPO, comfy_install
 from workflow_api import ui_to_api
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 
 CHROMIUM = Path(os.environ.get("PARE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -51,24 +51,33 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ui_server(tmp_path_factory):
+def ui_server(tmp_path_factory, comfyui_version):
     """A fresh ComfyUI with its front end, this pack and the toy world's weights (no test-only nodes)."""
-    base = tmp_path_factory.mktemp("comfy-ui")
+    install = comfy_install(comfyui_version)
+    base = tmp_path_factory.mktemp(f"comfy-ui-{comfyui_version}")
     toy_assets.install(base)
-    server = ComfyServer(base_dir=base, front_end=True)
+    server = ComfyServer(base_dir=base, comfy_dir=install.comfy_dir, front_end=True,
+                         front_end_root=install.front_end_root)
     server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def page(ui_server):
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
+def shots(comfyui_version) -> Path:
+    """Where the screenshots of this ComfyUI's front end go."""
+    return OUT if comfyui_version == PINNED else OUT.with_name(f"browser-comfyui-{comfyui_version}")
+
+
+@pytest.fixture(scope="module")
+def page(ui_server, shots):
+    shutil.rmtree(shots, ignore_errors=True)
+    shots.mkdir(parents=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
         pg = browser.new_page(viewport={"width": 1800, "height": 1100})
         pg.errors = []
+        pg.shots = shots
         pg.on("pageerror", lambda e: pg.errors.append(str(e)))
         pg.goto(ui_server.url + "/", timeout=180_000)
         pg.wait_for_function("!!(window.app && window.app.graph && window.LiteGraph && "
@@ -150,7 +159,7 @@ def test_workflows_are_in_the_template_browser(ui_server, page):
     page.get_by_text(PACK, exact=True).first.click()
     for path in SHIPPED:
         page.get_by_text(path.stem, exact=True).first.wait_for(state="visible", timeout=30_000)
-    page.screenshot(path=str(OUT / "template_browser.png"))
+    page.screenshot(path=str(page.shots / "template_browser.png"))
     dismiss_dialogs(page)
 
 
@@ -175,7 +184,7 @@ def test_workflow_opens_with_no_missing_node_and_same_prompt(page, object_info, 
 
     assert {k: (v["class_type"], declared(v)) for k, v in prompt.items()} == \
            {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}
-    page.screenshot(path=str(OUT / f"{path.stem}.png"))
+    page.screenshot(path=str(page.shots / f"{path.stem}.png"))
     assert not page.errors, page.errors
 
 
@@ -243,6 +252,6 @@ def test_run_button_renders_the_toy_videos_in_the_page(page, ui_server):
     assert any("block compute executed" in t for t in texts), texts  # the routing report ran on the student
     page.mouse.move(1000, 1085)
     page.wait_for_timeout(1500)
-    page.screenshot(path=str(OUT / "queued_pare_toy_t2v.png"))
+    page.screenshot(path=str(page.shots / "queued_pare_toy_t2v.png"))
     assert visible_problems(page) == []
     assert not page.errors, page.errors

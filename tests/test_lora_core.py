@@ -22,6 +22,7 @@ from helpers import diffusers_module
 from safetensors.torch import save_file
 
 from comfyui_pare.__main__ import main
+from comfyui_pare.alignment import loaded_meta, pad_lora
 from comfyui_pare.errors import PareFileError, PareFormatError
 from comfyui_pare.lora import (
     LoraPatch,
@@ -335,8 +336,12 @@ def test_cli_round_trip(setup, tmp_path, caplog, capsys):
         assert main(["lora-slice", "--model", str(model), "--lora", str(lora), "--out", str(out)]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("1 key(s) match no Wan2.1 module" in w and "lora_te_text_model" in w for w in warnings)
-    expected = slice_lora(parse_lora(sd, "x"), student_meta)
-    assert_same_patches(load_lora_file(out), expected)
+    # Cut to the student's widths and zero-padded to the widths PARE Load Pruned Wan builds (tensor-core grain)
+    loaded = loaded_meta(student_meta)
+    expected = pad_lora(slice_lora(parse_lora(sd, "x"), student_meta), student_meta, loaded.expected_shapes())
+    # (through the file layout: alphas are stored as fp32 scalars, and padded q/k pairs carry s in their alpha)
+    assert_same_patches(load_lora_file(out), parse_lora(to_standard_state_dict(expected), "x"))
+    assert load_lora_file(out).patches["blocks.0.ffn.0"].up.shape[0] == loaded.blocks[0].ffn_dim == 256
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temporary behind
 
     assert main(["lora-slice", "--model", str(model), "--lora", str(model), "--out", str(tmp_path / "x.st")]) == 2

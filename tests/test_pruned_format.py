@@ -192,13 +192,22 @@ def test_cli_prune_and_inspect(tmp_path, teacher):
     plan = write_plan(tmp_path / "plan.json", blocks)
     run = [sys.executable, "-m", "comfyui_pare"]
     subprocess.run([*run, "prune", "--teacher", str(tmp_path / "t.safetensors"), "--plan", str(plan),
-                    "--out", str(tmp_path / "s.safetensors")], check=True, cwd=REPO)
+                    "--out", str(tmp_path / "s.safetensors"), "--no-align"], check=True, cwd=REPO)
     proc = subprocess.run([*run, "inspect", str(tmp_path / "s.safetensors")], capture_output=True, text=True,
                           cwd=REPO, check=True)
     info = json.loads(proc.stdout)
     assert info["pruned"] and info["teacher"]["head_dim"] == 32 and info["variant"] == "t2v"
     assert [(b["heads"], b["ffn"]) for b in info["blocks"][:3]] == [(3, 512), (8, 64), (8, 512)]
     assert info["blocks"][0]["kept_heads"] == [0, 3, 4]
+    # 3 heads of 32 = 96 channels: off the tensor-core grain, which the loader pads to 4 heads (128)
+    assert not info["alignment"]["aligned"] and info["alignment"]["unaligned"] == ["block 0 self-attention 96"]
+    assert info["alignment"]["loaded_widths"][0] == {"self_attention": 128, "heads": 4, "ffn": 512}
+    # By default prune rounds up instead, keeping the lowest-numbered dropped head too
+    subprocess.run([*run, "prune", "--teacher", str(tmp_path / "t.safetensors"), "--plan", str(plan),
+                    "--out", str(tmp_path / "a.safetensors")], check=True, cwd=REPO)
+    aligned = json.loads(subprocess.run([*run, "inspect", str(tmp_path / "a.safetensors")], capture_output=True,
+                                        text=True, cwd=REPO, check=True).stdout)
+    assert aligned["blocks"][0]["kept_heads"] == [0, 1, 3, 4] and aligned["alignment"]["aligned"]
     bad = subprocess.run([*run, "prune", "--teacher", str(tmp_path / "t.safetensors"), "--plan",
                           str(write_plan(tmp_path / "bad.json", blocks[:2])), "--out", str(tmp_path / "o.safetensors")],
                          capture_output=True, text=True, cwd=REPO)

@@ -18,7 +18,7 @@ import torch
 from conftest import run_latent
 from graphs import pare_loader, sample_graph, stock_loader
 from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, zeroed_teacher
-from layouts import dequantize, scale_to_fp8, to_diffusers, write_original, write_sharded
+from layouts import dequantize, scale_to_fp8, to_diffusers, to_per_layer, write_original, write_sharded
 from test_lora_comfy import make_lora, write_lora
 
 from comfyui_pare.__main__ import main
@@ -27,13 +27,14 @@ from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan_reader import open_wan
 from training.tiny import random_wan_state_dict
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 POS, NEG = "rel_cond4096_pos.safetensors", "rel_cond4096_neg.safetensors"
 D = STOCK_T2V  # dim 512, 4 heads of 128, FFN 384, 3 blocks, text dim 4096
 # Block 0 keeps FFN 192 (a multiple of 16); blocks 1 and 2 keep 200, which fp8 matmuls cannot take.
 PLAN = [{"heads": [0, 2], "ffn": list(range(0, 384, 2))}, {"heads": [3], "ffn": list(range(100, 300))},
         {"heads": [1, 2, 3], "ffn": list(range(200))}]
 SHARD = "rel_sharded/diffusion_pytorch_model-00002-of-00003.safetensors"
+PER_LAYER_FILES = {"rel_per_layer": False, "rel_per_layer_header": True}
 
 
 def cli(*args: str) -> None:
@@ -57,9 +58,14 @@ def files(comfy, tmp_path_factory):
     write_original(dm / "rel_scaled_dequantized.safetensors", dequantize(scaled))
     write_original(dm / "rel_i2v_scaled.safetensors", scale_to_fp8(random_wan_state_dict(STOCK_I2V, seed=12)))
     plan = write_plan(work / "plan.json", PLAN)
-    cli("prune", "--teacher", str(dm / "rel_scaled.safetensors"), "--plan", str(plan),
+    cli("prune", "--no-align", "--teacher", str(dm / "rel_scaled.safetensors"), "--plan", str(plan),
         "--out", str(dm / "rel_scaled_student.safetensors"))
-    cli("prune", "--teacher", str(dm / "rel_sharded"), "--plan", str(plan), "--out", str(dm / "rel_student.safetensors"))
+    cli("prune", "--no-align", "--teacher", str(dm / "rel_sharded"), "--plan", str(plan), "--out", str(dm / "rel_student.safetensors"))
+    for name, in_header in PER_LAYER_FILES.items():  # ComfyUI 0.8's per-layer fp8 layout, configs as tensors / header
+        sd, metadata = to_per_layer(scaled, in_header)
+        save_atomic(dm / f"{name}.safetensors", sd, metadata)
+        cli("prune", "--no-align", "--teacher", str(dm / f"{name}.safetensors"), "--plan", str(plan),
+            "--out", str(dm / f"{name}_student.safetensors"))
     return {"dm": dm, "work": work, "teacher": teacher, "scaled": scaled}
 
 
@@ -111,6 +117,37 @@ def test_pruned_fp8_scaled_student_equals_stock_loader_on_zeroed_teacher(comfy, 
     unpruned = latent(comfy, stock_loader("rel_scaled.safetensors"))
     std = float(ref.std())
     assert float((ref - unpruned).abs().max()) > 0.05 * std, "pruning must change the output for this to mean much"
+    err = float((ours - ref).abs().max())
+    assert err < 1e-3 * std, f"max |student - zeroed teacher| = {err:.2e}, latent std {std:.3f}"
+
+
+def _stock_reads_per_layer(comfyui_version: str) -> bool:
+    return comfyui_version != "0.3.75"  # 0.8 and later convert and read ComfyUI's per-layer fp8 layout
+
+
+@pytest.mark.parametrize("name", list(PER_LAYER_FILES))
+def test_per_layer_fp8_teacher_and_student_equal_the_stock_loader(comfy, files, comfyui_version, name):
+    """ComfyUI 0.8's per-layer layout (``weight_scale`` + ``.comfy_quant``, or the ``_quantization_metadata`` header):
+    the teacher samples bit-identically to the stock loader, and its pruned student (pruned in that layout) equals
+    the stock loader on the zeroed teacher in that layout. ComfyUI 0.3.75 cannot read the layout itself: there the
+    pack hands it the same weights in its marker layout, and the references are the marker-layout files."""
+    with open_wan(files["dm"] / f"{name}_student.safetensors") as r:
+        assert r.quant_layout == "per-layer" and r.meta.blocks[1].heads == (3,)
+        assert r.tensor("blocks.1.self_attn.q.weight").dtype == torch.float8_e4m3fn
+    ours_teacher = latent(comfy, pare_loader(f"{name}.safetensors"))
+    zeroed = zeroed_teacher(files["scaled"], PLAN, D.head_dim, D.num_heads, D.ffn_dim)
+    if _stock_reads_per_layer(comfyui_version):
+        sd, metadata = to_per_layer(zeroed, PER_LAYER_FILES[name])
+        save_atomic(files["dm"] / f"{name}_zeroed.safetensors", sd, metadata)
+        stock_teacher, stock_zeroed = f"{name}.safetensors", f"{name}_zeroed.safetensors"
+    else:
+        write_original(files["dm"] / "rel_scaled_zeroed.safetensors", zeroed)
+        stock_teacher, stock_zeroed = "rel_scaled.safetensors", "rel_scaled_zeroed.safetensors"
+    assert torch.equal(ours_teacher, latent(comfy, stock_loader(stock_teacher)))
+    ours = latent(comfy, pare_loader(f"{name}_student.safetensors"))
+    ref = latent(comfy, stock_loader(stock_zeroed))
+    std = float(ref.std())
+    assert float((ref - ours_teacher).abs().max()) > 0.05 * std, "pruning must change the output"
     err = float((ours - ref).abs().max())
     assert err < 1e-3 * std, f"max |student - zeroed teacher| = {err:.2e}, latent std {std:.3f}"
 
@@ -183,17 +220,15 @@ def test_lightx2v_lora_diff_m_changes_the_modulation_and_equals_hand_merged(comf
     assert not skipped, skipped
 
 
-def test_fp8_matmul_width_warning_at_load(comfy, files):
-    """FFN width 200 is not a multiple of 16: warned when fp8 matmuls are on (fp8_e4m3fn_fast, or a scaled file
-    whose marker turns them on), not otherwise."""
-    def warnings_for(name: str) -> list[str]:
-        return [ln for ln in comfy.log_text().splitlines() if "not multiples of 16" in ln and name in ln]
+def test_fp8_matmuls_get_padded_widths(comfy, files):
+    """FFN width 200 is not a multiple of 16 (fp8 matmuls) nor of 64 (tensor cores): the loader pads it to 256, for
+    fp8_e4m3fn_fast and for a scaled file whose marker turns fp8 matmuls on, so the width warning never fires."""
+    def lines_for(name: str, text: str) -> list[str]:
+        return [ln for ln in comfy.log_text().splitlines() if text in ln and name in ln]
 
-    latent(comfy, pare_loader("rel_student.safetensors", "fp8_e4m3fn"), steps=1, seed=41)
-    assert not warnings_for("rel_student.safetensors")
-    latent(comfy, pare_loader("rel_student.safetensors", "fp8_e4m3fn_fast"), steps=1, seed=42)
-    lines = warnings_for("rel_student.safetensors")
-    assert lines and "block 1 ffn 200" in lines[-1] and "block 2 ffn 200" in lines[-1]
-    assert "block 0 ffn" not in lines[-1]
-    latent(comfy, pare_loader("rel_scaled_student.safetensors"), steps=1, seed=43)
-    assert warnings_for("rel_scaled_student.safetensors")
+    for name, dtype, seed in (("rel_student.safetensors", "fp8_e4m3fn_fast", 42),
+                              ("rel_scaled_student.safetensors", "default", 43)):
+        assert torch.isfinite(latent(comfy, pare_loader(name, dtype), steps=1, seed=seed)).all()
+        padded = lines_for(name, "zero-padded")
+        assert padded and "1: heads 1->1, ffn 200->256" in padded[-1] and "2: heads 3->3, ffn 200->256" in padded[-1]
+        assert not lines_for(name, "not multiples of 16")

@@ -28,15 +28,6 @@ STEPS = 40
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Training in this process on one thread: on a shared CPU, two spinning threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory, one_thread) -> dict[str, Path]:
     return build_inputs(tmp_path_factory.mktemp("route-inputs"))
 

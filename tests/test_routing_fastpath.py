@@ -37,6 +37,17 @@ class HostReads(TorchFunctionMode):
         super().__init__()
         self.reads = 0
         self.uploads = 0
+        self.call: int | None = None  # the model call in progress (set by CallIndex), None between calls
+        self.by_call: dict[int | None, list[str]] = {}  # "read" / "upload" per model call
+
+    def __call__(self, executor, *args, **kwargs):
+        """An outermost APPLY_MODEL wrapper: numbers the sampler's model calls."""
+        self.call = sum(1 for k in self.by_call if k is not None)
+        self.by_call.setdefault(self.call, [])
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.call = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -51,6 +62,7 @@ class HostReads(TorchFunctionMode):
                     self.uploads += 1
                 else:
                     self.reads += 1
+                self.by_call.setdefault(self.call, []).append("upload" if name == "tensor" else "read")
         return func(*args, **kwargs)
 
 
@@ -102,6 +114,35 @@ def test_routed_path_reads_the_host_at_most_once_per_model_call(lib):
         assert per_call == (0 if name == "budget_1" else 1), (name, counts)
         assert u4 == u2, f"{name}: tensors built from host data on every call {counts}"
         assert r2 - 2 * per_call <= 2, f"{name}: per-run reads {counts}"  # schedule + the call sigmas, once
+
+
+def call_records(lib, model) -> list:
+    template = lib[0].pack["routing"].routing_template(model)
+    return [(r.sigma, r.branches, r.ran.tolist()) for r in template.last_run.call_records()]
+
+
+def test_every_routed_model_call_reads_once_and_the_report_is_unchanged(lib):
+    """Per model call, not just on average: one read (the run mask), host data uploaded only in a run's first call
+    (its constants), for budget and threshold routers and a static schedule; the report's records are the same with
+    and without the counter."""
+    comfy, student, _ = lib
+    models = routed_models(lib)
+    models["threshold"] = comfy_lib.apply_router(comfy, student, switch_router(), threshold=0.5)
+    kind = comfy.pe.WrappersMP.APPLY_MODEL
+    for name, model in models.items():
+        sample(lib, model, 4)
+        plain = call_records(lib, model)
+        mode = HostReads()
+        counted = model.clone()
+        counted.wrappers[kind] = {"host_reads": [mode], **counted.wrappers.get(kind, {})}  # outermost
+        with mode:
+            sample(lib, counted, 4)
+        calls = [mode.by_call[i] for i in range(4)]
+        assert all(c.count("read") == (0 if name == "budget_1" else 1) for c in calls), (name, mode.by_call)
+        assert all("upload" not in c for c in calls[1:]), (name, mode.by_call)
+        assert mode.by_call.get(None, []).count("read") <= 2, (name, mode.by_call)  # once per run, between calls
+        assert call_records(lib, counted) == plain, name
+        assert name == "budget_1" or any(not all(row) for _, _, ran in plain for row in ran), name
 
 
 def test_routing_under_torch_compile_is_exact_without_recompiles(lib):

@@ -8,7 +8,7 @@ import json
 import pytest
 import tiny_assets
 from comfy_harness import ComfyServer
-from conftest import TEST_NODES, read_latent
+from conftest import TEST_NODES, comfy_install, read_latent
 from graphs import out, pare_loader, sample_graph
 from helpers import shifted_sigma, step_sigmas
 
@@ -49,7 +49,8 @@ def two_branch_prompt(tag: str, seed: int) -> tuple[dict, dict[str, tuple[str, s
     return g.to_json(), branches
 
 
-def test_first_run_on_a_fresh_server_uses_the_sampled_shift(assets_dir, tmp_path):
+@pytest.mark.every_comfyui
+def test_first_run_on_a_fresh_server_uses_the_sampled_shift(assets_dir, tmp_path, comfyui_version):
     expected = {name: active_steps(shift) for name, shift in SHIFTS.items()}
     # The test can fail: a range mapped with the file's default shift (8), or with the other branch's shift,
     # puts another number of steps in range.
@@ -63,7 +64,8 @@ def test_first_run_on_a_fresh_server_uses_the_sampled_shift(assets_dir, tmp_path
     save_router(base / "models" / "pare_routers" / SKIP_1_2,
                 BlockRouter.constant(RouterSpec(num_blocks=N, dim=tiny_assets.TINY_T2V.dim), [5, -5, -5, 5, 5, 5]))
     latents = {}
-    with ComfyServer(base_dir=base, extra_custom_nodes=(TEST_NODES,)) as server:
+    install = comfy_install(comfyui_version)
+    with ComfyServer(base_dir=base, comfy_dir=install.comfy_dir, extra_custom_nodes=(TEST_NODES,)) as server:
         for run in ("first", "second"):  # the second run finds the model loaded, with its patches applied
             graph, branches = two_branch_prompt(run, seed=11)
             entry = server.run(graph)

@@ -10,14 +10,7 @@ from training.sampling import process_in
 from training.toyworld import evaluate, videos
 from training.toyworld.latent_space import features, latent_frame_indices, target_latents
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core box, two threads waiting on each other cost far more wall time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_clips_are_deterministic_and_training_never_shows_held_out_combos():

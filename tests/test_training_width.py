@@ -163,6 +163,7 @@ def test_calibrate_and_prune_verbs(tmp_path, capsys):
     plan = json.loads(plan_path.read_text())
     assert [list(b.heads) for b in meta.blocks] == [b["heads"] for b in plan["blocks"]]
     assert sum(b.num_heads for b in meta.blocks) == 4 and all(b.ffn_dim % 32 == 0 for b in meta.blocks)
+    assert all(b.num_heads * meta.dims.head_dim % 32 == 0 for b in meta.blocks)  # head widths on the grain too
     assert sum(b.ffn_dim for b in meta.blocks) == 128
     heads0 = plan["blocks"][0]["heads"]
     torch.testing.assert_close(student["blocks.0.self_attn.q.weight"][:16], sd["blocks.0.self_attn.q.weight"]

@@ -203,8 +203,8 @@ def test_bad_layouts_fail_naming_the_file_and_key(teacher_sd, reference, tmp_pat
     scaled = dict(reference["scaled"])
     no_marker = {k: v for k, v in scaled.items() if k != "scaled_fp8"}
     save_atomic(tmp_path / "no_marker.safetensors", no_marker, {})
-    with pytest.raises(PareFormatError, match=r"no_marker\.safetensors: '[a-z_.0-9]+\.scale_weight' is an fp8 scale.*no "
-                                              r"'scaled_fp8' marker"):
+    with pytest.raises(PareFormatError, match=r"no_marker\.safetensors: '[a-z_.0-9]+\.scale_weight' is an fp8 scale.*neither "
+                                              r"a 'scaled_fp8' marker nor a quantization config"):
         open_wan(tmp_path / "no_marker.safetensors")
     per_row = {**scaled, "blocks.0.ffn.0.scale_weight": torch.ones(96, 1)}
     save_atomic(tmp_path / "per_row.safetensors", per_row, {})
@@ -215,8 +215,18 @@ def test_bad_layouts_fail_naming_the_file_and_key(teacher_sd, reference, tmp_pat
     with pytest.raises(PareFormatError, match=r"'blocks\.0\.nothing\.scale_weight' scales a weight"):
         open_wan(tmp_path / "orphan.safetensors")
     save_atomic(tmp_path / "mixed.safetensors", teacher_sd, {"_quantization_metadata": "{}"})
-    with pytest.raises(PareFormatError, match="mixed-precision"):
+    with pytest.raises(PareFormatError, match=r"mixed\.safetensors: header '_quantization_metadata' is not a JSON "
+                                              r"object with 'layers'"):
         open_wan(tmp_path / "mixed.safetensors")
+    nvfp4 = {"format_version": "1.0", "layers": {"blocks.0.ffn.0": {"format": "nvfp4"}}}
+    save_atomic(tmp_path / "nvfp4.safetensors", teacher_sd, {"_quantization_metadata": json.dumps(nvfp4)})
+    with pytest.raises(PareFormatError, match=r"layer 'blocks\.0\.ffn\.0'.*format 'nvfp4' is not one PARE can prune"):
+        open_wan(tmp_path / "nvfp4.safetensors")
+    both = {**scaled, "blocks.0.ffn.0.comfy_quant": torch.tensor(list(b'{"format": "float8_e4m3fn"}'),
+                                                                 dtype=torch.uint8)}
+    save_atomic(tmp_path / "both.safetensors", both, {})
+    with pytest.raises(PareFormatError, match=r"both\.safetensors: mixes ComfyUI's two scaled fp8 layouts"):
+        open_wan(tmp_path / "both.safetensors")
     diffusers = to_diffusers(teacher_sd)
     diffusers["blocks.0.attn1.to_q.lora_A.weight"] = torch.zeros(2, 256)
     save_atomic(tmp_path / "dif.safetensors", diffusers, {})

@@ -20,7 +20,7 @@ from comfyui_pare.router import BlockRouter, RouterSpec, save_router
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import PrunePlan, prune_state_dict
 
-pytestmark = pytest.mark.comfy
+pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 SHIPPED = sorted((REPO / "workflows").glob("*.json"))
 # Real-model workflows, run here on the tiny stand-ins; the toy-world workflow runs on its own weights, queued from
 # the real front end (tests/test_frontend_browser.py).

@@ -1,4 +1,4 @@
-"""Stage 2's differentiable block gates and compute-budget term (../shared/PARE.md, "Depth: the router").
+"""Stage 2's differentiable block gates and compute-budget term (docs/method.md, "Depth: the router").
 
 * ``straight_through_gates``: hard 0/1 gates in the forward pass, the gradient of the soft gate
   ``sigmoid((logit + noise) / tau)`` in the backward pass. The noise is logistic, so a gate is on with

@@ -3,7 +3,8 @@
 Heads: one global ranking of the type-adjusted scores (``scores.adjust_importance``) over every block; each block
 first keeps its best ``ceil(head_floor x H)`` heads (at least one), the remaining budget goes to the best heads
 anywhere. FFN neurons: the same global ranking of norm-product scores with per-block floors fixes how many
-neurons each block keeps, rounded to a multiple of ``ffn_multiple`` (64: tensor-core friendly); within a block
+neurons each block keeps, rounded to a multiple of ``ffn_multiple`` (64: tensor-core friendly; head counts too, so
+heads x head dim lands on it where the head dim allows, e.g. pairs of heads at head dim 32); within a block
 neurons are taken greedily in score order, skipping one whose ``ffn.0`` input weights have cosine similarity
 above ``dedup_threshold`` with a neuron already kept (near-duplicates add little), filling up from the skipped
 ones if needed. The plan is written with ``--plan-out`` and applied with ``comfyui_pare.surgery``.
@@ -24,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from comfyui_pare.alignment import head_grain
 from comfyui_pare.errors import PareFormatError
 from comfyui_pare.pruned import PrunedWanMeta, describe, save_checkpoint
 from comfyui_pare.safetensors_io import atomic_write_text
@@ -136,9 +138,12 @@ def make_plan(stats: CalibrationStats, sd: dict[str, torch.Tensor], meta: Pruned
     adjusted = adjust_importance(stats.head_importance, types, targets.protection)
     head_counts = global_counts(list(adjusted), targets.heads, targets.head_floor)
     ffn_counts = global_counts(stats.ffn_importance, targets.ffn, targets.ffn_floor)
+    # Head widths (heads x head_dim) on the same grain: a no-op for head dim 128, whole pairs of heads at head dim 32.
+    grain = head_grain(meta.dims.head_dim, targets.ffn_multiple)
     blocks = []
     for i in range(meta.dims.num_layers):
-        heads = torch.argsort(adjusted[i], descending=True, stable=True)[:head_counts[i]].sort().values.tolist()
+        n_heads = round_to_multiple(head_counts[i], meta.dims.num_heads, grain)
+        heads = torch.argsort(adjusted[i], descending=True, stable=True)[:n_heads].sort().values.tolist()
         n_ffn = round_to_multiple(ffn_counts[i], meta.dims.ffn_dim, targets.ffn_multiple)
         ffn = greedy_dedup(stats.ffn_importance[i], sd[f"blocks.{i}.ffn.0.weight"], n_ffn, targets.dedup_threshold)
         blocks.append(BlockPlan(tuple(heads), tuple(ffn)))
@@ -155,7 +160,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protect", default="normalize", help="temporal head protection: normalize | scale:<k> | none")
     p.add_argument("--head-floor", type=float, default=0.25, help="per-block minimum kept fraction of heads")
     p.add_argument("--ffn-floor", type=float, default=0.25, help="per-block minimum kept fraction of FFN neurons")
-    p.add_argument("--ffn-multiple", type=int, default=64, help="round FFN widths to a multiple of this (1: off)")
+    p.add_argument("--ffn-multiple", type=int, default=64, help="round FFN widths to a multiple of this, and self-attention widths (heads x head dim) "
+                        "where the head dim allows (1: off)")
     p.add_argument("--dedup-threshold", type=float, default=0.95,
                    help="skip FFN neurons whose input weights have cosine above this with a kept one (>1: off)")
     add_depth_arguments(p)

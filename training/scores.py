@@ -1,4 +1,4 @@
-"""Head types and type-adjusted importance (../shared/PARE.md, "Width"), shared by calibrate and prune.
+"""Head types and type-adjusted importance (docs/method.md, "Width"), shared by calibrate and prune.
 
 Head type from the intra-slice attention ratio r (attention mass a query puts on keys of its own latent frame):
 spatial if r >= the spatial threshold (0.7), temporal if r <= the temporal threshold (0.3), mixed otherwise.

@@ -3,7 +3,9 @@ conditioning for the tiny models (conditioning.py).
 
 PARETestCountBlocks object-patches every block's ``forward`` with a counter, so the count is taken inside
 the block itself, independently of PARE's own bookkeeping. PARETestReadCounts returns the counts as JSON
-(after sampling, because it takes the sampled LATENT).
+(after sampling, because it takes the sampled LATENT). PARETestLoadUnpadded loads a Wan file the way PARE Load
+Pruned Wan did before tensor-core padding (the reference of the padding test); PARETestModelWidths reports the
+per-block widths of the model ComfyUI runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import defaultdict
 from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import PARELoadConditioning
+from .pack_internals import PARETestLoadUnpadded, PARETestModelWidths
 
 COUNTS: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
 
@@ -107,7 +110,7 @@ class PARETestBypassBlockPatches(io.ComfyNode):
 class _Ext(ComfyExtension):
     async def get_node_list(self):
         return [PARETestCountBlocks, PARETestReadCounts, PARETestOffsetBlock, PARELoadConditioning,
-                PARETestBypassBlockPatches]
+                PARETestBypassBlockPatches, PARETestLoadUnpadded, PARETestModelWidths]
 
 
 async def comfy_entrypoint():

@@ -10,18 +10,15 @@ stock text encoder nodes (real Wan) or PARE Toy Text Encode (toy world). The nod
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import folder_paths
 import torch
 from comfy.clip_vision import Output as ClipVisionOutput
 from comfy_api.latest import io
 
-# The core of the checkout these tests belong to (ComfyUI loads this pack from its own folder).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from comfyui_pare.errors import PareFormatError  # noqa: E402
-from comfyui_pare.safetensors_io import load_tensors  # noqa: E402
+# The core comes from the pack's editable install in the test environment (scripts/setup_env.sh).
+from comfyui_pare.errors import PareFormatError
+from comfyui_pare.safetensors_io import load_tensors
 
 
 def safetensors_in_input() -> list[str]:

@@ -4,38 +4,25 @@ The toy VAE *is* ComfyUI's class so that the saved file loads with the stock ``V
 recognises a Wan2.1 VAE by its keys and reads only the base dim (``decoder.head.0.gamma``); everything else is
 fixed (z_dim 16, dim_mult [1, 2, 4, 4], 2 residual blocks per level, temporal downsampling [F, T, T]).
 
-Pitfalls handled here (shared/TOYWORLD.md): ComfyUI's ops leave weights uninitialised, so every layer gets torch's
+Pitfalls handled here (docs/comfyui_notes.md): ComfyUI's ops leave weights uninitialised, so every layer gets torch's
 default init; the temporal downsampling happens only in the feature-cache loop of ``encode``/``decode``.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.comfy_lib import import_comfy
+
 Z_DIM = 16
-COMFY_DIR = Path(os.environ.get("PARE_COMFYUI_DIR", Path(os.environ.get(
-    "PARE_CACHE", Path.home() / ".cache" / "comfyui-pare")) / "comfyui-0.3.75"))
 
 
 def wan_vae_class() -> type[nn.Module]:
     """Import ``comfy.ldm.wan.vae.WanVAE`` from the pinned ComfyUI tree (no argument parsing of our argv)."""
-    if not (COMFY_DIR / "comfy" / "ldm" / "wan" / "vae.py").exists():
-        raise FileNotFoundError(f"no ComfyUI tree at {COMFY_DIR}: run `make env` (or set PARE_COMFYUI_DIR)")
-    if str(COMFY_DIR) not in sys.path:
-        sys.path.append(str(COMFY_DIR))
-    # args_parsing stays False, so ComfyUI parses an empty argv; without CUDA it must be told --cpu before
-    # comfy.model_management is first imported (it probes the device at import).
-    from comfy.cli_args import args
-
-    if not torch.cuda.is_available():
-        args.cpu = True
-
+    import_comfy("cuda" if torch.cuda.is_available() else "cpu")
     return importlib.import_module("comfy.ldm.wan.vae").WanVAE
 
 

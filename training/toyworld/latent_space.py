@@ -1,7 +1,7 @@
 """The toy VAE's latent space, fixed by design rather than discovered by the autoencoder.
 
 Training a Wan2.1 VAE from scratch on this CPU takes longer than the session (it still drew a plain grey frame
-after 200 steps; shared/TOYWORLD.md), and the teacher cannot start before the latent space is fixed. So the
+after 200 steps; training/README.md, the toy world), and the teacher cannot start before the latent space is fixed. So the
 latent of each 8x8-pixel cell is prescribed, computed from pixels, and the VAE's encoder is trained to produce
 it while its decoder is trained to invert it (both in ComfyUI's real Wan2.1 VAE class). The teacher trains on
 these latents from the first minute, in parallel with the VAE.

@@ -1,0 +1,81 @@
+"""Tensor-core widths in the real ComfyUI: a student off the grain (FFN 9677 of 13824, odd head counts at head dim
+32) loaded by PARE Load Pruned Wan runs at widths that are multiples of 64 and samples the same latents as the
+unpadded model (test-only loader PARETestLoadUnpadded: the pack's builder without the padding)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import read_latent
+from graphs import out, pare_loader, sample_graph
+from helpers import write_conditioning
+from test_lora_core import random_lora, write_style
+
+from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
+from comfyui_pare.safetensors_io import save_atomic
+from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
+from comfyui_pare.wan import WanDims
+from training.tiny import random_wan_state_dict
+
+pytestmark = pytest.mark.comfy
+POS, NEG = "align_pos.safetensors", "align_neg.safetensors"
+# A narrow stand-in for Wan2.1-14B's FFN (13824) with head dim 32, so head counts can be off the grain too.
+DIMS = WanDims(dim=256, num_heads=8, ffn_dim=13824, num_layers=2, text_dim=4096)
+PLAN = PrunePlan((BlockPlan(heads=(1, 4, 6), ffn=tuple(j for j in range(13824) if j % 10)[:9677]),
+                  BlockPlan(heads=(0, 2, 3, 5, 7), ffn=tuple(range(7, 13824, 13))[:1001])))
+STUDENT, LORA = "align_student.safetensors", "align_lora.safetensors"
+STUDENT_LORA = "align_student_lora.safetensors"  # trained on the student: the student's own (unpadded) shapes
+FP32_TOL = dict(rtol=1e-5, atol=2e-5)  # a few fp32 ulps after 3 sampler steps
+
+
+@pytest.fixture(scope="module")
+def files(comfy):
+    write_conditioning(comfy.base / "input" / POS, DIMS.text_dim, seed=1)
+    write_conditioning(comfy.base / "input" / NEG, DIMS.text_dim, seed=2)
+    teacher = random_wan_state_dict(DIMS, seed=7)
+    sd, meta = prune_state_dict(teacher, PrunedWanMeta.teacher(DIMS), PLAN)
+    assert [b.num_heads * DIMS.head_dim for b in meta.blocks] == [96, 160]
+    save_checkpoint(comfy.base / "models" / "diffusion_models" / STUDENT, sd, meta)
+    save_atomic(comfy.base / "models" / "loras" / LORA, write_style(random_lora(DIMS, dyadic=False), "diffusion_model"),
+                {"format": "pt"})
+    gen = torch.Generator().manual_seed(3)
+    own = {}
+    for module in ("blocks.0.self_attn.q", "blocks.0.self_attn.k", "blocks.1.self_attn.o", "blocks.0.ffn.0",
+                   "blocks.1.ffn.2"):
+        rows, cols = sd[f"{module}.weight"].shape
+        own[f"diffusion_model.{module}.lora_up.weight"] = 0.1 * torch.randn(rows, 4, generator=gen)
+        own[f"diffusion_model.{module}.lora_down.weight"] = torch.randn(4, cols, generator=gen) / cols**0.5
+        own[f"diffusion_model.{module}.alpha"] = torch.tensor(2.0)
+    save_atomic(comfy.base / "models" / "loras" / STUDENT_LORA, own, {"format": "pt"})
+    return meta
+
+
+def sample(comfy, loader, lora: tuple[str, str] | None = None) -> tuple[torch.Tensor, list[dict]]:
+    probe = {}
+
+    def patch(g, model):
+        if lora:  # (node, file); a random LoRA at 0.05: larger strengths make the tiny model chaotic
+            model = g.add(lora[0], model=out(model), lora_name=lora[1], strength_model=0.05)
+        probe["node"] = g.add("PARETestModelWidths", model=out(model))
+        return model
+
+    g, save = sample_graph(loader, positive=POS, negative=NEG, cfg=4.0, steps=3, seed=5, size=32, frames=5,
+                           patch_model=patch)
+    entry = comfy.run(g.to_json())
+    return read_latent(comfy.output_files(entry, save, "latents")[0]), json.loads(entry["outputs"][probe["node"]]["text"][0])
+
+
+@pytest.mark.parametrize("lora", [None, "teacher", "student"], ids=["plain", "teacher_lora", "student_lora"])
+def test_off_grain_student_runs_on_the_grain_and_samples_the_same(comfy, files, lora):
+    """With a LoRA: one for the teacher through PARE LoRA Loader on both; one trained on the student (its own shapes)
+    through PARE LoRA Loader on the padded model, and through the stock loader on the unpadded reference."""
+    ours_lora = {None: None, "teacher": ("PARELoraLoader", LORA), "student": ("PARELoraLoader", STUDENT_LORA)}[lora]
+    ref_lora = ("LoraLoaderModelOnly", STUDENT_LORA) if lora == "student" else ours_lora
+    ours, widths = sample(comfy, pare_loader(STUDENT), ours_lora)
+    ref, ref_widths = sample(comfy, ("PARETestLoadUnpadded", {"unet_name": STUDENT}), ref_lora)
+    assert ref_widths == [{"self_attention": 96, "heads": 3, "ffn": 9677}, {"self_attention": 160, "heads": 5, "ffn": 1001}]
+    assert widths == [{"self_attention": 128, "heads": 4, "ffn": 9728}, {"self_attention": 192, "heads": 6, "ffn": 1024}]
+    assert torch.isfinite(ours).all() and ours.abs().sum() > 0
+    torch.testing.assert_close(ours, ref, **FP32_TOL)
