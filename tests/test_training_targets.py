@@ -18,14 +18,6 @@ from training.data import prepare_sample
 from training.sample_index import SampleIndex
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_index_reads_headers_at_start_and_samples_when_drawn(tmp_path, monkeypatch):
     folder = write_samples(tmp_path / "many", 40)
     reads: list[str] = []
