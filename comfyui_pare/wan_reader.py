@@ -334,6 +334,20 @@ class WanReader:
             t = t.to(torch.float32) * s.to(torch.float32)
         return t.to(dtype)
 
+    def rows(self, key: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of the real weight, and only those read from the file
+        (``safe_open(...).get_slice``): what one rank of a sharded model owns. Scaled fp8 weights are dequantized as
+        ``dequantized`` does (the scale is one number per tensor, so a slice dequantizes alone); ``dtype`` casts."""
+        st = self.stored(key)
+        if not 0 <= start <= stop <= (st.shape[0] if st.shape else 1):
+            raise PareFormatError(f"{st.file}: rows {start}:{stop} are outside tensor '{st.name}' of shape "
+                                  f"{list(st.shape)}")
+        t = self._read(st, (start, stop))
+        s = self.scale(key)
+        if s is not None:
+            t = t.to(torch.float32) * s.to(torch.float32)
+        return t if dtype is None else t.to(dtype)
+
     def state_dict(self, dequantize: bool = True, dtype: torch.dtype | None = None,
                    quant_layout: str | None = None) -> dict[str, torch.Tensor]:
         """Every tensor at once (small models). ``dequantize``: scaled fp8 weights as fp32 real weights, the rest as
@@ -378,14 +392,16 @@ class WanReader:
         out["weight_dtypes"] = dtypes
         return out
 
-    def _read(self, st: StoredTensor) -> torch.Tensor:
+    def _read(self, st: StoredTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its rows ``rows`` = (start, stop) of the first dimension."""
         try:
             with safe_open(st.file, framework="pt", device="cpu") as f:
-                t = f.get_tensor(st.name)
+                t = f.get_tensor(st.name) if rows is None else f.get_slice(st.name)[rows[0]:rows[1]]
         except Exception as e:  # safetensors raises its own error types; name the file and key either way
             raise PareFileError(f"{st.file}: could not read tensor '{st.name}' ({type(e).__name__}: {e})") from e
-        if tuple(t.shape) != st.shape:
-            raise PareFileError(f"{st.file}: tensor '{st.name}' has shape {list(t.shape)}, expected {list(st.shape)} "
+        want = st.shape if rows is None else (rows[1] - rows[0], *st.shape[1:])
+        if tuple(t.shape) != want:
+            raise PareFileError(f"{st.file}: tensor '{st.name}' has shape {list(t.shape)}, expected {list(want)} "
                                 "from its header")
         return t
 

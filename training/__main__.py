@@ -28,6 +28,8 @@ VERBS: dict[str, str] = {
     "route": "training.route",
     "export": "training.export",
     "calibrate-router": "training.calibrate_router",
+    "estimate": "training.estimate",
+    "cache-targets": "training.cache_targets",
 }
 
 

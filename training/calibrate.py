@@ -26,15 +26,18 @@ import torch
 from einops import rearrange, reduce
 from tqdm.auto import tqdm
 
+from comfyui_pare.calibration import read_folder
 from comfyui_pare.errors import PareFormatError
 from comfyui_pare.safetensors_io import load_tensors, save_atomic
 
 from .attention_stats import frame_of_tokens, intra_slice_ratio, sample_rows
-from .data import PreparedSample, noised, with_condition
+from .data import PreparedSample, noised, prepare_sample, with_condition
 from .model import WanTransformer, apply_rope
 from .plots import category_grid_png, heatmap_png
 from .sampling import flow_sigmas
+from .schedule_suggest import write_suggestions
 from .scores import TYPE_NAMES, adjust_importance, classify
+from .teacher import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +226,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from comfyui_pare.calibration import read_folder
-
-    from .data import prepare_sample
-    from .teacher import load_model
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     sigmas = (tuple(float(s) for s in args.sigmas.split(",")) if args.sigmas
               else default_sigmas(args.timesteps, args.shift))
@@ -250,7 +248,6 @@ def run(args: argparse.Namespace) -> int:
 def print_suggestions(stats_path: str, stats: CalibrationStats, shift: float) -> None:
     """The training-free start: static schedules the block contributions suggest, printed and written beside the
     stats (``training.schedule_suggest``)."""
-    from .schedule_suggest import write_suggestions
 
     try:
         path, out = write_suggestions(stats_path, stats.block_contribution, stats.summary["sigmas"], shift)

@@ -22,8 +22,17 @@ from typing import Sequence
 
 import torch
 
-from comfyui_pare.errors import PareError
-from comfyui_pare.router_budget import BudgetCalibration
+from comfyui_pare.calibration import read_folder
+from comfyui_pare.errors import PareError, PareFormatError
+from comfyui_pare.router import RoutingPolicy, check_router_fits, load_router
+from comfyui_pare.router_budget import BudgetCalibration, write_budget_calibration
+
+from . import route, route_eval  # modules, not names: route_eval -> calibrate_router is a cycle
+from .data import collate, noised, prepare_sample, with_condition
+from .gates import compute_fraction, normalized_costs
+from .routed import RoutedVelocity, block_costs, pin_mask
+from .sampling import flow_sigmas
+from .teacher import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +58,13 @@ def calibrate_family(logits: torch.Tensor, costs: torch.Tensor, pinned: torch.Te
     the family is then made non-increasing in the budget, so turning the budget up never skips a block that a
     lower budget ran.
     """
-    from .route_eval import calibrate_threshold
 
     if list(budgets) != sorted(budgets) or len(set(budgets)) != len(budgets):
         raise ValueError(f"budgets must be strictly ascending, got {list(budgets)}")
     costs = costs.double().cpu() / costs.double().sum()  # calibrate_threshold counts in shares of the total
     thresholds: list[float] = []
     for b in budgets:
-        t = calibrate_threshold(logits, costs, pinned, b)
+        t = route_eval.calibrate_threshold(logits, costs, pinned, b)
         thresholds.append(min(t, thresholds[-1]) if thresholds else t)
     return thresholds, [spent(logits, costs, pinned, t) for t in thresholds]
 
@@ -79,8 +87,6 @@ def budget_calibration(calib_logits: torch.Tensor, held_out_logits: torch.Tensor
 def schedule_batches(student, samples, steps: int, shift: float, seed: int) -> list:
     """One batch (x_t, timestep, context, clip) per sample: the sample noised (one noise each, from ``seed``) at every
     sigma of the ``steps``-step schedule."""
-    from .data import collate, noised, with_condition
-    from .sampling import flow_sigmas
 
     sigmas = flow_sigmas(steps, shift)[:-1].float()
     gen = torch.Generator().manual_seed(seed)
@@ -149,16 +155,7 @@ def calibrate_router_file(student_path: str, router_path: str, samples_dir: str,
                           teacher_path: str | None = None, stats: str | None = None,
                           max_error_ratio: float | None = None) -> BudgetCalibration:
     """Calibrate ``router_path`` against ``student_path`` on the samples in ``samples_dir``; write and return it."""
-    from comfyui_pare.calibration import read_folder
-    from comfyui_pare.errors import PareFormatError
-    from comfyui_pare.router import check_router_fits, load_router
-    from comfyui_pare.router_budget import write_budget_calibration
 
-    from .data import prepare_sample
-    from .gates import normalized_costs
-    from .route import tokens_of
-    from .routed import block_costs, pin_mask
-    from .teacher import load_model
 
     if steps < 1:
         raise PareFormatError(f"--steps must be at least 1, got {steps}")
@@ -170,7 +167,7 @@ def calibrate_router_file(student_path: str, router_path: str, samples_dir: str,
     if len(samples) < 2:
         raise PareFormatError(f"{samples_dir}: calibrate-router needs at least 2 samples (half calibrate, half "
                               f"validate), found {len(samples)}")
-    tokens, text_tokens = tokens_of(samples)
+    tokens, text_tokens = route.tokens_of(samples)
     costs = normalized_costs(block_costs(meta, tokens, text_tokens), meta.num_blocks)
     pinned = pin_mask(meta.num_blocks, pin_first, pin_last)
     if (teacher_path is None) != (stats is None):
@@ -184,22 +181,16 @@ def calibrate_router_file(student_path: str, router_path: str, samples_dir: str,
     if teacher_path is not None:
         import dataclasses
 
-        from .route_eval import student_contribution
 
         teacher = load_model(teacher_path, dtype=torch.float32, device=device).eval()
         rows = quality_check(cal, teacher, student, router, pinned, costs, batches[1::2],
-                             student_contribution(stats, meta))
+                             route_eval.student_contribution(stats, meta))
         good = {r["budget"] for r in rows if r["ok"]}
         note = QUALITY_NOTE
         if max_error_ratio is not None:
-            from comfyui_pare.router import RoutingPolicy
-
-            from .route_eval import velocity_error
-            from .routed import RoutedVelocity
-
             trained = RoutedVelocity(student, router, RoutingPolicy(threshold=router.spec.default_threshold,
                                                                     pin_first=pin_first, pin_last=pin_last))
-            cap = max_error_ratio * velocity_error(teacher, trained, batches[1::2])
+            cap = max_error_ratio * route_eval.velocity_error(teacher, trained, batches[1::2])
             good &= {r["budget"] for r in rows if r["velocity_error"] <= cap}
             note += (f"; and velocity error at most {max_error_ratio:g}x the trained threshold's "
                      f"({cap / max_error_ratio:.4g})")
@@ -240,23 +231,19 @@ def quality_check(cal: BudgetCalibration, teacher, student, router, pinned: torc
     """Per calibrated budget, on ``batches`` of (x_t, timestep, context, clip): the router's velocity error against
     the teacher at the budget's threshold, its measured compute, and the best static contiguous skip of that compute
     (``route_eval.static_baseline``) with its error. ``ok``: no worse than the static skip (or no static twin)."""
-    from comfyui_pare.router import RoutingPolicy
 
-    from .gates import compute_fraction
-    from .route_eval import static_baseline, velocity_error
-    from .routed import RoutedVelocity
 
     rows = []
     pins = dict(pin_first=cal.pin_first, pin_last=cal.pin_last)
     for b, t in zip(cal.budgets, cal.thresholds):
         routed = RoutedVelocity(student, router, RoutingPolicy(threshold=t, **pins))
-        err = velocity_error(teacher, routed, batches)
+        err = route_eval.velocity_error(teacher, routed, batches)
         frac = float(compute_fraction(torch.cat(routed.masks).float(), costs.cpu()))
-        static = None if contribution is None else static_baseline(contribution, costs.cpu(), pinned.cpu(), frac)
+        static = None if contribution is None else route_eval.static_baseline(contribution, costs.cpu(), pinned.cpu(), frac)
         static_err = None
         if static is not None:
             run = static.mask(student.num_blocks)
-            static_err = velocity_error(teacher, lambda x, ts, ctx, clip, run=run: student(
+            static_err = route_eval.velocity_error(teacher, lambda x, ts, ctx, clip, run=run: student(
                 x, ts, ctx, clip, block_mask=run.expand(x.shape[0], -1).to(x.device)), batches)
         rows.append({"budget": b, "threshold": t, "executed_fraction": frac, "velocity_error": err,
                      "static_schedule": None if static is None else static.schedule,
@@ -272,9 +259,7 @@ def export_calibration(cfg, stage, gated, calib_logits: torch.Tensor, held_out: 
     ``route.stats``, by velocity error against the static skip of the same compute. Returns the report's part."""
     import dataclasses
 
-    from comfyui_pare.router_budget import write_budget_calibration
 
-    from .route_eval import student_contribution
 
     rc, student, router, pinned = cfg.route, gated.student, gated.router, gated.pinned
     costs = stage.costs.cpu()
@@ -286,7 +271,7 @@ def export_calibration(cfg, stage, gated, calib_logits: torch.Tensor, held_out: 
     part: dict = {"budgets": list(cal.budgets), "thresholds": list(cal.thresholds),
                   "held_out_spent": list(cal.held_out_spent)}
     if measure_quality:
-        contribution = None if rc.stats is None else student_contribution(rc.stats, student.meta)
+        contribution = None if rc.stats is None else route_eval.student_contribution(rc.stats, student.meta)
         rows = quality_check(cal, stage.teacher, student, router, pinned, costs, held_out, contribution)
         good = {r["budget"] for r in rows if r["ok"]}
         cal = dataclasses.replace(cal, validated_budgets=tuple(b for b in cal.validated_budgets if b in good),

@@ -7,12 +7,14 @@ A checkpoint folder holds
   reader re-assembles any layout; nothing is pickled;
 * ``optimizer/``: the optimizer's per-parameter tensors the same way, keyed by parameter name
   (``get_optimizer_state_dict``), and ``optimizer.json`` for its hyper-parameters;
+* ``<name>/`` for each extra named state (the EMA of the weights: ``ema/``), the same way, so it reshards too;
 * ``rng.safetensors``: the training generator's state (every rank holds the same one) and torch's global state;
 * ``trainer_state.json``: the step and the caller's extra state; ``config.toml``: the resolved config.
 
 It is written to ``.checkpoint-<step>.tmp`` and renamed into place by rank 0 when every rank is done, so a killed
 run never leaves a partial ``checkpoint-<step>``; ``--resume latest`` picks the highest complete step. Older
-folders beyond ``total_limit`` are removed after each save.
+folders beyond ``total_limit`` are removed after each save. Every tensor goes through ``torch.distributed.checkpoint``
+keyed by parameter name, so a checkpoint written on N ranks resumes on M (FSDP2 shards or one process).
 """
 
 from __future__ import annotations
@@ -110,7 +112,6 @@ class TrainingState:
 
     step: int = 0
     extra: dict = field(default_factory=dict)
-    rank_tensors: dict[str, torch.Tensor] | None = None
 
 
 def load_model_weights(path: str | os.PathLike, model: nn.Module, distributed: bool = False) -> None:
@@ -135,8 +136,9 @@ class CheckpointManager:
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
              generators: dict[str, torch.Generator], config: Any = None, extra: dict | None = None,
-             rank_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write a checkpoint of ``step``. ``rank_tensors``: per-rank tensors (e.g. a sharded EMA), one file each."""
+             named_states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+        """Write a checkpoint of ``step``. ``named_states``: more name -> tensor states (e.g. the EMA weights by
+        parameter name, sharded like the parameters), each in its own folder."""
         final = self.output_dir / f"{PREFIX}{step}"
         tmp = self.output_dir / f".{PREFIX}{step}.tmp"
         if self.info.is_main:
@@ -147,9 +149,8 @@ class CheckpointManager:
         dcp.save(get_model_state_dict(model), storage_writer=_writer(tmp / "model", self.info), no_dist=nd)
         optim_tensors, optim_meta = _flatten_optim(get_optimizer_state_dict(model, optimizer))
         dcp.save(optim_tensors, storage_writer=_writer(tmp / "optimizer", self.info), no_dist=nd)
-        if rank_tensors is not None:
-            save_atomic(tmp / f"rank{self.info.rank}.safetensors", {k: v.cpu() for k, v in rank_tensors.items()},
-                        {"format": "pt"})
+        for name, tensors in (named_states or {}).items():
+            dcp.save(dict(tensors), storage_writer=_writer(tmp / name, self.info), no_dist=nd)
         barrier()
         if self.info.is_main:
             atomic_write_text(tmp / "optimizer.json", json.dumps(optim_meta, indent=1, default=list))
@@ -175,8 +176,10 @@ class CheckpointManager:
             logger.info("removed %s (checkpoints_total_limit %d)", path, self.total_limit)
 
     def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-             generators: dict[str, torch.Generator]) -> TrainingState:
-        """Restore everything ``save`` wrote into the given (already wrapped) model and optimizer."""
+             generators: dict[str, torch.Generator],
+             named_states: dict[str, dict[str, torch.Tensor]] | None = None) -> TrainingState:
+        """Restore everything ``save`` wrote into the given (already wrapped) model and optimizer, and each of
+        ``named_states`` in place (its tensors are filled, in this run's sharding)."""
         path = Path(path)
         try:
             state = json.loads((path / "trainer_state.json").read_text())
@@ -195,7 +198,9 @@ class CheckpointManager:
                 raise CheckpointError(f"{path}/rng.safetensors: no state for generator '{name}'")
             gen.set_state(rng[key])
         torch.set_rng_state(rng["torch_global"])
-        rank_file = path / f"rank{self.info.rank}.safetensors"
-        rank_tensors = load_tensors(rank_file)[0] if rank_file.is_file() else None
+        for name, tensors in (named_states or {}).items():
+            if not (path / name).is_dir():
+                raise CheckpointError(f"{path}: the checkpoint has no '{name}' state (it was written without it)")
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / name)), no_dist=nd)
         logger.info("resumed from %s (step %d)", path, state["step"])
-        return TrainingState(step=int(state["step"]), extra=state.get("extra", {}), rank_tensors=rank_tensors)
+        return TrainingState(step=int(state["step"]), extra=state.get("extra", {}))

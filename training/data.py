@@ -53,6 +53,7 @@ class PreparedSample:
     context: torch.Tensor  # [L, text_dim]
     clip_fea: torch.Tensor | None
     path: str
+    sha256: str = ""  # of the sample file, when it keys fixed draws and cached targets (training.targets)
 
 
 def check_compatible(sample: CalibrationSample, dims: WanDims) -> None:

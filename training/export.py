@@ -20,6 +20,9 @@ from comfyui_pare.errors import PareFormatError
 from comfyui_pare.pruned import load_checkpoint, save_checkpoint
 from comfyui_pare.router import BlockRouter, read_router_spec, save_router
 
+from . import route, route_eval  # modules, not names: route -> route_eval -> export is a cycle
+from .checkpointing import CheckpointError, load_model_weights, resolve_resume
+from .config import load_config
 from .model import WanTransformer
 
 logger = logging.getLogger(__name__)
@@ -66,23 +69,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, student_out: str | os.PathL
                       device: str | None = None) -> dict:
     """Rebuild a route run from a checkpoint's saved config, load its weights, calibrate the router's default
     threshold on the held-out inputs and write both files (as ``route`` does at its end). Returns the report."""
-    from .checkpointing import load_model_weights
-    from .config import load_config
-    from .route import RouteConfig, build
-    from .route_eval import finish_run
-
     checkpoint = Path(checkpoint)
-    cfg = load_config(RouteConfig, checkpoint / "config.toml")
+    cfg = load_config(route.RouteConfig, checkpoint / "config.toml")
     train = dataclasses.replace(cfg.train, strategy="none", **({"device": device} if device else {}))
     cfg = dataclasses.replace(cfg, train=train)
-    _, stage = build(cfg)
+    _, stage = route.build(cfg)
     load_model_weights(checkpoint, stage.gated)
-    return finish_run(cfg, stage, stage.gated.state_dict(), Path(student_out), Path(router_out))
+    return route_eval.finish_run(cfg, stage, stage.gated.state_dict(), Path(student_out), Path(router_out))
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpointing import CheckpointError, resolve_resume
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CheckpointError("export runs as one process; start it without torchrun")
     path = resolve_resume(args.run_dir, args.checkpoint)

@@ -17,6 +17,7 @@ import csv
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -31,6 +32,7 @@ from .checkpointing import CheckpointManager, resolve_resume
 from .config import ConfigError, OutputPath
 from .parallel import DistInfo, all_reduce_mean
 from .plots import line_chart_png
+from .resources import summarize_steps
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +86,6 @@ def set_determinism(cfg: TrainConfig) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def _local(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's part of each parameter (the local shard of an FSDP2 DTensor)."""
-    return [p.to_local() if hasattr(p, "to_local") else p for p in params]
-
-
 def _param_groups(model: nn.Module, lr_scales: dict[str, float]) -> list[dict]:
     """One optimizer group per scaled submodule (in ``lr_scales`` order), then the rest at scale 1."""
     groups, taken = [], set()
@@ -105,9 +102,10 @@ class Trainer:
     """Runs ``cfg.steps`` optimisation steps of ``loss_fn`` on ``model``, resumable."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, model: nn.Module, loss_fn: LossFn,
-                 config: Any = None, lr_scales: dict[str, float] | None = None) -> None:
+                 config: Any = None, lr_scales: dict[str, float] | None = None, tokens_per_step: int = 0) -> None:
         """``lr_scales`` maps a submodule name of ``model`` (e.g. ``"router"``) to a multiplier of the learning
-        rate for its parameters (stage 2 trains its router faster than the student); the rest use 1."""
+        rate for its parameters (stage 2 trains its router faster than the student); the rest use 1.
+        ``tokens_per_step``: video tokens in a global batch, for the tokens/s the run logs."""
         self.cfg, self.info, self.model, self.loss_fn, self.config = cfg, info, model, loss_fn, config
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -125,6 +123,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir, info, cfg.checkpoints_total_limit)
         self.csv_path = self.output_dir / "loss.csv"
         self.history: list[dict[str, float]] = []
+        self.tokens_per_step = tokens_per_step
+        self.step_times: list[float] = []  # wall time of each step this process ran
 
     def lr_at(self, step: int) -> float:
         if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
@@ -137,25 +137,29 @@ class Trainer:
             extra["ema"] = {"decay": self.ema.decay, "optimization_step": self.ema.optimization_step}
         return extra
 
+    def _named_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The EMA weights by parameter name, sharded as the parameters are (DTensors under FSDP2): each rank
+        keeps and writes its shard's EMA, and a checkpoint resumes on any number of ranks."""
+        if self.ema is None:
+            return {}
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        return {"ema": dict(zip(names, self.ema.shadow_params))}
+
     def save(self, step: int) -> Path:
-        shadow = None
-        if self.ema is not None:  # each rank's (possibly sharded) EMA weights, restored position by position
-            shadow = {f"ema.{i}": p.detach() for i, p in enumerate(_local(self.ema.shadow_params))}
         return self.checkpoints.save(step, self.model, self.optimizer, {"train": self.generator}, self.config,
-                                     self._extra_state(), rank_tensors=shadow)
+                                     self._extra_state(), named_states=self._named_states())
 
     def resume(self, resume: str | None) -> int:
         path = resolve_resume(self.output_dir, resume)
         if path is None:
             return 0
-        state = self.checkpoints.load(path, self.model, self.optimizer, {"train": self.generator})
+        if self.ema is not None and not (path / "ema").is_dir():
+            raise ConfigError(f"{path}: the checkpoint has no EMA state but train.ema_decay is set")
+        state = self.checkpoints.load(path, self.model, self.optimizer, {"train": self.generator},
+                                      self._named_states())
         self.history = [h for h in state.extra.get("history", []) if h["step"] <= state.step]
         if self.ema is not None:
-            if "ema" not in state.extra or state.rank_tensors is None:
-                raise ConfigError(f"{path}: the checkpoint has no EMA state but train.ema_decay is set")
             self.ema.optimization_step = state.extra["ema"]["optimization_step"]
-            for i, p in enumerate(_local(self.ema.shadow_params)):
-                p.copy_(state.rank_tensors[f"ema.{i}"])
         return state.step
 
     def _log(self, row: dict[str, float]) -> None:
@@ -187,6 +191,7 @@ class Trainer:
         bar = tqdm(total=self.cfg.steps, initial=start, disable=not self.info.is_main, desc="train", unit="step")
         step = start
         while step < self.cfg.steps:
+            started = time.perf_counter()
             lr = self.lr_at(step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
@@ -202,12 +207,17 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.step(self.params)
+            if self.info.device.type == "cuda":
+                torch.cuda.synchronize(self.info.device)
+            self.step_times.append(time.perf_counter() - started)
             step += 1
             if step % self.cfg.log_every == 0 or step == self.cfg.steps:
                 logged = all_reduce_mean({"loss": float(loss.detach()), **metrics}, self.info)
                 row = {"step": step, "lr": lr, **logged, "grad_norm": grad_norm}
                 self._log(row)
-                bar.set_postfix(loss=f"{logged['loss']:.4g}")
+                seconds = self.step_times[-1]
+                bar.set_postfix(loss=f"{logged['loss']:.4g}", s_step=f"{seconds:.3g}",
+                                tok_s=f"{self.tokens_per_step / max(seconds, 1e-9):.4g}")
             bar.update(1)
             if step % self.cfg.checkpointing_steps == 0 or step == self.cfg.steps:
                 self.save(step)
@@ -216,6 +226,10 @@ class Trainer:
         if not math.isfinite(self.history[-1]["loss"] if self.history else 0.0):
             raise FloatingPointError("training ended with a non-finite loss")
         return step
+
+    def throughput(self) -> dict:
+        """Median step time and tokens/s of this run's steps (``training.resources``)."""
+        return summarize_steps(self.step_times, self.tokens_per_step)
 
     def final_weights(self) -> None:
         """Copy the EMA weights into the model (call after ``run`` when exporting)."""

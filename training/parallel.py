@@ -3,10 +3,12 @@
 * ``init_distributed`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it the run is one
   process and nothing is initialised. NCCL on CUDA, gloo on the CPU.
 * ``wrap_trainable``: ``ddp`` (DistributedDataParallel, every rank holds the whole student: small students) or
-  ``fsdp`` (FSDP2 ``fully_shard`` on every transformer block, then the root: parameters, gradients and optimizer
-  state sharded across ranks). ``none`` for one process.
-* ``shard_frozen``: the frozen teacher, ``fully_shard`` per block with ``reshard_after_forward`` so only one
-  block's full weights exist at a time on each rank; replicated (plain module) otherwise.
+  ``fsdp`` (FSDP2 ``fully_shard`` on every transformer block, the patch embedding, then the root: parameters,
+  gradients and optimizer state sharded across ranks; ``shard_module``). ``none`` for one process. A model built on
+  the meta device (``training.sharded``) is sharded first, then each rank reads only its rows.
+* ``shard_frozen``: the frozen teacher, the same way with ``reshard_after_forward`` so only one block's full weights
+  exist at a time on each rank; replicated (plain module) otherwise.
+* ``checkpoint_activations``: per-block activation checkpointing (inside each block's FSDP2 unit).
 
 The training step draws the *global* batch's randomness from one generator on every rank and each rank takes
 its slice, so a run gives the same result, within float tolerance, on any number of ranks.
@@ -23,6 +25,13 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from .sharded import RowSource, materialize
 
 logger = logging.getLogger(__name__)
 
@@ -93,27 +102,40 @@ def resolve_strategy(strategy: Strategy, info: DistInfo) -> Strategy:
 
 
 def _mesh(info: DistInfo):
-    from torch.distributed.device_mesh import init_device_mesh
-
     return init_device_mesh(info.device.type, (info.world_size,))
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The units to shard one by one: transformer blocks (``model.blocks``), else the direct children."""
+    """The transformer blocks (``model.blocks``), else the direct children."""
     blocks = getattr(model, "blocks", None)
     return list(blocks) if isinstance(blocks, nn.ModuleList) else list(model.children())
 
 
-def _fully_shard(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None, reshard: bool) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def _units(model: nn.Module) -> list[nn.Module]:
+    """What FSDP2 shards one by one: the blocks of every ``blocks`` list at any depth (stage 2's student sits
+    inside ``GatedWan``), else the direct children."""
+    lists = [m for name, m in model.named_modules() if name.rpartition(".")[2] == "blocks"
+             and isinstance(m, nn.ModuleList)]
+    return [b for blocks in lists for b in blocks] if lists else list(model.children())
 
+
+def shard_module(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None, reshard: bool = True) -> None:
+    """FSDP2 ``fully_shard`` on every block, on every ``patch_embedding``, then on the root (in place).
+
+    ``MixedPrecisionPolicy``: parameters gathered in ``param_dtype`` (bf16 under ``mixed_precision = "bf16"``),
+    gradients reduced in float32. The patch embedding is its own unit that keeps its float32 (the model runs it in
+    float32 whatever the compute dtype, as ComfyUI does). Inputs are not cast (``cast_forward_inputs=False``):
+    the model casts what it computes in itself, and a bf16 timestep (sigma * 1000, step 4 near 1000) would blur
+    the time embedding."""
     mesh = _mesh(info)
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in _blocks(model):
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in _units(model):
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "patch_embedding":
+            fully_shard(module, mesh=mesh, mp_policy=keep, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    from torch.distributed.fsdp import register_fsdp_forward_method
-
     # Training code may call the pieces of WanTransformer.forward directly (prepare / finish, as stage 2 does):
     # register them so FSDP gathers the root's parameters for them too.
     for name in ("prepare", "finish", "patch_embed"):
@@ -121,12 +143,23 @@ def _fully_shard(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | No
             register_fsdp_forward_method(model, name)
 
 
+def warm_up(strategy: Strategy, info: DistInfo) -> None:
+    """Start FSDP2 once on a one-parameter meta module: its first ``fully_shard`` loads ~0.1 GB of code and state
+    per process whatever the model, which belongs to the process baseline, not to the model's memory."""
+    if resolve_strategy(strategy, info) == "fsdp":
+        with torch.device("meta"):
+            probe = nn.Linear(1, 1)
+        fully_shard(probe, mesh=_mesh(info))
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
 def checkpoint_activations(model: nn.Module) -> None:
     """Recompute each transformer block's activations in the backward pass instead of keeping them
     (``torch.utils.checkpoint``, non-reentrant): memory per block falls from its intermediates to its input.
     Parameter names are unchanged, so state dicts and checkpoints are the same with or without it."""
-    from torch.utils.checkpoint import checkpoint
-
     for block in _blocks(model):
         if getattr(block, "_pare_checkpointed", False):
             continue
@@ -140,35 +173,43 @@ def checkpoint_activations(model: nn.Module) -> None:
 
 
 def wrap_trainable(model: nn.Module, strategy: Strategy, info: DistInfo,
-                   param_dtype: torch.dtype | None = None) -> nn.Module:
+                   param_dtype: torch.dtype | None = None, sources: dict[str, RowSource] | None = None) -> nn.Module:
     """Move to the device and wrap for data parallelism. Returns the module to call in the training step.
 
     ``model`` itself stays the owner of the parameters (FSDP2 shards it in place; DDP wraps it), so state
-    dicts and the optimizer use ``model``. ``param_dtype`` is FSDP2's compute dtype (mixed precision).
+    dicts and the optimizer use ``model``. ``param_dtype`` is FSDP2's compute dtype (mixed precision). A model
+    on the meta device (``training.sharded``) is sharded first, then each rank reads its rows from ``sources``.
     """
     strategy = resolve_strategy(strategy, info)
+    if _is_meta(model):
+        if strategy != "fsdp" or sources is None:
+            raise ValueError("a meta-device model is only placed by strategy 'fsdp' with its sources")
+        shard_module(model, info, param_dtype)
+        materialize(model, info.device, sources)
+        return model
     model.to(info.device)
     if strategy == "none":
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
-        _fully_shard(model, info, param_dtype, reshard=True)
+        shard_module(model, info, param_dtype)
         return model
     raise ValueError(f"unknown parallel strategy {strategy!r}; use auto, none, ddp or fsdp")
 
 
 def shard_frozen(model: nn.Module, strategy: Strategy, info: DistInfo,
-                 param_dtype: torch.dtype | None = None) -> nn.Module:
-    """Freeze a model (the teacher) and place it: FSDP2-sharded per block under ``fsdp``, else replicated."""
+                 param_dtype: torch.dtype | None = None, sources: dict[str, RowSource] | None = None) -> nn.Module:
+    """Freeze a model (the teacher) and place it: FSDP2-sharded per block under ``fsdp`` (gathered one block at a
+    time, never whole), else replicated. A meta-device model reads its rows from ``sources`` after sharding."""
     model.requires_grad_(False).eval()
+    if _is_meta(model):
+        return wrap_trainable(model, strategy, info, param_dtype, sources)
     strategy = resolve_strategy(strategy, info)
     model.to(info.device)
     if strategy == "fsdp":
-        _fully_shard(model, info, param_dtype, reshard=True)
+        shard_module(model, info, param_dtype)
     return model
 
 
@@ -183,8 +224,6 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
 
 def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
     """The whole model's state on the CPU (gathered from the shards under FSDP2); empty on ranks other than 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     opts = StateDictOptions(full_state_dict=True, cpu_offload=info.distributed)
     sd = get_model_state_dict(model, options=opts)
     if not info.is_main:

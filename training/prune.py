@@ -35,6 +35,7 @@ from comfyui_pare.wan import BlockWidth
 from .calibrate import CalibrationStats
 from .depth import add_depth_arguments, choose_kept_blocks, depth_options
 from .scores import adjust_importance, classify, parse_protection
+from .teacher import load_wan
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +168,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .teacher import load_wan
-
     targets = PruneTargets(args.heads, args.ffn, args.head_floor, args.ffn_floor, args.protect, args.ffn_multiple,
                            args.dedup_threshold)
     try:

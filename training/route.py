@@ -3,7 +3,7 @@ trained together under a compute budget.
 
 loss = distillation + budget_weight * (expected executed compute fraction - budget)^2
 
-* Distillation as in stage 1 (``training.distill``): the same calibration samples, Wan's shifted flow-matching
+* Distillation as in stage 1 (``training.distill``, the shared part in ``training.stage_common``): the same calibration samples, Wan's shifted flow-matching
   sigmas, noise from the run's generator, SD3 loss weighting; the student runs gated: every block's output is
   x + g (B(x) - x) with straight-through hard gates on sigmoid((logit + noise) / tau) (``training.gates``).
 * The router (``comfyui_pare.router.BlockRouter``) reads what the nodes feed it at inference: Wan's timestep
@@ -30,14 +30,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from comfyui_pare.router import BlockRouter, load_router
 from comfyui_pare.safetensors_io import atomic_write_text
 from comfyui_pare.schedule import parse_schedule
 
+from . import route_eval  # the module, not names: route_eval -> export -> route is a cycle
 from .config import ConfigError, InputPath, load_config
-from .distill import DataConfig, FlowConfig, ModelConfig, StageOne, sample_sigmas
-from .gates import budget_penalty, compute_fraction, expected_compute_fraction, logistic_noise
-from .loop import TrainConfig
-from .routed import GatedWan
+from .gates import budget_penalty, compute_fraction, expected_compute_fraction, logistic_noise, normalized_costs
+from .loop import TrainConfig, Trainer, set_determinism
+from .parallel import barrier, checkpoint_activations, full_state_dict, shutdown, wrap_trainable
+from .resources import write_report
+from .routed import GatedWan, block_costs, initial_bias, pin_mask, router_spec_for
+from .sharded import TensorRows
+from .stage_common import (
+    DataConfig,
+    FlowConfig,
+    ModelConfig,
+    Stage,
+    load_inputs,
+    loss_weights,
+    student_sources,
+    tokens_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,35 +115,30 @@ class RouteConfig:
     route: RouteSection = field(default_factory=RouteSection)
 
 
-class StageTwo(StageOne):
-    """Stage 1's data and inputs; the step's loss is the gated distillation plus the budget term."""
+class StageTwo(Stage):
+    """The shared data and inputs (``training.stage_common``); the step's loss is the gated distillation plus the
+    budget term."""
 
     def __init__(self, cfg: RouteConfig, info, teacher, gated: GatedWan, wrapped, samples, costs: torch.Tensor) -> None:
         super().__init__(cfg, info, teacher, gated.student, wrapped, samples)
         self.gated, self.costs = gated, costs
 
     def loss_fn(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        from diffusers.training_utils import compute_loss_weighting_for_sd3
-
         cfg, rc = self.cfg, self.cfg.route
         b = cfg.train.batch_size
-        idx = torch.randint(len(self.samples), (b,), generator=gen)
-        sigma = sample_sigmas(cfg.flow, b, gen)
-        noise = torch.randn((b, *self.samples[0].x0.shape), generator=gen)
+        d = self.draw(gen)
         gate_noise = None
         if rc.gate_noise and rc.learns_router:
             scale = 1.0 + (rc.gate_noise_final - 1.0) * step / max(1, cfg.train.steps - 1)
             gate_noise = scale * logistic_noise((b, self.gated.student.num_blocks), gen)
-        rows = self.info.local_slice(b)
-        items = [self.samples[i] for i in idx[rows].tolist()]
-        x, t, ctx, clip = self.inputs(items, sigma[rows], noise[rows])
-        with torch.no_grad(), self.autocast:
-            target = self.teacher(x, t, ctx, clip)
+        batch = self.local_inputs(d)
+        (x, t, ctx, clip), rows = batch.inputs, batch.rows
+        target = self.teacher_velocity(batch)
         with self.autocast:
             pred, logits, gates = self.wrapped(x, t, ctx, rc.tau, None if gate_noise is None else gate_noise[rows],
                                                clip)
-        weight = compute_loss_weighting_for_sd3(cfg.flow.weighting_scheme, sigma[rows]).to(x.device)
-        per_row = self.row_errors(pred, target, items)
+        weight = loss_weights(cfg.flow, batch.sigma, x.device)
+        per_row = self.row_errors(pred, target, batch.items)
         distill = (weight * per_row).mean()
         local = expected_compute_fraction(logits, self.costs, self.gated.pinned)
         glob = self._global_mean(local.detach())
@@ -152,14 +161,6 @@ class StageTwo(StageOne):
 
 def build(cfg: RouteConfig):
     """Teacher, stage-1 student + a new router (or the checkpoint's, on resume), samples; placed for this rank."""
-    from comfyui_pare.router import BlockRouter
-
-    from .distill import load_inputs
-    from .gates import normalized_costs
-    from .parallel import checkpoint_activations, wrap_trainable
-    from .route_eval import student_contribution
-    from .routed import block_costs, initial_bias, pin_mask, router_spec_for
-
     rc = cfg.route
     info, teacher, student, samples = load_inputs(cfg)
     meta = student.meta
@@ -168,7 +169,7 @@ def build(cfg: RouteConfig):
     n = meta.num_blocks
     costs = normalized_costs(raw_costs, n)
     pinned = pin_mask(n, rc.pin_first, rc.pin_last)
-    contribution = None if rc.stats is None else student_contribution(rc.stats, meta).mean(dim=0)
+    contribution = None if rc.stats is None else route_eval.student_contribution(rc.stats, meta).mean(dim=0)
     spec = router_spec_for(meta, rc.hidden, rc.text_input, train_budget=rc.budget)
     if rc.frozen_router is not None:
         router = frozen_router(rc.frozen_router, spec)
@@ -182,15 +183,14 @@ def build(cfg: RouteConfig):
     if cfg.train.gradient_checkpointing:
         checkpoint_activations(student)
     gated = GatedWan(student, router, pinned).train()
-    wrapped = wrap_trainable(gated, cfg.train.strategy, info, cfg.train.compute_dtype)
+    sources = {"student.": student_sources(cfg)[""], "router.": TensorRows(router.state_dict())}  # if sharded
+    wrapped = wrap_trainable(gated, cfg.train.strategy, info, cfg.train.compute_dtype, sources)
     return info, StageTwo(cfg, info, teacher, gated, wrapped, samples, costs.to(info.device))
 
 
 def frozen_router(path, spec):
     """The router in ``path`` with its bias moved by -logit(default threshold), so that the training gate
     (logit > 0) makes its decisions at that threshold; no gradients. Its shape must fit ``spec`` (this student)."""
-    from comfyui_pare.router import BlockRouter, load_router
-
     router = load_router(path)
     have = (router.spec.num_blocks, router.spec.dim, router.spec.freq_dim, router.spec.text_dim, router.spec.hidden)
     want = (spec.num_blocks, spec.dim, spec.freq_dim, spec.text_dim, spec.hidden)
@@ -207,46 +207,33 @@ def frozen_router(path, spec):
 
 def fixed_mask(rc: RouteSection, meta, costs: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
     """Bool [N] of the ablation's fixed schedule (True: the block runs)."""
-    from .route_eval import best_contiguous_skip, student_contribution
-
     num_blocks = meta.num_blocks
     if rc.fixed_schedule == "auto":
-        contribution = student_contribution(rc.stats, meta)
-        return best_contiguous_skip(contribution, costs, pinned, rc.budget).mask(num_blocks)
+        contribution = route_eval.student_contribution(rc.stats, meta)
+        return route_eval.best_contiguous_skip(contribution, costs, pinned, rc.budget).mask(num_blocks)
     run = torch.ones(num_blocks, dtype=torch.bool)
     for rng in parse_schedule(rc.fixed_schedule, num_blocks):
         run[rng.first_block:rng.last_block + 1] = False
     return run
 
 
-def tokens_of(samples) -> tuple[int, int]:
-    """(video tokens, text tokens) of the training inputs: what the block costs are counted at."""
-    from comfyui_pare.wan import PATCH_SIZE
-
-    _, f, h, w = samples[0].x0.shape
-    tokens = -(-f // PATCH_SIZE[0]) * -(-h // PATCH_SIZE[1]) * -(-w // PATCH_SIZE[2])
-    return tokens, max(s.context.shape[0] for s in samples)
-
-
 def train(cfg: RouteConfig, resume: str | None = None) -> dict:
     """Run stage 2 to ``train.steps``, then evaluate and export (rank 0). Returns the report."""
-    from .loop import Trainer, set_determinism
-    from .parallel import barrier, full_state_dict, shutdown
-    from .route_eval import finish_run
-
     set_determinism(cfg.train)
     info, stage = build(cfg)
     try:
         trainer = Trainer(cfg.train, info, stage.gated, stage.loss_fn, config=cfg,
-                          lr_scales={"router": cfg.route.router_learning_rate / cfg.train.learning_rate})
+                          lr_scales={"router": cfg.route.router_learning_rate / cfg.train.learning_rate},
+                          tokens_per_step=cfg.train.batch_size * tokens_of(stage.samples)[0])
         trainer.run(resume)
         trainer.final_weights()
         state = full_state_dict(stage.gated, info)  # collective under FSDP2: every rank takes part
         report = {}
         if info.is_main:
             out = Path(cfg.train.output_dir)
-            report = finish_run(cfg, stage, state, out / "student.safetensors", out / "router.safetensors")
+            report = route_eval.finish_run(cfg, stage, state, out / "student.safetensors", out / "router.safetensors")
             atomic_write_text(out / "route_report.json", json.dumps(report, indent=1))
+        write_report(cfg.train.output_dir, info, trainer.throughput())
         barrier()
         return report
     finally:

@@ -18,10 +18,18 @@ from typing import Callable, Iterable
 
 import torch
 
+from comfyui_pare.errors import PareFormatError
+from comfyui_pare.router import BlockRouter, RoutingPolicy
 from comfyui_pare.safetensors_io import load_tensors
 from comfyui_pare.schedule import SkipRange
 
+from . import calibrate_router, export  # modules, not names: export -> route -> route_eval is a cycle
 from .gates import compute_fraction
+from .model import WanTransformer
+from .parallel import resolve_strategy
+from .routed import GatedWan, RoutedVelocity
+from .stage_common import sample_sigmas
+from .teacher import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +99,6 @@ def read_block_contribution(path: str) -> tuple[torch.Tensor, torch.Tensor]:
 def student_contribution(path: str, meta) -> torch.Tensor:
     """The calibration contributions [S, N] of the student's blocks: the teacher's columns of the blocks it kept
     (all of them unless it is depth-pruned)."""
-    from comfyui_pare.errors import PareFormatError
-
     contribution, _ = read_block_contribution(path)
     if contribution.shape[1] != meta.dims.num_layers:
         raise PareFormatError(f"{path}: block_contribution has {contribution.shape[1]} blocks, the student's "
@@ -163,8 +169,6 @@ def velocity_error(teacher: VelocityFn, model: VelocityFn, batches: Iterable[Bat
 def eval_batches(stage, seed: int) -> list[Batch]:
     """Held-out inputs: each of the first ``route.eval_samples`` samples at ``route.eval_sigmas`` training-density
     sigmas, noise and sigmas from their own generator (``seed``), never the training one."""
-    from .distill import sample_sigmas
-
     rc = stage.cfg.route
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -177,11 +181,6 @@ def eval_batches(stage, seed: int) -> list[Batch]:
 
 def local_gated(stage, state: dict[str, torch.Tensor]):
     """A plain (unwrapped, unsharded) copy of the trained student + router from a full state dict."""
-    from comfyui_pare.router import BlockRouter
-
-    from .model import WanTransformer
-    from .routed import GatedWan
-
     device = stage.info.device
     part = {name: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
             for name in ("student", "router")}
@@ -194,13 +193,6 @@ def local_gated(stage, state: dict[str, torch.Tensor]):
 @torch.no_grad()
 def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, router_out: Path) -> dict:
     """Calibrate the default threshold, export both files, measure budget error and velocity errors (rank 0)."""
-    from comfyui_pare.router import RoutingPolicy
-
-    from .calibrate_router import export_calibration
-    from .export import export_student_and_router
-    from .parallel import resolve_strategy
-    from .routed import RoutedVelocity
-
     rc, seed = cfg.route, cfg.train.seed
     gated = local_gated(stage, state)
     student, router, pinned, costs = gated.student, gated.router, gated.pinned, stage.costs.cpu()
@@ -209,9 +201,10 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
     # A fixed or frozen router's decisions are the ones the student trained under: keep them (logit > 0).
     threshold = calibrate_threshold(logits, costs, pinned, rc.budget) if rc.learns_router else 0.5
     export_dtype = torch.bfloat16 if cfg.model.export_dtype == "bfloat16" else torch.float32
-    export_student_and_router(student, router, student_out, router_out, threshold, rc.budget, export_dtype)
+    export.export_student_and_router(student, router, student_out, router_out, threshold, rc.budget, export_dtype)
     fsdp = resolve_strategy(cfg.train.strategy, stage.info) == "fsdp"  # the teacher is sharded: no velocity errors
-    budget_part = export_calibration(cfg, stage, gated, logits, held_out, router_out, measure_quality=not fsdp)
+    budget_part = calibrate_router.export_calibration(cfg, stage, gated, logits, held_out, router_out,
+                                                      measure_quality=not fsdp)
 
     policy = RoutingPolicy(threshold=threshold, pin_first=rc.pin_first, pin_last=rc.pin_last)
     routed = RoutedVelocity(student, router, policy)
@@ -231,8 +224,6 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
 
 def velocity_errors(cfg, stage, gated, routed, batches: list[Batch], executed: float) -> dict:
     """Router vs the static baseline of the same compute (on the stage-1 student), and both students whole."""
-    from .teacher import load_model
-
     teacher, student = stage.teacher, gated.student
     routed.masks.clear()
     errors = {"router": velocity_error(teacher, routed, batches), "stage2_all_blocks": velocity_error(teacher, student, batches)}

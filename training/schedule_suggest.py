@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from comfyui_pare.safetensors_io import atomic_write_text
 from comfyui_pare.schedule import SkipRange
 
 from .sampling import percent_to_sigma
@@ -136,7 +137,6 @@ def write_suggestions(stats_path: str, contribution: torch.Tensor, sigmas: Seque
     import json
     from pathlib import Path
 
-    from comfyui_pare.safetensors_io import atomic_write_text
 
     out = [suggest(contribution, sigmas, shift, b) for b in budgets]
     path = str(Path(stats_path).with_suffix("")) + "_schedules.json"

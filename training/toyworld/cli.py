@@ -5,7 +5,20 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+import torch
+
+from comfyui_pare.safetensors_io import load_tensors
+from comfyui_pare.toy_text import ToyTextEncoder
+
+from ..calibrate import CalibrationStats
+from ..model import WanTransformer
+from .comfy_vae import load_vae
+from .head_ablation import ablate_heads, write_report
+from .rebuild import STAGES, RebuildConfig, rebuild
+from .teacher import SHIFT
 
 HELP = "build the toy world (generator, VAE, text encoder, teacher, PARE student), resumably"
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -36,7 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.toy_cmd == "head-ablation":
         return run_head_ablation(args)
-    from .rebuild import STAGES, RebuildConfig, rebuild
 
     unknown = sorted(set(args.stages) - set(STAGES))
     if unknown:
@@ -54,19 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_head_ablation(args: argparse.Namespace) -> int:
-    import logging
-
-    import torch
-
-    from comfyui_pare.safetensors_io import load_tensors
-    from comfyui_pare.toy_text import ToyTextEncoder
-
-    from ..calibrate import CalibrationStats
-    from ..model import WanTransformer
-    from .comfy_vae import load_vae
-    from .head_ablation import ablate_heads, write_report
-    from .teacher import SHIFT
-
     torch.set_num_threads(args.threads)
     stats = CalibrationStats.load(args.stats)
     teacher = WanTransformer.from_checkpoint(args.weights / "pare_toy_teacher.safetensors", dtype=torch.float32)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from comfyui_pare.safetensors_io import atomic_write_text
 
+from ..plots import category_grid_png, heatmap_png
 from ..scores import MIXED, SPATIAL, TEMPORAL, TYPE_NAMES, adjust_importance
 from . import evaluate
 
@@ -106,7 +107,6 @@ def write_report(out: str | os.PathLike, result: HeadAblation, ratio: torch.Tens
                  raw: torch.Tensor) -> dict:
     """``out`` (.json) with the per-head table and the comparison; beside it a heat map of the damage (.png) and
     the head types on the same grid (_types.png)."""
-    from ..plots import category_grid_png, heatmap_png
 
     report = {"baseline_trajectory_error_px": result.baseline_px, "splits": [s for s, _ in SPLITS],
               "heads": [{"block": b, "head": h, "type": TYPE_NAMES[int(types[b, h])], "ratio": float(ratio[b, h]),

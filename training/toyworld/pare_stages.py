@@ -18,6 +18,11 @@ from pathlib import Path
 
 import torch
 
+from comfyui_pare.calibration import write_sample
+from comfyui_pare.toy_text import ToyTextEncoder
+
+from .latents import read_latents
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,10 +62,6 @@ def write_samples(out: Path, latents_path: Path, text_path: Path, n: int, uncond
     ``uncond`` more latents with the empty prompt's context. Why the empty prompt: under CFG the sampler's velocity
     is v_uncond + cfg (v_cond - v_uncond), so with the toy's CFG 4 the student's unconditional velocity weighs 3x
     against it; samples with prompts alone never train it."""
-    from comfyui_pare.calibration import write_sample
-    from comfyui_pare.toy_text import ToyTextEncoder
-
-    from .latents import read_latents
 
     folder = out / "samples"
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,17 @@ from typing import Callable
 
 import torch
 
-from comfyui_pare.safetensors_io import save_atomic
+from comfyui_pare.safetensors_io import load_tensors, save_atomic
+from comfyui_pare.toy_text import ToyTextEncoder
+
+from ..model import WanTransformer
+from .comfy_vae import load_vae
+from .evaluate import evaluate
+from .latents import cache_latents
+from .pare_stages import run_pipeline
+from .ship import ship
+from .teacher import SHIFT, TeacherConfig, save_teacher, train_teacher
+from .train_vae import VAEConfig, psnr, render_pool, to_signed, train_vae
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +46,12 @@ def _stamp(cfg: RebuildConfig, stage: str) -> Path:
 
 
 def _vae_quality(vae: torch.nn.Module) -> float:
-    from .train_vae import psnr, render_pool, to_signed
-
     with torch.no_grad():
         x = to_signed(render_pool(16, "seen"))
         return psnr(vae.decode(vae.encode(x)).clamp(-1, 1), x)
 
 
 def _load_vae(path: Path) -> torch.nn.Module:
-    from comfyui_pare.safetensors_io import load_tensors
-
-    from .comfy_vae import load_vae
-
     return load_vae(load_tensors(path)[0])
 
 
@@ -57,15 +61,12 @@ def _save_vae(vae: torch.nn.Module, path: Path, quality: float) -> None:
 
 
 def stage_latents(cfg: RebuildConfig) -> dict:
-    from .latents import cache_latents
-
     cache_latents(NUM_LATENTS, cfg.out / "latents.safetensors")
     return {"clips": NUM_LATENTS}
 
 
 def stage_vae(cfg: RebuildConfig) -> dict:
     """Independent of the teacher (the latent space is fixed by design): run it beside with --stages vae."""
-    from .train_vae import VAEConfig, train_vae
 
     vae = train_vae(VAEConfig(), cfg.out / "vae" / "vae_state.safetensors")
     quality = _vae_quality(vae)
@@ -75,8 +76,6 @@ def stage_vae(cfg: RebuildConfig) -> dict:
 
 
 def stage_teacher(cfg: RebuildConfig) -> dict:
-    from .teacher import TeacherConfig, save_teacher, train_teacher
-
     teacher_cfg = TeacherConfig()
     if cfg.teacher_steps is not None:
         teacher_cfg.steps = cfg.teacher_steps
@@ -93,12 +92,6 @@ def stage_teacher(cfg: RebuildConfig) -> dict:
 
 
 def stage_evaluate(cfg: RebuildConfig) -> dict:
-    from comfyui_pare.toy_text import ToyTextEncoder
-
-    from ..model import WanTransformer
-    from .evaluate import evaluate
-    from .teacher import SHIFT
-
     model = WanTransformer.from_checkpoint(cfg.out / "pare_toy_teacher.safetensors")
     text = ToyTextEncoder.load(cfg.out / "pare_toy_text.safetensors")
     vae = _load_vae(cfg.out / "pare_toy_vae.safetensors")
@@ -111,9 +104,6 @@ def stage_evaluate(cfg: RebuildConfig) -> dict:
 
 
 def stage_pare(cfg: RebuildConfig) -> dict:
-    from .pare_stages import run_pipeline
-    from .teacher import SHIFT
-
     return run_pipeline(cfg.out, cfg.device, SHIFT)
 
 
@@ -121,7 +111,6 @@ def stage_ship(cfg: RebuildConfig) -> dict:
     """Copy the files the nodes and tests load into DIR/weights (the repo ships training/toyworld/weights):
     full precision for the teacher, student, router, VAE and text encoder; float16 for the two stage-1 ablation
     students (only compared with each other), to stay under the 30 MB the repo allows."""
-    from .ship import ship
 
     return ship(cfg.out, cfg.out / "weights")
 

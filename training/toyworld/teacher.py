@@ -31,6 +31,7 @@ from ..salient import salient_weights
 from ..sampling import process_in, time_snr_shift
 from ..tiny import random_wan_state_dict
 from . import videos
+from .evaluate import evaluate
 from .latents import read_latents
 from .state import load_state, save_state
 
@@ -80,7 +81,6 @@ def build_teacher(seed: int = 0) -> tuple[WanTransformer, ToyTextEncoder]:
 def probe_motion(model: WanTransformer, text: ToyTextEncoder, vae: torch.nn.Module, step: int, log: Path) -> dict:
     """The judge's rates on the held-out prompts (one seed each), appended to ``log`` as a JSON line: the
     learning curve of colour and direction that the README quotes."""
-    from .evaluate import evaluate
 
     was = model.training, text.training
     model.eval(), text.eval()
