@@ -5,7 +5,7 @@ with the bench's fixed routing decision set, per part (attention core, self-atte
 cross-attention, FFN; embeddings + head apart); and end to end in teacher-equivalent forwards: CFG at 50 steps
 (two forwards a step) against a 4-step CFG-free step-distill LoRA (one forward a step). Counted by
 ``comfyui_pare.compute`` (the same accounting the router's budget uses), checked against torch's FlopCounterMode
-in tests/test_bench.py.
+in tests/core/test_bench.py.
 """
 
 from __future__ import annotations

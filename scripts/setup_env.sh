@@ -58,7 +58,7 @@ if [ ! -f "$COMFY/.stamp" ]; then
 fi
 
 # The real front end, at the version this ComfyUI pins, and a browser for the front-end test
-# (tests/test_frontend_browser.py skips with a message where there is none).
+# (tests/nodes/test_frontend_browser.py skips with a message where there is none).
 FRONTEND="$(grep -E '^comfyui-frontend-package==' "$COMFY/requirements.txt")"
 if [ ! -f "$VENV/.stamp-frontend-$FRONTEND" ]; then
   log "installing $FRONTEND (the front end ComfyUI $COMFYUI_VERSION pins)"

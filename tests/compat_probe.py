@@ -1,4 +1,4 @@
-"""Run by tests/test_comfy_compat.py in a fresh process per ComfyUI (PARE_COMFYUI_DIR): the pack's seams on the real
+"""Run by tests/nodes/test_comfy_compat.py in a fresh process per ComfyUI (PARE_COMFYUI_DIR): the pack's seams on the real
 ComfyUI, then the nodes with one internal removed from ComfyUI's real modules. Prints one JSON line."""
 
 from __future__ import annotations

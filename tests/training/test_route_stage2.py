@@ -22,7 +22,7 @@ from comfyui_pare.router import RoutingPolicy, load_router, read_router_spec
 from comfyui_pare.safetensors_io import save_atomic
 from training.__main__ import main as training_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUDGET = 0.5
 STEPS = 40
 

@@ -23,7 +23,7 @@ from comfyui_pare.surgery import PrunePlan, prune_state_dict
 pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 SHIPPED = sorted((REPO / "workflows").glob("*.json"))
 # Real-model workflows, run here on the tiny stand-ins; the toy-world workflow runs on its own weights, queued from
-# the real front end (tests/test_frontend_browser.py).
+# the real front end (tests/nodes/test_frontend_browser.py).
 REAL_MODEL = [p for p in SHIPPED if not p.name.startswith("pare_toy")]
 SAMPLERS = ("KSampler", "KSamplerAdvanced")
 

@@ -22,7 +22,7 @@ from benchmarks.models import bench_files
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import BlockWidth, WanDims
 
-# The bench's cached tiny student (the same files as tests/test_routing_fastpath.py: one ComfyUI per process, and
+# The bench's cached tiny student (the same files as tests/nodes/test_routing_fastpath.py: one ComfyUI per process, and
 # the model folder it registers resolves the shared names).
 DIMS = WanDims(dim=256, num_heads=2, ffn_dim=512, num_layers=4, text_dim=4096)
 LAZY = WanDims(dim=128, num_heads=4, ffn_dim=256, num_layers=3, text_dim=4096)  # for the unmaterialised build

@@ -68,7 +68,7 @@ def test_rebuild_skips_stamped_stages(tmp_path, monkeypatch):
 def test_teacher_logs_its_motion_probe_and_the_rebuild_passes_teacher_settings(tmp_path, monkeypatch):
     """The probe (held-out colour/direction rates through the judge) is the learning curve the README quotes; the
     rebuild's --teacher-steps/--teacher-batch reach the trainer (what a GPU run raises)."""
-    weights = Path(__file__).resolve().parents[1] / "training" / "toyworld" / "weights"
+    weights = Path(__file__).resolve().parents[2] / "training" / "toyworld" / "weights"
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

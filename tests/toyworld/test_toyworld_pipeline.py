@@ -16,7 +16,7 @@ from training.toyworld.latents import cache_latents
 from training.toyworld.pare_stages import PareSettings, run_pipeline
 from training.toyworld.teacher import SHIFT
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "training" / "toyworld" / "weights"
+WEIGHTS = Path(__file__).resolve().parents[2] / "training" / "toyworld" / "weights"
 
 
 @pytest.mark.slow

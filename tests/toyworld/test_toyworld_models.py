@@ -20,7 +20,7 @@ from training.toyworld.teacher import SHIFT
 
 TOKENS = evaluate.LATENT_SHAPE[1] * (evaluate.LATENT_SHAPE[2] // 2) * (evaluate.LATENT_SHAPE[3] // 2)
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "training" / "toyworld" / "weights"
+WEIGHTS = Path(__file__).resolve().parents[2] / "training" / "toyworld" / "weights"
 log = logging.getLogger(__name__)
 
 

@@ -25,8 +25,8 @@ from comfyui_pare.router import BlockRouter, RouterSpec, save_router
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import BlockWidth, WanDims
 
-REPO = Path(__file__).resolve().parents[1]
-CHILD = Path(__file__).resolve().parent / "hostile_child.py"
+REPO = Path(__file__).resolve().parents[2]
+CHILD = Path(__file__).resolve().parents[1] / "hostile_child.py"
 HEADROOM = 1 << 30  # bytes the child may map beyond its imports: far below what any of the hostile inputs asks for
 CHILD_SECONDS = 60  # a child still running then is killed (a case that blocks); each case must end in CASE_SECONDS
 CASE_SECONDS = 10.0
