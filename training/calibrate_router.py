@@ -22,16 +22,17 @@ from typing import Sequence
 
 import torch
 
-from comfyui_pare.calibration import read_folder
 from comfyui_pare.errors import PareError, PareFormatError
 from comfyui_pare.router import RoutingPolicy, check_router_fits, load_router
 from comfyui_pare.router_budget import BudgetCalibration, write_budget_calibration
 
-from . import route, route_eval  # modules, not names: route_eval -> calibrate_router is a cycle
-from .data import collate, noised, prepare_sample, with_condition
+from . import route_eval  # modules, not names: route_eval -> calibrate_router is a cycle
+from .data import collate, noised, with_condition
 from .gates import compute_fraction, normalized_costs
 from .routed import RoutedVelocity, block_costs, pin_mask
+from .sample_index import SampleIndex
 from .sampling import flow_sigmas
+from .stage_common import tokens_of
 from .teacher import load_model
 
 logger = logging.getLogger(__name__)
@@ -163,11 +164,11 @@ def calibrate_router_file(student_path: str, router_path: str, samples_dir: str,
     router = load_router(router_path).to(device)
     meta = student.meta
     check_router_fits(router.spec, meta.num_blocks, meta.dims.dim, meta.fingerprint(), source=str(router_path))
-    samples = [prepare_sample(s, meta.dims) for s in read_folder(samples_dir)]
+    samples = SampleIndex(samples_dir, meta.dims)  # read lazily, as the stages read them
     if len(samples) < 2:
         raise PareFormatError(f"{samples_dir}: calibrate-router needs at least 2 samples (half calibrate, half "
                               f"validate), found {len(samples)}")
-    tokens, text_tokens = route.tokens_of(samples)
+    tokens, text_tokens = tokens_of(samples)
     costs = normalized_costs(block_costs(meta, tokens, text_tokens), meta.num_blocks)
     pinned = pin_mask(meta.num_blocks, pin_first, pin_last)
     if (teacher_path is None) != (stats is None):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import tiny_assets
 import torch
-from comfy_harness import PromptError
-from conftest import run_latent
+from comfy_harness import ComfyServer, PromptError
+from conftest import TEST_NODES, comfy_install, run_latent
 from graphs import out, pare_loader, sample_graph
 
 from comfyui_pare.pruned import load_checkpoint
@@ -145,7 +145,17 @@ def _capped(pid: int):
     return before
 
 
-def test_hostile_prompts_fail_fast_server_answers_and_next_prompt_is_unchanged(comfy, assets_dir):
+def _on_a_fresh_server(comfyui_version: str, assets_dir: Path, base: Path) -> torch.Tensor:
+    """The valid prompt's latent from a server that never saw a hostile prompt."""
+    with ComfyServer(base_dir=base, comfy_dir=comfy_install(comfyui_version).comfy_dir,
+                     extra_custom_nodes=(TEST_NODES,)) as server:
+        tiny_assets.install_assets(base)
+        hostile_files(base, assets_dir)
+        return run_latent(server, *valid_graph())
+
+
+def test_hostile_prompts_fail_fast_server_answers_and_next_prompt_is_unchanged(comfy, assets_dir, comfyui_version,
+                                                                                tmp_path):
     hostile_files(comfy.base, assets_dir)
     comfy.free()
     fresh = run_latent(comfy, *valid_graph())
@@ -171,4 +181,5 @@ def test_hostile_prompts_fail_fast_server_answers_and_next_prompt_is_unchanged(c
     assert not poller.failures, poller.failures[:3]
     assert poller.latencies and max(poller.latencies) < ANSWER_SECONDS
     assert torch.equal(fresh, after)
+    assert torch.equal(after, _on_a_fresh_server(comfyui_version, assets_dir, tmp_path / "fresh"))
     assert "PARE token reduction (hs_ok.json" in comfy.log_text()  # the valid schedule file really ran

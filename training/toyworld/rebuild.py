@@ -19,12 +19,13 @@ from comfyui_pare.safetensors_io import load_tensors, save_atomic
 from comfyui_pare.toy_text import ToyTextEncoder
 
 from ..model import WanTransformer
+from . import teacher  # the module: a stage looks train_teacher up when it runs (tests replace it)
 from .comfy_vae import load_vae
 from .evaluate import evaluate
 from .latents import cache_latents
 from .pare_stages import run_pipeline
 from .ship import ship
-from .teacher import SHIFT, TeacherConfig, save_teacher, train_teacher
+from .teacher import SHIFT, TeacherConfig, save_teacher
 from .train_vae import VAEConfig, psnr, render_pool, to_signed, train_vae
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ def stage_teacher(cfg: RebuildConfig) -> dict:
         teacher_cfg.object_weight = cfg.teacher_object_weight
     vae_path = cfg.out / "pare_toy_vae.safetensors"  # present when the vae stage ran first or beside: then probe
     probe = _load_vae(vae_path) if vae_path.exists() else None
-    model, text = train_teacher(teacher_cfg, cfg.out / "latents.safetensors", cfg.out / "teacher", cfg.device,
-                                probe)
+    model, text = teacher.train_teacher(teacher_cfg, cfg.out / "latents.safetensors", cfg.out / "teacher", cfg.device,
+                                        probe)
     save_teacher(model.cpu(), text.cpu(), cfg.out)
     return {}
 
