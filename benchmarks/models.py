@@ -20,6 +20,7 @@ from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.router import BlockRouter, RouterSpec, RoutingPolicy, decide, save_router
 from comfyui_pare.surgery import BlockPlan, PrunePlan, plan_selections, prune_state_dict
 from comfyui_pare.wan import WanDims
+from training.tiny import random_wan_state_dict, scale_to_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -59,25 +60,10 @@ def decision_set(costs: list[float], budget: float) -> list[bool]:
     return decide(logits, policy, costs)[0].tolist()
 
 
-FP8_MAX = 448.0  # largest float8_e4m3fn
-
-
 def fp8_scaled(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8_scaled layout of a state dict (as its ``*_fp8_scaled`` Wan releases): every 2-D block weight as
-    float8_e4m3fn with a 0-d fp32 ``scale_weight`` (max |w| / 448) and ``scale_input`` (1), the rest as it is, and an
-    empty ``scaled_fp8`` marker (ComfyUI then runs fp8 matrix multiplies where the GPU has them)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, v in sd.items():
-        if key.startswith("blocks.") and key.endswith(".weight") and v.ndim == 2:
-            scale = (v.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
-            out[key] = (v.float() / scale).to(torch.float8_e4m3fn)
-            base = key.removesuffix(".weight")
-            out[f"{base}.scale_weight"] = scale.reshape(())
-            out[f"{base}.scale_input"] = torch.ones((), dtype=torch.float32)
-        else:
-            out[key] = v
-    out["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
-    return out
+    """ComfyUI's fp8_scaled layout of a state dict (as its ``*_fp8_scaled`` Wan releases): every 2-D block weight in
+    scaled float8_e4m3fn, the rest as it is, an empty marker (ComfyUI runs fp8 matrix multiplies where it can)."""
+    return scale_to_fp8(sd, lambda key, v: key.startswith("blocks.") and key.endswith(".weight") and v.ndim == 2)
 
 
 @dataclass(frozen=True)
@@ -108,8 +94,6 @@ class BenchFiles:
 def bench_files(dims: WanDims, head_fraction: float, ffn_fraction: float, seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> BenchFiles:
     """Teacher (random weights, fan-in scaled), its uniformly pruned student and the bench router, cached."""
-    from training.tiny import random_wan_state_dict
-
     key = json.dumps([dims.to_dict(), head_fraction, ffn_fraction, seed, str(dtype), 2], sort_keys=True)  # 2: aligned
     folder = CACHE / hashlib.sha256(key.encode()).hexdigest()[:16]
     names = ("teacher.safetensors", "student.safetensors", "router.safetensors")

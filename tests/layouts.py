@@ -14,8 +14,8 @@ import torch
 from helpers import diffusers_module
 
 from comfyui_pare.safetensors_io import save_atomic
+from training import tiny
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # The linear layers ComfyUI's scaled fp8 files store in fp8 with a scale (its ops.Linear modules).
 SCALED_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                   "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2",
@@ -66,21 +66,9 @@ def to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def scale_to_fp8(sd: dict[str, torch.Tensor], other_dtype: torch.dtype = torch.bfloat16,
                  marker_elements: int = 0) -> dict[str, torch.Tensor]:
-    """ComfyUI's fp8_scaled layout: each linear weight as float8_e4m3fn with a 0-d F32 ``scale_weight`` (max |w| /
-    448) and ``scale_input`` (1.0), the rest in ``other_dtype``, and the ``scaled_fp8`` marker (empty: ComfyUI
-    then enables its fp8 optimisations; 2 elements: it does not)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, v in sd.items():
-        if is_scaled_linear(key):
-            scale = (v.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
-            out[key] = (v.float() / scale).to(torch.float8_e4m3fn)
-            base = key.removesuffix(".weight")
-            out[f"{base}.scale_weight"] = scale.reshape(())
-            out[f"{base}.scale_input"] = torch.ones((), dtype=torch.float32)
-        else:
-            out[key] = v.to(other_dtype)
-    out["scaled_fp8"] = torch.zeros(marker_elements, dtype=torch.float8_e4m3fn)
-    return out
+    """ComfyUI's fp8_scaled layout of every linear its scaled files quantize (``training.tiny.scale_to_fp8``), the rest
+    in ``other_dtype``."""
+    return tiny.scale_to_fp8(sd, lambda key, _: is_scaled_linear(key), other_dtype, marker_elements)
 
 
 def to_per_layer(scaled: dict[str, torch.Tensor], in_header: bool = False

@@ -6,6 +6,8 @@ the modulation tables are small, like a trained Wan. Deterministic for a given s
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from comfyui_pare.pruned import PrunedWanMeta
@@ -33,4 +35,27 @@ def random_wan_state_dict(dims: WanDims, seed: int = 0, dtype: torch.dtype = tor
                 fan_in *= s
             t = torch.randn(shape, generator=gen) / fan_in**0.5
         out[key] = t.to(dtype)
+    return out
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def scale_to_fp8(sd: dict[str, torch.Tensor], scaled: Callable[[str, torch.Tensor], bool],
+                 other_dtype: torch.dtype | None = None, marker_elements: int = 0) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8_scaled layout (its ``*_fp8_scaled`` Wan releases): each weight ``scaled(key, tensor)`` picks as
+    float8_e4m3fn with a 0-d fp32 ``scale_weight`` (max |w| / 448) and ``scale_input`` (1.0), the rest cast to
+    ``other_dtype`` (None: as it is), and the ``scaled_fp8`` marker (empty: ComfyUI then enables its fp8 matrix
+    multiplies; 2 elements: it does not)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, v in sd.items():
+        if scaled(key, v):
+            scale = (v.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
+            out[key] = (v.float() / scale).to(torch.float8_e4m3fn)
+            base = key.removesuffix(".weight")
+            out[f"{base}.scale_weight"] = scale.reshape(())
+            out[f"{base}.scale_input"] = torch.ones((), dtype=torch.float32)
+        else:
+            out[key] = v if other_dtype is None else v.to(other_dtype)
+    out["scaled_fp8"] = torch.zeros(marker_elements, dtype=torch.float8_e4m3fn)
     return out
