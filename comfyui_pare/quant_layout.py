@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PareFormatError
+from .untrusted import load_json, quote
 
 MARKER, PER_LAYER = "scaled_fp8", "per-layer"
 SCALED_FP8_MARKER = "scaled_fp8"
@@ -55,14 +56,9 @@ class LayerQuant:
 
 def parse_layer_config(text: str, where: str) -> LayerQuant:
     """A per-layer config from its JSON; only per-tensor fp8 formats."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise PareFormatError(f"{where}: quantization config of {len(text)} bytes; expected a short JSON object")
-    try:
-        conf = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PareFormatError(f"{where}: quantization config is not JSON ({e})") from e
+    conf = load_json(text, f"{where}: quantization config", MAX_CONFIG_BYTES, PareFormatError)
     if not isinstance(conf, dict) or not isinstance(conf.get("format"), str):
-        raise PareFormatError(f"{where}: quantization config {text[:80]!r} has no 'format' string")
+        raise PareFormatError(f"{where}: quantization config {quote(text)} has no 'format' string")
     fmt = conf["format"]
     if fmt not in PER_TENSOR_FORMATS:
         raise PareFormatError(f"{where}: quantization format '{fmt[:40]}' is not one PARE can prune (per-tensor "
@@ -86,13 +82,10 @@ def header_layer_configs(metadata: dict[str, str], source: str) -> dict[str, Lay
     text = metadata.get(QUANT_METADATA)
     if text is None:
         return {}
-    try:
-        layers = json.loads(text)["layers"]
-        if not isinstance(layers, dict):
-            raise TypeError("'layers' is not an object")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise PareFormatError(f"{source}: header '{QUANT_METADATA}' is not a JSON object with 'layers' "
-                              f"({type(e).__name__}: {e})") from e
+    obj = load_json(text, f"{source}: header '{QUANT_METADATA}'", error=PareFormatError)
+    layers = obj.get("layers") if isinstance(obj, dict) else None
+    if not isinstance(layers, dict):
+        raise PareFormatError(f"{source}: header '{QUANT_METADATA}' is not a JSON object with 'layers'")
     return {str(name): parse_layer_config(json.dumps(conf), f"{source}: '{QUANT_METADATA}' layer '{name}'")
             for name, conf in layers.items()}
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from .errors import PareError
 from .token_reduction import METRICS, MODES
-from .untrusted import MAX_JSON_BYTES, quote, read_text_file
+from .untrusted import load_json, quote, read_text_file
 
 FORMAT = "pare_token_schedule"
 FORMAT_VERSION = 1
@@ -280,14 +280,7 @@ def load_schedule(path: str | os.PathLike, model_blocks: int | None = None, sour
 
 def parse_schedule_text(text: str, source: str = "inline schedule", model_blocks: int | None = None
                         ) -> TokenSchedule:
-    if len(text) > MAX_JSON_BYTES:
-        raise PareError(f"{source}: {len(text)} characters; a schedule JSON is at most {MAX_JSON_BYTES}")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PareError(f"{source}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
-    except (ValueError, RecursionError) as e:  # an integer of thousands of digits, arrays nested thousands deep
-        raise PareError(f"{source}: not a usable JSON document ({type(e).__name__}: {quote(str(e))})") from None
+    obj = load_json(text, source)
     return schedule_from_json(obj, source, model_blocks)
 
 

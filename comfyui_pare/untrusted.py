@@ -8,6 +8,7 @@ error quotes only a short prefix of what it refuses (an echo of a megabyte of te
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import stat
@@ -26,6 +27,19 @@ def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
         return repr(text) if isinstance(value, str) else text
     shown = repr(text[:limit]) if isinstance(value, str) else text[:limit]
     return f"{shown}... ({len(text)} characters)"
+
+
+def load_json(text: str, where: str, max_chars: int = MAX_JSON_BYTES, error: type[PareError] = PareError) -> Any:
+    """``json.loads`` of untrusted text, bounded: a length cap before parsing, and the pack's error (naming ``where``)
+    for malformed JSON, integers of thousands of digits and arrays nested thousands deep."""
+    if len(text) > max_chars:
+        raise error(f"{where}: {len(text)} characters of JSON; at most {max_chars} are read")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    except (ValueError, RecursionError) as e:
+        raise error(f"{where}: not a usable JSON document ({type(e).__name__}: {quote(str(e))})") from None
 
 
 def _safe_repr(value: Any) -> str:

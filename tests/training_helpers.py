@@ -9,6 +9,8 @@ import torch
 from comfyui_pare.calibration import write_sample
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.wan import WanDims
+from training.config import load_config
+from training.distill import DistillConfig, train
 from training.tiny import random_wan_state_dict
 
 # Head dim 16 and text dim 64 (the tiny conditioning files' text dim), so a student also runs in ComfyUI's tests.
@@ -46,3 +48,13 @@ def distill_toml(teacher: Path, student: Path, samples: Path, out: Path, tables:
     body = "\n".join(f"{k} = {_toml(v)}" for k, v in settings.items())
     return (f'[model]\nteacher = "{teacher}"\nstudent = "{student}"\n[data]\nsamples = "{samples}"\n'
             f'[train]\noutput_dir = "{out}"\n{body}\n{tables}')
+
+
+def run_distill_in_process(cfg_path: Path, resume: str | None = None) -> dict:
+    """Stage 1 in this process on one thread (two spinning threads on a shared CPU are many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(load_config(DistillConfig, cfg_path), resume)
+    finally:
+        torch.set_num_threads(threads)

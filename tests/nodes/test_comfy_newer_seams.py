@@ -111,9 +111,9 @@ def test_modulation_lora_survives_a_patcher_that_restores_weights_on_every_load(
 def test_a_routing_run_keeps_its_current_call_per_thread(lib):
     comfy, files = lib
     routing, hooks = pack("routing"), pack("hooks")
-    meta = pack("model_info").model_meta(comfy_lib.pare_unet(comfy, files.student))
-    template = routing.RoutingTemplate(routing.ScheduleDecider(()), meta)
-    run = template.start_run(type("Sampling", (), {"percent_to_sigma": staticmethod(lambda p: 1.0 - p)})(), None)
+    student = comfy_lib.pare_unet(comfy, files.student)
+    template = routing.RoutingTemplate(routing.ScheduleDecider(()), pack("model_info").model_meta(student))
+    run = template.start_run(student.get_model_object("model_sampling"), None)
     barrier, seen, errors = threading.Barrier(2), {}, []
 
     def call(rows: int) -> None:

@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import REPO
 from safetensors import safe_open
-from training_helpers import distill_toml, write_micro_teacher, write_samples
+from training_helpers import distill_toml, run_distill_in_process, write_micro_teacher, write_samples
 
 from comfyui_pare.wan_reader import open_wan
 from training.__main__ import main
 from training.config import load_config
-from training.distill import DistillConfig, train
+from training.distill import DistillConfig
 from training.salient import salient_weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one thread: same kernels in every process
@@ -50,18 +50,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def _run_in_process(cfg_path: Path, resume: str | None = None) -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(load_config(DistillConfig, cfg_path), resume)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_stage1_halves_the_velocity_error(pruned, tmp_path):
     out = tmp_path / "run"
-    report = _run_in_process(_config(pruned, out, steps=100, batch_size=4, learning_rate=2e-4,
+    report = run_distill_in_process(_config(pruned, out, steps=100, batch_size=4, learning_rate=2e-4,
                                      checkpointing_steps=50))
     print(f"stage-1 velocity error (relative MSE): {report['initial']:.4g} -> {report['final']:.4g} "
           f"(x{report['ratio']:.3f})")
@@ -79,7 +70,7 @@ def test_stage1_halves_the_velocity_error(pruned, tmp_path):
 
 def test_sigkill_then_resume_latest_is_bitwise_equal(pruned, tmp_path):
     settings = dict(steps=10, checkpointing_steps=2, checkpoints_total_limit=2)
-    _run_in_process(_config(pruned, tmp_path / "straight", **settings))
+    run_distill_in_process(_config(pruned, tmp_path / "straight", **settings))
     cfg = _config(pruned, tmp_path / "killed", **settings)
     cmd = [sys.executable, "-m", "training", "distill", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,7 +98,7 @@ def test_torchrun_two_ranks_equal_one_process(pruned, tmp_path, strategy):
     # Block-output feature matching on: the hidden states of every block go through DDP / FSDP2 too.
     settings = dict(steps=3, batch_size=4, checkpointing_steps=2, tables="[distill]\nfeature_weight = 0.1\n")
     single = tmp_path / "single"
-    _run_in_process(_config(pruned, single, strategy="none", **settings))
+    run_distill_in_process(_config(pruned, single, strategy="none", **settings))
     cfg = _config(pruned, tmp_path / "ranks", strategy=strategy, **settings)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "training", "distill", "--config", str(cfg)]

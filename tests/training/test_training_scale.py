@@ -19,13 +19,11 @@ from layouts import scale_to_fp8
 from route_pipeline import build_inputs, write_config
 from safetensors import safe_open
 from test_training_layouts import T2V, write_layout
-from training_helpers import distill_toml, write_micro_teacher, write_samples
+from training_helpers import distill_toml, run_distill_in_process, write_micro_teacher, write_samples
 
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.wan import BlockWidth, WanDims
 from training.__main__ import main
-from training.config import load_config
-from training.distill import DistillConfig, train
 from training.sharded import CheckpointRows
 from training.teacher import load_model
 from training.tiny import random_wan_state_dict
@@ -44,15 +42,6 @@ def _run_ranks(ranks: int, cfg: Path, *extra: str) -> None:
     cmd = [*TORCHRUN, str(ranks), "-m", "training", "distill", "--config", str(cfg), *extra]
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
-
-
-def _run_in_process(cfg: Path, resume: str | None = None) -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(load_config(DistillConfig, cfg), resume)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _curve(out: Path) -> torch.Tensor:
@@ -140,7 +129,7 @@ def test_checkpointing_and_ema_under_fsdp_match_one_process_and_resume_on_other_
     bit and on 1 rank to the same weights within that tolerance."""
     kw = dict(gradient_checkpointing=True, ema_decay=0.5)
     single, ranks = tmp_path / "single", tmp_path / "ranks"
-    report = _run_in_process(_config(micro, single, strategy="none", **kw))
+    report = run_distill_in_process(_config(micro, single, strategy="none", **kw))
     _run_ranks(2, _config(micro, ranks, strategy="fsdp", **kw))
     ranks_report = json.loads((ranks / "velocity_error.json").read_text())
     # The sharded load reads the same teacher and student: the same error before training, to float rounding.
@@ -162,7 +151,7 @@ def test_checkpointing_and_ema_under_fsdp_match_one_process_and_resume_on_other_
     # 2 -> 1: one process resumes the 2-rank checkpoint (model, AdamW and EMA resharded by DCP).
     one = tmp_path / "one"
     shutil.copytree(ranks / "checkpoint-2", one / "checkpoint-2")
-    _run_in_process(_config(micro, one, strategy="none", **kw), "latest")
+    run_distill_in_process(_config(micro, one, strategy="none", **kw), "latest")
     d = _weights(one / "student.safetensors")
     for k in b:
         torch.testing.assert_close(d[k], b[k], rtol=0, atol=1e-4, msg=k)
@@ -174,7 +163,7 @@ def test_bf16_mixed_precision_under_fsdp_matches_one_process(micro, tmp_path):
     loss and gradient norm within 1e-3 relative, the 3-step weight update within 5% (relative L2 over the model;
     Adam moves an element whose gradient is at rounding level by +-lr either way). Asserted: 5e-3 and 15%."""
     single, ranks = tmp_path / "single", tmp_path / "ranks"
-    _run_in_process(_config(micro, single, strategy="none", mixed_precision="bf16"))
+    run_distill_in_process(_config(micro, single, strategy="none", mixed_precision="bf16"))
     _run_ranks(2, _config(micro, ranks, strategy="fsdp", mixed_precision="bf16"))
     torch.testing.assert_close(_curve(ranks)[:, 2:], _curve(single)[:, 2:], rtol=5e-3, atol=0)
     a, b = _weights(single / "student.safetensors"), _weights(ranks / "student.safetensors")
