@@ -441,3 +441,19 @@ def open_wan(path: str | os.PathLike) -> WanReader:
     logger.debug("%s: %s layout, %d file(s)%s", reader.path, reader.layout, len(reader.files),
                  ", fp8_scaled" if reader.scaled_fp8 else "")
     return reader
+
+
+def read_meta(path: str | os.PathLike) -> tuple[PrunedWanMeta, str]:
+    """Validate a Wan checkpoint's headers without loading tensors: (metadata, the key prefix the file uses).
+
+    Kept for callers of the single-file API; ``open_wan`` reads every layout.
+    """
+    with open_wan(path) as reader:
+        return reader.meta, reader.prefix
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
+    """Load and validate a Wan2.1 checkpoint in any layout; original keys, tensors as stored (scales applied
+    for fp8_scaled files). See ``open_wan`` for streaming and the raw scaled layout."""
+    with open_wan(path) as reader:
+        return reader.state_dict(), reader.meta
