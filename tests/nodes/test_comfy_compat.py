@@ -19,8 +19,8 @@ pytestmark = pytest.mark.every_comfyui
 @pytest.fixture(scope="module")
 def probe(comfyui_version):
     install = comfy_install(comfyui_version)
-    env = {**os.environ, "PARE_COMFYUI_DIR": str(install.comfy_dir), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "compat_probe.py")], cwd=REPO, env=env,
+    env = {**os.environ, "PARE_COMFYUI_DIR": str(install.comfy_dir)}
+    proc = subprocess.run([sys.executable, "-m", "tests.compat_probe"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr, comfyui_version

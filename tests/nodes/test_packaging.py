@@ -13,11 +13,11 @@ import zipfile
 
 import pytest
 import tomllib
-from comfy_harness import ComfyServer
 from conftest import REPO
-from test_loader_comfy import PACK_NODES  # the user-facing node list, kept in one place
+from helpers import PACK_NODES
 
 import comfyui_pare
+from scripts.comfy_harness import ComfyServer
 
 TORCH_FAMILY = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*)$")
 
