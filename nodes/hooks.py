@@ -27,6 +27,7 @@ import comfy.model_patcher
 import comfy.patcher_extension as pe
 import torch
 
+from ..comfyui_pare.model_family import PATCH_SIZE, token_grid
 from .comfy_compat import require
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,7 @@ class CallInfo:
         rows = x.shape[0]
         if sig.shape[0] != rows:
             sig = sig.repeat((rows + sig.shape[0] - 1) // sig.shape[0])[:rows]
-        patch = getattr(model, "patch_size", (1, 2, 2))
-        grid = tuple(-(-s // p) for s, p in zip(x.shape[2:], patch))
+        grid = token_grid(x.shape[2:], getattr(model, "patch_size", PATCH_SIZE))
         return cls(sigma=sig, rows=rows, branches=list(transformer_options.get("cond_or_uncond", [0])),
                    grid=grid, timestep=timestep, context=context)
 

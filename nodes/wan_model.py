@@ -1,4 +1,4 @@
-"""Build ComfyUI's own Wan2.1 model with per-block widths, through the running ComfyUI's own loader.
+"""Build ComfyUI's own Wan model with per-block widths, through the running ComfyUI's own loader.
 
 ComfyUI's detection assumes head dim 128, text dim 4096 and one FFN width for all blocks, so a pruned checkpoint
 cannot go through the stock loader unchanged. Rather than re-implement that loader (its quantization handling,
@@ -85,11 +85,12 @@ class PrunedBlockFactory:
 def _correct_config(model_config, meta: PrunedWanMeta, source: str) -> None:
     """Check ComfyUI's detection against the file's metadata and give it the dims detection cannot read."""
     config = model_config.unet_config if model_config is not None else {}
-    if config.get("image_model") != "wan2.1":
-        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} does not recognise this file as a Wan2.1 model")
-    if config.get("model_type") != meta.dims.variant:
+    spec = meta.dims.spec
+    if config.get("image_model") != "wan2.1":  # ComfyUI's detection name for every Wan family
+        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} does not recognise this file as a Wan model")
+    if config.get("model_type") != spec.model_type:
         raise PareFormatError(f"{source}: ComfyUI detects a Wan '{config.get('model_type')}' model but the "
-                              f"metadata says '{meta.dims.variant}'")
+                              f"metadata says {spec.title} ('{spec.model_type}')")
     # Detection assumes head dim 128 and text dim 4096 and reads the FFN width of block 0 only.
     config.update(num_heads=meta.dims.num_heads, ffn_dim=meta.dims.ffn_dim, text_dim=meta.dims.text_dim)
     if meta.is_pruned:
@@ -169,7 +170,8 @@ def build_wan_patcher(
             "no longer detects models through comfy.model_detection.model_config_from_unet, which the pack uses to "
             "give ComfyUI the pruned widths. Please report this ComfyUI version to comfyui-pare.")
     if patcher is None:
-        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} could not build a Wan2.1 model from this file")
+        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} could not build a {meta.dims.spec.title} model "
+                              "from this file")
     # The factory is a build-time detail; keep the stored config plain (it may be saved or printed).
     patcher.model.model_config.unet_config.pop("wan_attn_block_class", None)
     return patcher
