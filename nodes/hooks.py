@@ -28,6 +28,7 @@ import comfy.patcher_extension as pe
 import torch
 
 from ..comfyui_pare.model_family import PATCH_SIZE, token_grid
+from ..comfyui_pare.router import sample_timesteps
 from .comfy_compat import require
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class CallInfo:
     def read(cls, model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None,
              transformer_options: dict) -> "CallInfo":
         sigmas = transformer_options.get("sigmas")
-        sig = (sigmas if sigmas is not None else timestep / 1000.0).detach().reshape(-1)
+        # A per-frame timestep (Wan2.2 TI2V-5B with a start image) counts as its noisy frames' (router.py's rule).
+        sig = (sigmas if sigmas is not None else sample_timesteps(timestep) / 1000.0).detach().reshape(-1)
         sig = sig.to(torch.float64 if sig.device.type != "mps" else torch.float32)  # compare like the host did
         rows = x.shape[0]
         if sig.shape[0] != rows:
