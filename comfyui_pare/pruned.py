@@ -305,26 +305,6 @@ def check_tensors(
                 f"{path}: tensor '{stored_name(key)}' has dtype {dtypes[key]}; Wan weights are floating point")
 
 
-def read_meta(path: str | os.PathLike) -> tuple[PrunedWanMeta, str]:
-    """Validate a Wan checkpoint's headers without loading tensors: (metadata, the key prefix the file uses).
-
-    Kept for callers of the single-file API; ``wan_reader.open_wan`` reads every layout.
-    """
-    from .wan_reader import open_wan  # the reader builds on this module
-
-    with open_wan(path) as reader:
-        return reader.meta, reader.prefix
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
-    """Load and validate a Wan checkpoint in any layout; original keys, tensors as stored (scales applied
-    for fp8_scaled files). See ``wan_reader.open_wan`` for streaming and the raw scaled layout."""
-    from .wan_reader import open_wan  # the reader builds on this module
-
-    with open_wan(path) as reader:
-        return reader.state_dict(), reader.meta
-
-
 def save_checkpoint(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], meta: PrunedWanMeta) -> None:
     """Check shapes against the metadata, then write atomically."""
     expected = meta.expected_shapes()

@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from comfyui_pare.compute import model_block_macs  # noqa: E402
-from comfyui_pare.pruned import PrunedWanMeta, read_meta  # noqa: E402
+from comfyui_pare.pruned import PrunedWanMeta  # noqa: E402
+from comfyui_pare.wan_reader import read_meta  # noqa: E402
 from training.toyworld.evaluate import LATENT_SHAPE  # noqa: E402
 
 logger = logging.getLogger("compare_depth_vs_router")

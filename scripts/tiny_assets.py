@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.comfy_lib import import_comfy
+from comfy_library import import_comfy
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
 from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict

@@ -19,7 +19,7 @@ WEIGHTS = REPO / "training" / "toyworld" / "weights"
 sys.path.insert(0, str(REPO))
 
 from comfyui_pare.compute import model_block_macs, tokens_for  # noqa: E402
-from comfyui_pare.pruned import read_meta  # noqa: E402
+from comfyui_pare.wan_reader import read_meta  # noqa: E402
 from training.toyworld.videos import FRAMES, SIZE  # noqa: E402
 
 TEACHER = "pare_toy_teacher.safetensors"

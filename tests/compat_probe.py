@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from benchmarks import comfy_lib
+import comfy_library
 from benchmarks.models import bench_files
 from comfyui_pare.wan import WanDims
 
@@ -22,14 +22,14 @@ def attempt(fn) -> str | None:
 
 
 def main() -> None:
-    comfy = comfy_lib.load_comfy("cpu")
-    compat = sys.modules[f"{comfy_lib.PACK_MODULE}.nodes.comfy_compat"]
+    comfy = comfy_library.load_comfy("cpu")
+    compat = sys.modules[f"{comfy_library.PACK_MODULE}.nodes.comfy_compat"]
     routing_nodes = comfy.pack["routing_nodes"]
     files = bench_files(WanDims(dim=128, num_heads=2, ffn_dim=256, num_layers=2, text_dim=4096), 0.5, 0.5)
     comfy.add_model_folder("diffusion_models", files.folder)
     out = {"version": compat.comfy_version(), "missing": [s.name for s in compat.missing_seams()],
            "count": len(compat.SEAMS)}
-    student = comfy_lib.pare_unet(comfy, files.student)
+    student = comfy_library.pare_unet(comfy, files.student)
 
     model_detection = sys.modules["comfy.model_detection"]
     model_patcher = sys.modules["comfy.model_patcher"]
@@ -41,11 +41,11 @@ def main() -> None:
     del model_detection.model_config_from_unet
     compat._present.cache_clear()
     out["after"] = [s.name for s in compat.check_seams()]
-    out["load"] = attempt(lambda: comfy_lib.pare_unet(comfy, files.student))
+    out["load"] = attempt(lambda: comfy_library.pare_unet(comfy, files.student))
     model_detection.model_config_from_unet = detect
     compat._present.cache_clear()
     with torch.inference_mode():
-        out["load_restored"] = attempt(lambda: comfy_lib.pare_unet(comfy, files.student))
+        out["load_restored"] = attempt(lambda: comfy_library.pare_unet(comfy, files.student))
     print(json.dumps(out))
 
 

@@ -19,9 +19,9 @@ from comfy_harness import ComfyServer, PromptError
 from conftest import TEST_NODES, comfy_install, run_latent
 from graphs import out, pare_loader, sample_graph
 
-from comfyui_pare.pruned import load_checkpoint
 from comfyui_pare.router import BlockRouter, RouterSpec
 from comfyui_pare.safetensors_io import save_atomic
+from comfyui_pare.wan_reader import load_checkpoint
 
 pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 N = tiny_assets.TINY_T2V.num_layers

@@ -14,8 +14,8 @@ from conftest import REPO, run_latent
 from graphs import pare_loader, sample_graph, stock_loader
 from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, write_teacher, zeroed_teacher
 
-from comfyui_pare.pruned import load_checkpoint, read_meta
 from comfyui_pare.safetensors_io import save_atomic
+from comfyui_pare.wan_reader import load_checkpoint, read_meta
 
 # Tests marked every_comfyui also run on ComfyUI 0.8.0 (the rest on the pinned 0.3.75 only, for CI time).
 pytestmark = pytest.mark.comfy

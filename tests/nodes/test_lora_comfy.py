@@ -28,9 +28,10 @@ from helpers import STOCK_T2V, diffusers_module, write_conditioning, write_plan,
 from safetensors.torch import load_file
 
 from comfyui_pare.lora import LoraPatch
-from comfyui_pare.pruned import PrunedWanMeta, load_checkpoint, save_checkpoint
+from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import WanDims
+from comfyui_pare.wan_reader import load_checkpoint
 from training.tiny import TINY_T2V
 
 # Tests marked every_comfyui also run on ComfyUI 0.8.0 (the rest on the pinned 0.3.75 only, for CI time).
