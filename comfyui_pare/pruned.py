@@ -61,6 +61,10 @@ class PrunedWanMeta:
             if len(kept) != len(self.blocks):
                 raise PareFormatError(f"kept_blocks names {len(kept)} teacher blocks but 'blocks' lists "
                                       f"{len(self.blocks)}; there is one width entry per kept block")
+            if self.dims.vace_layers and len(kept) != self.dims.num_layers:
+                raise PareFormatError(f"a {self.dims.spec.title} model cannot lose whole blocks: ComfyUI adds the "
+                                      "VACE hints after fixed main blocks (every num_layers // vace_layers-th); "
+                                      "prune widths, and skip blocks with a router or a static schedule")
             # Canonical form: keeping every block is the width-only case (same JSON, same fingerprint).
             object.__setattr__(self, "kept_blocks", None if len(kept) == self.dims.num_layers else kept)
         elif len(self.blocks) != self.dims.num_layers:
