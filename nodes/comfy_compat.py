@@ -106,6 +106,10 @@ SEAMS: tuple[Seam, ...] = (
          "PARE Load Pruned Wan",
          lambda: _source_has("comfy.sd", "load_diffusion_model_state_dict", "model_config_from_unet")()
          and _attr("comfy.model_detection", "model_config_from_unet")()),
+    Seam("comfy.ldm.wan.model.VaceWanModel (looked up when model_base.WAN21_Vace builds it; main blocks in .blocks, "
+         "hints added after the double_block patch)", "PARE Load Pruned Wan (pruned VACE students)",
+         lambda: _attr(WAN, "VaceWanModel")() and _source_has(WAN, "VaceWanModel.forward_orig", "vace_layers_mapping",
+                                                              '("double_block", i)')()),
     Seam("patches_replace['dit'][('double_block', i)] per-block replace in WanModel.forward_orig",
          "PARE Apply Router, PARE Static Block Schedule, PARE Token Reduction",
          _source_has(WAN, "WanModel.forward_orig", '("double_block", i)', '"original_block"')),
