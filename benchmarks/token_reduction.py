@@ -22,6 +22,7 @@ import torch
 
 import comfy_library
 from comfyui_pare.compute import model_block_macs, tokens_for
+from comfyui_pare.model_family import token_grid
 from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.token_reduction import reduced_attention_macs
 from comfyui_pare.wan import TEXT_TOKENS
@@ -57,7 +58,7 @@ def analytic(config: BenchConfig) -> list[dict]:
         student = pruned_meta(dims, config.head_fraction, config.ffn_fraction)
         for res_name, (height, width) in RESOLUTIONS.items():
             tokens = tokens_for(FRAMES, height, width)
-            grid = ((FRAMES - 1) // 4 + 1, height // 16, width // 16)
+            grid = token_grid(dims.spec.latent.latent_size(FRAMES, height, width), dims.spec.patch_size)
             costs = [float(m.total) for m in model_block_macs(student, tokens, TEXT_TOKENS)]
             routed = decision_set(costs, config.routed_budget)
             base = step_macs(teacher, tokens, TEXT_TOKENS)["total"]

@@ -29,6 +29,8 @@ from typing import Callable
 import torch
 
 from ..comfyui_pare.errors import PareError
+from ..comfyui_pare.model_family import PATCH_SIZE, token_grid
+from ..comfyui_pare.router import sample_timesteps
 from .comfy_compat import ModelPatcher, internals, require
 
 logger = logging.getLogger(__name__)
@@ -49,13 +51,13 @@ class CallInfo:
     def read(cls, model: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None,
              transformer_options: dict) -> "CallInfo":
         sigmas = transformer_options.get("sigmas")
-        sig = (sigmas if sigmas is not None else timestep / 1000.0).detach().reshape(-1)
+        # A per-frame timestep (Wan2.2 TI2V-5B with a start image) counts as its noisy frames' (router.py's rule).
+        sig = (sigmas if sigmas is not None else sample_timesteps(timestep) / 1000.0).detach().reshape(-1)
         sig = sig.to(torch.float64 if sig.device.type != "mps" else torch.float32)  # compare like the host did
         rows = x.shape[0]
         if sig.shape[0] != rows:
             sig = sig.repeat((rows + sig.shape[0] - 1) // sig.shape[0])[:rows]
-        patch = getattr(model, "patch_size", (1, 2, 2))
-        grid = tuple(-(-s // p) for s, p in zip(x.shape[2:], patch))
+        grid = token_grid(x.shape[2:], getattr(model, "patch_size", PATCH_SIZE))
         return cls(sigma=sig, rows=rows, branches=list(transformer_options.get("cond_or_uncond", [0])),
                    grid=grid, timestep=timestep, context=context)
 

@@ -1,4 +1,4 @@
-"""PARE Load Pruned Wan: a width-pruned (or plain) Wan2.1 checkpoint into ComfyUI's own sampler."""
+"""PARE Load Pruned Wan: a width-pruned (or plain) Wan checkpoint into ComfyUI's own sampler."""
 
 from __future__ import annotations
 
@@ -35,16 +35,18 @@ class PARELoadPrunedWan(io.ComfyNode):
             display_name="PARE Load Pruned Wan",
             category="PARE/loaders",
             description=(
-                "Loads a width-pruned Wan2.1 checkpoint (or a plain Wan2.1 file, read as 0% pruned) from "
+                "Loads a width-pruned Wan checkpoint (or a plain Wan file, read as 0% pruned) from "
                 "models/diffusion_models, building ComfyUI's own Wan model with the per-block widths recorded "
                 "in the file. Reads Wan-AI, ComfyUI-repackaged (fp8_scaled included), diffusers and sharded "
-                "releases. Works with every stock sampler, scheduler, CFG, LoRA patch and memory setting."
+                "releases. Wan2.1 T2V/I2V/Fun-Control, Wan2.2 A14B experts and TI2V-5B, and Wan2.1 VACE; "
+                "camera, S2V, HuMo and Animate files are refused by name. Works with every stock sampler, "
+                "scheduler, CFG, LoRA patch and memory setting."
             ),
             inputs=[
                 io.Combo.Input(
                     "unet_name", options=internals.filename_list(DIFFUSION_MODELS),
-                    tooltip="A .safetensors Wan2.1 checkpoint in models/diffusion_models: a PARE student "
-                            "(pruned widths in its metadata) or a plain Wan2.1 T2V/I2V file (Wan-AI, ComfyUI "
+                    tooltip="A .safetensors Wan checkpoint in models/diffusion_models: a PARE student "
+                            "(pruned widths in its metadata) or a plain Wan file (Wan-AI, ComfyUI "
                             "repackaged, fp8_scaled, diffusers). For a sharded release, keep its folder with the "
                             "index file and pick any shard: the whole release is loaded.",
                 ),
@@ -91,7 +93,7 @@ def load_pruned_wan(unet_name: str, weight_dtype: str = "default", disable_dynam
     summary = describe(meta)
     logger.info(
         "PARE: loaded %s (%s layout%s, %s, %d blocks, %.0f%% heads, %.0f%% FFN kept)", unet_name, layout,
-        ", fp8_scaled" if scaled else "", meta.dims.variant, meta.num_blocks,
+        ", fp8_scaled" if scaled else "", meta.dims.spec.title, meta.num_blocks,
         100 * summary["kept_heads_fraction"], 100 * summary["kept_ffn_fraction"],
     )
     return patcher

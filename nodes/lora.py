@@ -1,4 +1,4 @@
-"""PARE LoRA Loader: any Wan2.1 LoRA, cut to a pruned student's widths, applied with ComfyUI's own patches.
+"""PARE LoRA Loader: any Wan LoRA, cut to a pruned student's widths, applied with ComfyUI's own patches.
 
 The LoRA is parsed (every key style, diffusers names included), checked against the model's base and sliced to
 the kept heads / FFN neurons by the core (``comfyui_pare.lora``). The result is handed to ComfyUI's own
@@ -51,7 +51,7 @@ def _first_keys(keys: list[str]) -> str:
 def warn_skipped_keys(parsed: ParsedLora) -> None:
     """One warning line per kind of key that will not be applied, with the count and the first few names."""
     if parsed.unmatched:
-        logger.warning("PARE LoRA: %s: %d key(s) match no Wan2.1 module and are not applied: %s",
+        logger.warning("PARE LoRA: %s: %d key(s) match no Wan module and are not applied: %s",
                        parsed.source, len(parsed.unmatched), _first_keys(parsed.unmatched))
     if parsed.ignored:
         logger.warning("PARE LoRA: %s: %d key(s) carry nothing ComfyUI applies (e.g. an alpha without a "
@@ -162,7 +162,7 @@ class PARELoraLoader(io.ComfyNode):
             display_name="PARE LoRA Loader (pruned Wan)",
             category="PARE/lora",
             description=(
-                "Applies a Wan2.1 LoRA trained on the full model to a PARE-pruned student (or any Wan2.1 model): "
+                "Applies a Wan LoRA trained on the full model to a PARE-pruned student (or any Wan model): "
                 "the LoRA is cut to the heads and FFN neurons the student kept, so it merges exactly, then "
                 "applied with ComfyUI's own patches (strength, stacking and unpatching as in Load LoRA). Reads "
                 "every common key style, diffusers names included, and also applies .diff patches on the "
@@ -170,11 +170,11 @@ class PARELoraLoader(io.ComfyNode):
                 "models. A LoRA for another base is refused."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The Wan2.1 model to patch: a PARE student from PARE Load Pruned "
-                                                 "Wan, or a plain Wan2.1 model. It is cloned, never modified."),
+                io.Model.Input("model", tooltip="The Wan model to patch: a PARE student from PARE Load Pruned "
+                                                 "Wan, or a plain Wan model. It is cloned, never modified."),
                 io.Combo.Input(
                     "lora_name", options=internals.filename_list(LORAS),
-                    tooltip="A Wan2.1 LoRA (.safetensors) in models/loras, trained on the full (unpruned) model, in "
+                    tooltip="A Wan LoRA (.safetensors) in models/loras, trained on the full (unpruned) model, in "
                             "any key style: diffusion_model.*, lora_unet_*, lora_A/B, diffusers (transformer.*).",
                 ),
                 io.Float.Input(

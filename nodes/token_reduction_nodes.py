@@ -57,7 +57,7 @@ class PARETokenReduction(io.ComfyNode):
                 "output. Stacks with PARE routing, pruned students, LoRAs and CFG. Returns a patched copy."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The Wan2.1 model (teacher or PARE student, routed or not)."),
+                io.Model.Input("model", tooltip="The Wan model (teacher or PARE student, routed or not)."),
                 io.Combo.Input("schedule", options=SCHEDULE_CHOICES, default="balanced",
                                tooltip="A shipped preset for Wan2.1 1.3B (30 blocks) or 14B (40 blocks), or 'custom' "
                                        "to use schedule_json."),

@@ -1,4 +1,4 @@
-"""Build ComfyUI's own Wan2.1 model with per-block widths, through the running ComfyUI's own loader.
+"""Build ComfyUI's own Wan model with per-block widths, through the running ComfyUI's own loader.
 
 ComfyUI's detection assumes head dim 128, text dim 4096 and one FFN width for all blocks, so a pruned checkpoint
 cannot go through the stock loader unchanged. Rather than re-implement that loader (its quantization handling,
@@ -80,18 +80,42 @@ class PrunedBlockFactory:
 def _correct_config(model_config, meta: PrunedWanMeta, source: str) -> None:
     """Check ComfyUI's detection against the file's metadata and give it the dims detection cannot read."""
     config = model_config.unet_config if model_config is not None else {}
-    if config.get("image_model") != "wan2.1":
-        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} does not recognise this file as a Wan2.1 model")
-    if config.get("model_type") != meta.dims.variant:
+    spec = meta.dims.spec
+    if config.get("image_model") != "wan2.1":  # ComfyUI's detection name for every Wan family
+        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} does not recognise this file as a Wan model")
+    if config.get("model_type") != spec.model_type:
         raise PareFormatError(f"{source}: ComfyUI detects a Wan '{config.get('model_type')}' model but the "
-                              f"metadata says '{meta.dims.variant}'")
+                              f"metadata says {spec.title} ('{spec.model_type}')")
     # Detection assumes head dim 128 and text dim 4096 and reads the FFN width of block 0 only.
     config.update(num_heads=meta.dims.num_heads, ffn_dim=meta.dims.ffn_dim, text_dim=meta.dims.text_dim)
+    if meta.dims.vace_layers and (config.get("vace_layers"), config.get("vace_in_dim")) != (
+            meta.dims.vace_layers, meta.dims.vace_in_dim):
+        raise PareFormatError(f"{source}: ComfyUI detects {config.get('vace_layers')} VACE blocks of "
+                              f"{config.get('vace_in_dim')} channels, the metadata says {meta.dims.vace_layers} of "
+                              f"{meta.dims.vace_in_dim}")
     if meta.is_pruned:
         config["wan_attn_block_class"] = PrunedBlockFactory(meta.blocks)
 
 
 _DETECTION_LOCK = threading.Lock()
+
+
+def _vace_builder(original: Callable, owner: int) -> Callable:
+    """Stands in for ``VaceWanModel`` while our load runs: ComfyUI's VaceWanModel takes no ``wan_attn_block_class``,
+    so on our thread the model is built as stock, then its main blocks are rebuilt by the factory (the VACE blocks
+    stay the teacher's). The stock main blocks exist briefly first: a pruned VACE load peaks at the teacher's main
+    block size until they are dropped (before any weight is assigned). Other threads get the stock class unchanged."""
+    def build(*args, wan_attn_block_class=None, **kwargs):
+        model = original(*args, **kwargs)
+        if wan_attn_block_class is not None and threading.get_ident() == owner:
+            settings = {"operations": kwargs.get("operations"), "device": kwargs.get("device"),
+                        "dtype": kwargs.get("dtype")}
+            model.blocks = torch.nn.ModuleList(
+                wan_attn_block_class("t2v_cross_attn", model.dim, model.ffn_dim, model.num_heads, model.window_size,
+                                     model.qk_norm, model.cross_attn_norm, model.eps, operation_settings=settings)
+                for _ in range(len(model.blocks)))
+        return model
+    return build
 
 
 @contextlib.contextmanager
@@ -108,12 +132,17 @@ def _detection_corrected(meta: PrunedWanMeta, source: str) -> Iterator[list]:
             corrected.append(model_config)
         return model_config
 
+    vace = internals.vace_model_class()
     with _DETECTION_LOCK:
         internals.set_model_config_detector(detect)
+        if vace is not None and meta.dims.vace_layers and meta.is_pruned:
+            internals.set_vace_model_class(_vace_builder(vace, owner))
         try:
             yield corrected
         finally:
             internals.set_model_config_detector(original)
+            if vace is not None:
+                internals.set_vace_model_class(vace)
 
 
 def quant_layout_for_comfy() -> str | None:
@@ -164,7 +193,8 @@ def build_wan_patcher(
             "no longer detects models through comfy.model_detection.model_config_from_unet, which the pack uses to "
             "give ComfyUI the pruned widths. Please report this ComfyUI version to comfyui-pare.")
     if patcher is None:
-        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} could not build a Wan2.1 model from this file")
+        raise PareFormatError(f"{source}: ComfyUI {comfy_version()} could not build a {meta.dims.spec.title} model "
+                              "from this file")
     # The factory is a build-time detail; keep the stored config plain (it may be saved or printed).
     patcher.model.model_config.unet_config.pop("wan_attn_block_class", None)
     return patcher

@@ -49,21 +49,37 @@ def wan_attention_block(*args, **kwargs) -> torch.nn.Module:
     return comfy.ldm.wan.model.WanAttentionBlock(*args, **kwargs)
 
 
+def vace_model_class() -> type | None:
+    """``comfy.ldm.wan.model.VaceWanModel`` (looked up by ``model_base.WAN21_Vace`` when it builds a model), or None
+    where the release has none."""
+    return getattr(comfy.ldm.wan.model, "VaceWanModel", None)
+
+
+def set_vace_model_class(cls: Callable) -> None:
+    comfy.ldm.wan.model.VaceWanModel = cls
+
+
 def converts_old_quants() -> bool:
     """True where the running release converts scaled fp8 layouts itself (``comfy.utils.convert_old_quants``, 0.8 and
     later). A detection, not a seam: both answers are supported releases."""
     return hasattr(comfy.utils, "convert_old_quants")
 
 
-def stock_wan_attributes(diffusion_model: torch.nn.Module) -> dict | None:
-    """The attributes of a stock-loaded ComfyUI ``WanModel`` (seam: WanModel attributes), or None for anything
-    else. ``blocks`` is given as its count."""
-    if type(diffusion_model).__name__ != "WanModel":
-        return None
+def unet_config(patcher: ModelPatcher) -> dict:
+    """ComfyUI's detection result for a loaded model (``model.model_config.unet_config``: ``image_model``,
+    ``model_type``, ...; seam: unet_config), {} where there is none."""
+    return getattr(getattr(patcher.model, "model_config", None), "unet_config", {}) or {}
+
+
+def wan_attributes(diffusion_model: torch.nn.Module) -> dict:
+    """The dims of a stock-loaded ComfyUI Wan model from its attributes (seam: WanModel attributes); ``blocks`` as
+    its count, and the VACE blocks' where the model has them."""
     dm = diffusion_model
-    return {"model_type": getattr(dm, "model_type", None), "dim": dm.dim, "num_heads": dm.num_heads,
-            "ffn_dim": dm.ffn_dim, "num_layers": len(dm.blocks), "text_dim": dm.text_dim, "in_dim": dm.in_dim,
-            "out_dim": dm.out_dim}
+    out = {"dim": dm.dim, "num_heads": dm.num_heads, "ffn_dim": dm.ffn_dim, "num_layers": len(dm.blocks),
+           "text_dim": dm.text_dim, "in_dim": dm.in_dim, "out_dim": dm.out_dim}
+    if hasattr(dm, "vace_blocks"):
+        out.update(vace_layers=dm.vace_layers, vace_in_dim=dm.vace_in_dim)
+    return out
 
 
 # -- sampler hooks (seams: create_model_options_clone, WrappersMP, add_wrapper_with_key) -----------------------

@@ -8,9 +8,9 @@ called by a node before it touches a seam and raises ``ComfyVersionError`` namin
 ComfyUI version, instead of an AttributeError deep inside a sampler. The nodes reach the ComfyUI objects themselves
 through ``internals``, the one module of the pack that imports ComfyUI.
 
-Tested on ComfyUI 0.3.75 and 0.8.0 (``TESTED_COMFYUI``): tests/nodes/test_comfy_compat.py removes the object of each
-check from ComfyUI's real modules in turn and runs a node that needs it. Where releases differ, the nodes detect
-what the running one has: ``nodes/wan_model.py`` builds the model through the running release's own
+Tested on every ComfyUI of ``comfyui_pare.tested_comfyui`` (``TESTED_COMFYUI``): tests/nodes/test_comfy_compat.py
+removes the object of each check from ComfyUI's real modules in turn and runs every node that needs it. Where
+releases differ, the nodes detect what the running one has: ``nodes/wan_model.py`` builds the model through the running release's own
 ``load_diffusion_model_state_dict`` (quantization layout, dtype choice, patcher class); ``nodes/hooks.py`` reads
 optional ``transformer_options`` keys and tolerates the newer ``args["transformer_options"]`` of block patches.
 """
@@ -23,12 +23,13 @@ import inspect
 import logging
 from dataclasses import dataclass
 
+from ...comfyui_pare import tested_comfyui
 from ...comfyui_pare.errors import PareError
 
 logger = logging.getLogger(__name__)
 
-TESTED_COMFYUI = ("0.3.75", "0.8.0")
-OLDEST_SUPPORTED = TESTED_COMFYUI[0]
+TESTED_COMFYUI = tested_comfyui.VERSIONS
+OLDEST_SUPPORTED = tested_comfyui.PINNED.version
 
 
 def comfy_version() -> str:
@@ -113,7 +114,8 @@ MP = "comfy.model_patcher"
 PE = "comfy.patcher_extension"
 ATTENTION = "comfy.ldm.modules.attention"
 FP = "folder_paths"
-WAN_ATTRIBUTES = ("model_type", "dim", "ffn_dim", "num_heads", "text_dim", "in_dim", "out_dim", "blocks")
+WAN_ATTRIBUTES = ("dim", "ffn_dim", "num_heads", "text_dim", "in_dim", "out_dim", "blocks")
+VACE_ATTRIBUTES = ("vace_layers", "vace_in_dim", "vace_blocks")
 SEAMS: tuple[Seam, ...] = (
     Seam("comfy_api.latest V3 node schema (io, ComfyExtension)", (REGISTRATION,),
          (Check("comfy_api.latest", "io"), Check("comfy_api.latest", "ComfyExtension"))),
@@ -125,9 +127,20 @@ SEAMS: tuple[Seam, ...] = (
     Seam("comfy.sd.load_diffusion_model_state_dict detecting through comfy.model_detection.model_config_from_unet",
          (LOAD,), (Check("comfy.sd", "load_diffusion_model_state_dict", source=("model_config_from_unet",)),
                    Check("comfy.model_detection", "model_config_from_unet"))),
-    Seam("WanModel attributes model_type, dim, ffn_dim, num_heads, text_dim, in_dim, out_dim, blocks (read to describe "
-         "a stock-loaded Wan)", META_READERS,
+    Seam("comfy.ldm.wan.model.VaceWanModel (looked up when model_base.WAN21_Vace builds it; main blocks in .blocks, "
+         "hints added after the double_block patch)", (LOAD,),
+         (Check(WAN, "VaceWanModel"),
+          Check(WAN, "VaceWanModel.forward_orig", source=("vace_layers_mapping", '("double_block", i)')))),
+    Seam("model.model_config.unet_config from detection: image_model 'wan2.1' and model_type (read to describe a "
+         "stock-loaded Wan)", META_READERS,
+         (Check("comfy.model_detection", "detect_unet_config", source=('"image_model"] = "wan2.1"', '"model_type"]')),
+          Check("comfy.model_base", "BaseModel.__init__", source=("self.model_config = model_config",)),
+          Check("comfy.supported_models_base", "BASE.__init__", source=("self.unet_config = ",)))),
+    Seam("WanModel attributes dim, ffn_dim, num_heads, text_dim, in_dim, out_dim, blocks (read to describe a "
+         "stock-loaded Wan)", META_READERS,
          (Check(WAN, "WanModel.__init__", source=tuple(f"self.{a} = " for a in WAN_ATTRIBUTES)),)),
+    Seam("VaceWanModel attributes vace_layers, vace_in_dim, vace_blocks (read to describe a stock-loaded VACE Wan)",
+         META_READERS, (Check(WAN, "VaceWanModel.__init__", source=tuple(f"self.{a} = " for a in VACE_ATTRIBUTES)),)),
     Seam("patches_replace['dit'][('double_block', i)] per-block replace in WanModel.forward_orig", HOOKED,
          (Check(WAN, "WanModel.forward_orig", source=('("double_block", i)', '"original_block"')),)),
     Seam("ModelPatcher.set_model_patch_replace", HOOKED, (Check(MP, "ModelPatcher.set_model_patch_replace"),)),
