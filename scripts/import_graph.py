@@ -5,6 +5,9 @@ dodge a cycle is still a cycle) with ``ast``, keeps the ones that name a module 
 graph (``module -> imported modules``) and exits 1 when
 
 * the graph has a cycle (each strongly connected component of more than one module is named), or
+* a module of the pack or the core imports ComfyUI anywhere but the pack's one adapter (``ADAPTER``), or
+* a module imports a script by its bare name (``import tiny_assets``: only a path edit makes that work; scripts are
+  ``scripts.<name>``), or
 * an import runs against the floors (``ALLOWED``): the core (``comfyui_pare``) imports nothing else of the
   repository; ComfyUI-as-a-library (``comfy_library``) nothing at all; ``nodes`` only the core; ``training`` the
   core and ``comfy_library``; ``benchmarks`` and ``scripts`` sit on top; ``tests`` may import anything but test
@@ -40,6 +43,10 @@ ALLOWED: dict[str, set[str] | None] = {
     "tests": None,
 }
 TEST_GROUPS = {"core", "nodes", "training", "toyworld"}
+# ComfyUI's top-level modules: the pack imports them in its adapter only, the core never.
+COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "node_helpers",
+                   "latent_preview", "server", "execution", "comfyui_version", "nodes"}
+ADAPTER = "nodes.comfy_compat.internals"
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -109,6 +116,32 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
             if target is not None and target != module:
                 found.add(target)
     return found
+
+
+def comfyui_imports(root: Path) -> list[str]:
+    """Every import of a ComfyUI module by the core or the pack outside ``ADAPTER``, as 'importer -> module'."""
+    out = []
+    for module, path in find_modules(root).items():
+        if group_of(module) not in ("comfyui_pare", "nodes") or module == ADAPTER:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else [])
+            out += [f"{module} -> {n}" for n in names if n.split(".")[0] in COMFYUI_MODULES]
+    return sorted(out)
+
+
+def bare_script_imports(root: Path) -> list[str]:
+    """Every import of a module of scripts/ by its bare name, as 'importer -> name'."""
+    modules = find_modules(root)
+    scripts = {m.split(".", 1)[1] for m in modules if m.startswith("scripts.")}
+    out = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else [])
+            out += [f"{module} -> {n}" for n in names if n.split(".")[0] in scripts]
+    return sorted(out)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -188,14 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         for module, targets in sorted(graph.items()):
             print(f"{module} -> {', '.join(sorted(targets)) or '-'}")
-    loops, wrong = cycles(graph), upward(graph)
+    root = args.root.resolve()
+    loops, wrong, comfyui, bare = cycles(graph), upward(graph), comfyui_imports(root), bare_script_imports(root)
     for loop in loops:
         print("cycle: " + " <-> ".join(loop))
     for line in wrong:
         print("refused import: " + line)
+    for line in comfyui:
+        print(f"ComfyUI imported outside {ADAPTER}: {line}")
+    for line in bare:
+        print(f"script imported by its bare name (a path edit; use scripts.<name>): {line}")
     edges = sum(len(t) for t in graph.values())
-    print(f"{len(graph)} modules, {edges} imports, {len(loops)} cycles, {len(wrong)} refused imports")
-    return 1 if loops or wrong else 0
+    print(f"{len(graph)} modules, {edges} imports, {len(loops)} cycles, {len(wrong)} refused imports, "
+          f"{len(comfyui)} ComfyUI imports outside the adapter, {len(bare)} bare script imports")
+    return 1 if loops or wrong or comfyui or bare else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def test_repository_graph_is_clean():
                           timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[-1].endswith(" 0 cycles, 0 refused imports"), lines[-1]
+    assert lines[-1].endswith(" 0 cycles, 0 refused imports, 0 ComfyUI imports outside the adapter, 0 bare script imports"), lines[-1]
     graph = {line.split(" -> ")[0]: set(line.split(" -> ")[1].split(", ")) for line in lines if " -> " in line}
     # The graph is read, not empty: edges that exist today, relative ones (the pack's) and absolute ones.
     assert "comfyui_pare.pruned" in graph["comfyui_pare.wan_reader"]
@@ -46,10 +46,12 @@ def test_each_fault_is_named(tmp_path, capsys):
         "training/t.py": "import scripts.s\n",
         "scripts/__init__.py": "",
         "scripts/s.py": "from training import t\nimport nodes  # ComfyUI's\n",
-        "nodes/__init__.py": "from ..comfyui_pare import a\n",
+        "nodes/__init__.py": "from ..comfyui_pare import a\nimport folder_paths\n",
+        "nodes/comfy_compat/internals.py": "import comfy.sd\nfrom comfy_api.latest import io\n",
+        "comfyui_pare/d.py": "from comfy.utils import get_attr\n",
         "tests/helpers.py": "",
         "tests/core/test_x.py": "from test_y import q\nimport helpers\n",
-        "tests/nodes/test_y.py": "import helpers\n",
+        "tests/nodes/test_y.py": "import helpers\nimport s\n",
     })
     assert import_graph.main(["--root", str(tmp_path), "--quiet"]) == 1
     out = capsys.readouterr().out
@@ -58,5 +60,10 @@ def test_each_fault_is_named(tmp_path, capsys):
     assert "comfyui_pare.c -> training.t (comfyui_pare may import only itself)" in out
     assert "training.t -> scripts.s (training may import only ['comfy_library', 'comfyui_pare'])" in out
     assert "tests.core.test_x -> tests.nodes.test_y (a test module is no library" in out
-    assert out.strip().endswith("2 cycles, 3 refused imports")
-    assert "nodes ->" not in out  # the pack's relative import of the core is allowed; ComfyUI's nodes is no edge
+    assert "ComfyUI imported outside nodes.comfy_compat.internals: nodes -> folder_paths" in out
+    assert "ComfyUI imported outside nodes.comfy_compat.internals: comfyui_pare.d -> comfy.utils" in out
+    assert "internals -> comfy" not in out  # the adapter may
+    assert "script imported by its bare name (a path edit; use scripts.<name>): tests.nodes.test_y -> s" in out
+    assert out.strip().endswith("2 cycles, 3 refused imports, 2 ComfyUI imports outside the adapter, "
+                                "1 bare script imports")
+    assert "refused import: nodes ->" not in out  # the pack may import the core; scripts.s imports ComfyUI's nodes
