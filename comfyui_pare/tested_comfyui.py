@@ -2,7 +2,7 @@
 
 Everything that names or sets up a tested ComfyUI reads this table: ``scripts/setup_env.sh`` (through
 ``python -m comfyui_pare.tested_comfyui``), the test harness (``scripts/comfy_harness.py``), the tests'
-parametrisation (``tests/conftest.py``), the nodes' messages (``nodes/comfy_compat.py``) and the README table
+parametrisation (``tests/conftest.py``), the nodes' messages (``nodes/comfy_compat/seams.py``) and the README table
 (``tests/nodes/test_packaging.py`` checks it names the same versions). A new tree is one more entry.
 
 Plain data, no ComfyUI import: the shipped pack reads the version names for its messages.
@@ -45,7 +45,7 @@ class TestedComfyUI:
 # the loader layouts and identities (0.8 is the first release with the per-layer quantization layout and its
 # conversion on load), the released-file identities, the seam check and the front-end/workflow round trips in its own
 # front end (1.35.9). Routing, LoRA, token reduction, alignment and the hostile-server tests run on 0.3.75 and 0.33.0:
-# the pack's code paths for those parts are the same on 0.8.0 as on 0.33.0 (the same seams of comfy_compat.py).
+# the pack's code paths for those parts are the same on 0.8.0 as on 0.33.0 (the same seams of nodes/comfy_compat/seams.py).
 _SUBSET_080 = (
     "tests/nodes/test_loader_comfy.py",
     "tests/nodes/test_release_files_comfy.py",

@@ -4,7 +4,7 @@
 - a tiny Wan2.1 VAE (base dim 8) with ComfyUI's real VAE architecture;
 - conditioning tensors (the umT5-XXL text encoder cannot be shrunk, so embeddings are stored as tensors).
 
-Run as `python -m scripts.tiny_assets DEST_DIR` (from the checkout's root) to write them; `ensure_assets()` caches them under PARE_CACHE.
+Run as `python -m scripts.tiny_assets DEST_DIR` to write them; `ensure_assets()` caches them under PARE_CACHE.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.comfy_lib import import_comfy
+from comfy_library import import_comfy
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
 from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
@@ -80,8 +80,7 @@ def ensure_assets() -> Path:
     tmp.mkdir(parents=True)
     write_teachers(tmp)
     write_conditioning(tmp)
-    # The VAE needs ComfyUI's modules; build it in a child process so callers stay free of them. The child runs as a
-    # module from the checkout's root, so it imports the checkout's packages (benchmarks, training) as this one does.
+    # The VAE needs ComfyUI's modules; build it in a child process so callers stay free of them.
     subprocess.run([sys.executable, "-m", "scripts.tiny_assets", "--vae-only", str(tmp)], check=True, cwd=REPO)
     (tmp / ".complete").touch()
     shutil.rmtree(folder, ignore_errors=True)

@@ -7,12 +7,12 @@ from pathlib import Path
 # The checkout's root, scripts/ and tests/ are on the import path by pytest's ``pythonpath`` (pyproject.toml): this
 # checkout's core wins over an editable install made from another one.
 import pytest
-import tiny_assets
 import torch
-from comfy_harness import INSTALLS, ComfyServer
 from safetensors.torch import load_file
 
 from comfyui_pare import tested_comfyui
+from scripts import tiny_assets
+from scripts.comfy_harness import INSTALLS, ComfyServer
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"  # test-only nodes (block call counter)

@@ -9,16 +9,17 @@ import json
 from pathlib import Path
 
 import pytest
-import tiny_assets
 import torch
 from conftest import REPO, read_latent
 from graphs import out, pare_loader, sample_graph
-from workflow_api import ui_to_api
 
-from comfyui_pare.pruned import load_checkpoint, save_checkpoint
+from comfyui_pare.pruned import save_checkpoint
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import PrunePlan, prune_state_dict
+from comfyui_pare.wan_reader import load_checkpoint
+from scripts import tiny_assets
+from scripts.workflow_api import ui_to_api
 
 pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 SHIPPED = sorted((REPO / "workflows").glob("*.json"))
