@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from conftest import PINNED, REPO, comfy_install
+from PIL import Image
 
 from scripts import toy_assets
 from scripts.comfy_harness import ComfyServer
@@ -53,12 +53,10 @@ if _missing_prerequisite():
 from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-
-# Where the shipped workflows' file inputs live in a ComfyUI base directory.
-FILE_INPUTS = {("PARELoadPrunedWan", "unet_name"): "models/diffusion_models",
-               ("PARELoadRouter", "router_name"): "models/pare_routers", ("PARELoraLoader", "lora_name"): "models/loras",
-               ("VAELoader", "vae_name"): "models/vae", ("CLIPLoader", "clip_name"): "models/text_encoders",
-               ("CLIPVisionLoader", "clip_name"): "models/clip_vision", ("LoadImage", "image"): "input"}
+# The folder, in a ComfyUI base directory, of the file each loader of the shipped workflows names (its first widget).
+FILE_INPUTS = {"PARELoadPrunedWan": "models/diffusion_models", "PARELoadRouter": "models/pare_routers",
+               "PARELoraLoader": "models/loras", "VAELoader": "models/vae", "CLIPLoader": "models/text_encoders",
+               "CLIPVisionLoader": "models/clip_vision", "LoadImage": "input"}
 
 
 def install_named_files(base: Path) -> None:
@@ -69,17 +67,16 @@ def install_named_files(base: Path) -> None:
     for path in SHIPPED:
         for node in json.loads(path.read_text())["nodes"]:
             values = node.get("widgets_values") or []
-            for (node_type, name), folder in FILE_INPUTS.items():
-                if node["type"] != node_type or not values:
-                    continue
-                target = base / folder / values[0]  # each of these inputs is its node's first widget
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.exists():
-                    continue
-                if target.suffix == ".png":
-                    Image.new("RGB", (64, 64), (40, 90, 160)).save(target)
-                else:
-                    target.touch()
+            if node["type"] not in FILE_INPUTS or not values:
+                continue
+            target = base / FILE_INPUTS[node["type"]] / values[0]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                continue
+            if target.suffix == ".png":
+                Image.new("RGB", (64, 64), (40, 90, 160)).save(target)
+            else:
+                target.touch()
 
 
 @pytest.fixture(scope="module")
