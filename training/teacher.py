@@ -25,6 +25,14 @@ def load_wan(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PrunedWa
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
                device: torch.device | str | None = None) -> WanTransformer:
-    """A ``WanTransformer`` with the checkpoint's per-block widths, loaded strictly."""
-    sd, meta = load_wan(path)
-    return WanTransformer.from_state_dict(sd, meta, dtype=dtype, device=device)
+    """A ``WanTransformer`` with the checkpoint's per-block widths, loaded strictly, one tensor at a time straight
+    into ``dtype`` on ``device`` (``WanTransformer.from_reader``)."""
+    return read_model(path, dtype, device)[0]
+
+
+def read_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+               device: torch.device | str | None = None) -> tuple[WanTransformer, int]:
+    """``load_model`` and the bytes it read from the files (for the load throughput)."""
+    with open_wan(path) as reader:
+        model = WanTransformer.from_reader(reader, dtype=dtype, device=device)
+        return model, reader.bytes_read
