@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -143,7 +144,8 @@ class WanReader:
     """A validated Wan2.1 checkpoint in any supported layout, read lazily. Use ``open_wan``."""
 
     def __init__(self, path: str | os.PathLike):
-        self.bytes_read = 0  # tensor bytes read from the files so far (load throughput)
+        self.bytes_read = 0  # tensor bytes read from the files so far, and the seconds spent reading them
+        self.read_seconds = 0.0
         self.path, files, weight_map = resolve_checkpoint(path)
         self.files = [str(f) for f in files]
         source = str(self.path)
@@ -397,14 +399,32 @@ class WanReader:
         out["weight_dtypes"] = dtypes
         return out
 
-    def _read(self, st: StoredTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def rows_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """``out[...] = rows(key, start, stop)`` in ``out``'s dtype. When the file stores that dtype unscaled and
+        ``out`` is a contiguous CPU tensor, the bytes are read straight into it (no intermediate tensor)."""
+        st = self.stored(key)
+        direct = (self.dtype(key) == out.dtype and key not in self._scales and out.device.type == "cpu"
+                  and out.is_contiguous() and out.numel() == (stop - start) * math.prod(st.shape[1:]))
+        if not direct:
+            out.copy_(self.rows(key, start, stop, out.dtype).reshape(out.shape))
+            return
+        if not 0 <= start <= stop <= (st.shape[0] if st.shape else 1):
+            raise PareFormatError(f"{st.file}: rows {start}:{stop} are outside tensor '{st.name}' of shape "
+                                  f"{list(st.shape)}")
+        self._read(st, (start, stop), out)
+
+    def _read(self, st: StoredTensor, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """The tensor, or only its rows ``rows`` = (start, stop) of the first dimension (contiguous bytes: tensors
-        are stored row-major)."""
+        are stored row-major), read into ``out`` (contiguous, the stored dtype) or a new tensor."""
         dtype = torch_dtype(st.dtype, f"{st.file}: '{st.name}'")
         start, stop = rows if rows is not None else (0, st.shape[0] if st.shape else 1)
-        out = torch.empty(st.shape if rows is None else (stop - start, *st.shape[1:]), dtype=dtype)
+        if out is None:
+            out = torch.empty(st.shape if rows is None else (stop - start, *st.shape[1:]), dtype=dtype)
         row_bytes = dtype.itemsize * math.prod(st.shape[1:])
+        began = time.perf_counter()
         read_into(st.file, st.offset + start * row_bytes, out)
+        self.read_seconds += time.perf_counter() - began
         self.bytes_read += out.nbytes
         return out
 

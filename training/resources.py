@@ -7,10 +7,12 @@ process group and FSDP2's one-time start-up, ``parallel.warm_up``). The stages n
 evaluation, export); ``write_report`` gathers every rank's numbers at the end of a stage and rank 0 writes
 ``resources.json`` in the output folder:
 
-``{"world_size", "step_time_s" (median over the timed steps), "tokens_per_step", "tokens_per_s", "steps_timed",
-"host_peak_bytes": [per rank], "host_baseline_bytes": [per rank], "gpu_peak_bytes": [per rank] or null,
-"phase_peak_bytes": {phase: [per rank]}, "phase_starts": [per rank: [[phase, unix time], ...]],
-"teacher_load": {"bytes": [per rank], "seconds": [per rank], "bytes_per_s": [per rank]}}``
+``{"world_size", "pids": [per rank], "step_time_s" (median over the timed steps), "tokens_per_step",
+"tokens_per_s", "steps_timed", "host_peak_bytes": [per rank], "host_baseline_bytes": [per rank], "gpu_peak_bytes": [per rank] or null,
+"phase_peak_bytes": {phase: [per rank]}, "phase_starts": [per rank: [[phase, unix time], ..., ["end", time]]],
+"teacher_load": {"bytes", "seconds", "read_seconds", "bytes_per_s", "read_bytes_per_s"}}``: each a list per rank:
+the teacher's bytes read from its files, the seconds of its whole load (building, sharding, reading, converting)
+and of the reads alone, and bytes per second of each.
 
 Host memory is Linux's ``VmHWM`` (peak resident set, file-backed pages included), else ``ru_maxrss``. A phase's peak
 is exact and costs two small /proc accesses per change: entering a phase reads ``VmHWM`` (the peak of the phase that
@@ -23,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import os
 import resource
 import statistics
 import sys
@@ -108,23 +111,24 @@ class PhaseTracker:
         self.starts.append((phase, time.time()))
 
     def close(self) -> None:
-        """End the current phase: its peak is the high-water mark since it began."""
+        """End the current phase: its peak is the high-water mark since it began (``starts`` gets an ``"end"``)."""
         peak = host_peak_bytes()
         self.overall = max(self.overall, peak)
         if self.current is not None:
             self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
+            self.starts.append(("end", time.time()))
         self.current = None
 
 
 _phases = PhaseTracker()
-_load = {"bytes": 0, "seconds": 0.0}
+_load = {"bytes": 0, "seconds": 0.0, "read_seconds": 0.0}
 
 
 def start_run() -> None:
     """Forget the phases and loads of an earlier run in this process, and enter ``load``."""
     global _phases
     _phases = PhaseTracker()
-    _load.update(bytes=0, seconds=0.0)
+    _load.update(bytes=0, seconds=0.0, read_seconds=0.0)
     set_phase("load")
 
 
@@ -133,10 +137,12 @@ def set_phase(phase: str) -> None:
     _phases.enter(phase)
 
 
-def record_load(num_bytes: int, seconds: float) -> None:
-    """The teacher's load on this rank: bytes read from its files in ``seconds`` (``resources.json``)."""
+def record_load(num_bytes: int, seconds: float, read_seconds: float) -> None:
+    """The teacher's load on this rank: bytes read from its files, the whole load's ``seconds`` (building,
+    sharding, reading, converting) and the ``read_seconds`` of those spent reading (``resources.json``)."""
     _load["bytes"] += int(num_bytes)
     _load["seconds"] += float(seconds)
+    _load["read_seconds"] += float(read_seconds)
 
 
 def _gather(value: int, info: DistInfo) -> list[int]:
@@ -169,16 +175,18 @@ def write_report(out_dir: str | Path, info: DistInfo, steps: dict) -> dict:
     ``resources.json``. Ends the current phase."""
     _phases.close()
     gpu = torch.cuda.max_memory_allocated(info.device) if info.device.type == "cuda" else None
-    seconds = _gather_objects(_load["seconds"], info)
+    times = _gather_objects((_load["seconds"], _load["read_seconds"]), info)
+    seconds, read_seconds = [s for s, _ in times], [r for _, r in times]
     loaded = _gather(_load["bytes"], info)
-    report = {"world_size": info.world_size, **steps,
+    report = {"world_size": info.world_size, **steps, "pids": _gather(os.getpid(), info),
               "host_peak_bytes": _gather(max(_phases.overall, host_peak_bytes()), info),
               "host_baseline_bytes": _gather(_baseline or 0, info),
               "gpu_peak_bytes": None if gpu is None else _gather(gpu, info),
               "phase_peak_bytes": {p: _gather(_phases.peaks.get(p, 0), info) for p in PHASES},
               "phase_starts": _gather_objects(_phases.starts, info),
-              "teacher_load": {"bytes": loaded, "seconds": seconds,
-                               "bytes_per_s": [b / s if s > 0 else 0.0 for b, s in zip(loaded, seconds)]}}
+              "teacher_load": {"bytes": loaded, "seconds": seconds, "read_seconds": read_seconds,
+                               "bytes_per_s": [b / s if s > 0 else 0.0 for b, s in zip(loaded, seconds)],
+                               "read_bytes_per_s": [b / s if s > 0 else 0.0 for b, s in zip(loaded, read_seconds)]}}
     if info.is_main:
         atomic_write_text(Path(out_dir) / "resources.json", json.dumps(report, indent=1))
         logger.info("%.3f s/step, %.0f tokens/s; host peak per rank %s GB; teacher read at %s MB/s per rank",

@@ -247,11 +247,11 @@ def load_teacher_and_samples(cfg) -> tuple[DistInfo, WanTransformer, SampleIndex
         rows = CheckpointRows(cfg.model.teacher, tdtype)
         teacher = shard_frozen(meta_model(cfg.model.teacher, tdtype), cfg.train.strategy, info,
                                cfg.train.compute_dtype, {"": rows})
-        read = rows.reader.bytes_read
+        reader = rows.reader
     else:  # one tensor at a time, straight into the dtype and onto the device it runs on
-        teacher, read = read_model(cfg.model.teacher, dtype=tdtype, device=info.device)
+        teacher, reader = read_model(cfg.model.teacher, dtype=tdtype, device=info.device)
         teacher = shard_frozen(teacher, cfg.train.strategy, info)
-    record_load(read, time.perf_counter() - started)
+    record_load(reader.bytes_read, time.perf_counter() - started, reader.read_seconds)
     samples = SampleIndex(cfg.data.samples, teacher.dims, hash_files=cfg.data.target_draws > 0)
     samples.generate_missing(teacher, cfg.data.generate_steps, cfg.flow.shift)
     return info, teacher, samples

@@ -12,7 +12,7 @@ import os
 import torch
 
 from comfyui_pare.pruned import PrunedWanMeta
-from comfyui_pare.wan_reader import open_wan
+from comfyui_pare.wan_reader import WanReader, open_wan
 
 from .model import WanTransformer
 
@@ -31,8 +31,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
 
 
 def read_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
-               device: torch.device | str | None = None) -> tuple[WanTransformer, int]:
-    """``load_model`` and the bytes it read from the files (for the load throughput)."""
+               device: torch.device | str | None = None) -> tuple[WanTransformer, WanReader]:
+    """``load_model`` and the reader it used (its ``bytes_read`` and ``read_seconds``: the load throughput)."""
     with open_wan(path) as reader:
-        model = WanTransformer.from_reader(reader, dtype=dtype, device=device)
-        return model, reader.bytes_read
+        return WanTransformer.from_reader(reader, dtype=dtype, device=device), reader
