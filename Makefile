@@ -10,7 +10,7 @@ env:
 	@bash scripts/setup_env.sh >/dev/null
 
 demo: env
-	$(PY) scripts/demo.py
+	$(PY) -m scripts.demo
 
 test: env
 	$(PY) -m pytest -q

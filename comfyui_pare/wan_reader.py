@@ -1,4 +1,4 @@
-"""One reader for every Wan2.1 checkpoint layout users download, tensor by tensor.
+"""One reader for every Wan checkpoint layout users download, tensor by tensor.
 
 Layouts (``WanReader.layout``):
 
@@ -141,7 +141,7 @@ def _read_index(index: Path) -> tuple[list[Path], dict[str, str]]:
 
 
 class WanReader:
-    """A validated Wan2.1 checkpoint in any supported layout, read lazily. Use ``open_wan``."""
+    """A validated Wan checkpoint in any supported layout, read lazily. Use ``open_wan``."""
 
     def __init__(self, path: str | os.PathLike):
         self.bytes_read = 0  # tensor bytes read from the files so far, and the seconds spent reading them
@@ -165,7 +165,7 @@ class WanReader:
             self.layout = ORIGINAL_SHARDED if sharded else ORIGINAL
         shapes = {k: v.shape for k, v in weights.items()}
         if others:
-            raise PareFormatError(f"{source}: {len(others)} unexpected tensor(s) outside the Wan2.1 diffusion model "
+            raise PareFormatError(f"{source}: {len(others)} unexpected tensor(s) outside the Wan diffusion model "
                                   f"(its keys start with '{self.prefix}'), e.g. '{others[0]}'")
         self.meta: PrunedWanMeta = meta_from_header(metadata, shapes, source)
         check_tensors(self.meta, shapes, {k: v.dtype for k, v in weights.items()}, source,
@@ -459,8 +459,24 @@ def _rename_diffusers(weights: dict[str, StoredTensor], scales: dict[str, dict[s
 
 
 def open_wan(path: str | os.PathLike) -> WanReader:
-    """Open and validate a Wan2.1 checkpoint in any layout (see the module docstring); use it as a context manager."""
+    """Open and validate a Wan checkpoint in any layout (see the module docstring); use it as a context manager."""
     reader = WanReader(path)
     logger.debug("%s: %s layout, %d file(s)%s", reader.path, reader.layout, len(reader.files),
                  ", fp8_scaled" if reader.scaled_fp8 else "")
     return reader
+
+
+def read_meta(path: str | os.PathLike) -> tuple[PrunedWanMeta, str]:
+    """Validate a Wan checkpoint's headers without loading tensors: (metadata, the key prefix the file uses).
+
+    Kept for callers of the single-file API; ``open_wan`` reads every layout.
+    """
+    with open_wan(path) as reader:
+        return reader.meta, reader.prefix
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
+    """Load and validate a Wan checkpoint in any layout; original keys, tensors as stored (scales applied
+    for fp8_scaled files). See ``open_wan`` for streaming and the raw scaled layout."""
+    with open_wan(path) as reader:
+        return reader.state_dict(), reader.meta

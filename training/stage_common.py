@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from comfyui_pare.wan import PATCH_SIZE
+from comfyui_pare.model_family import token_grid
 
 from .config import ConfigError, InputPath, OutputPath
 from .data import PreparedSample, collate, noised, with_condition
@@ -226,7 +226,8 @@ def student_sources(cfg) -> dict[str, RowSource]:
 def tokens_of(samples: SampleIndex) -> tuple[int, int]:
     """(video tokens, text tokens) per sample of the training inputs: what block costs and tokens/s count."""
     _, f, h, w = samples.latent_shape
-    tokens = -(-f // PATCH_SIZE[0]) * -(-h // PATCH_SIZE[1]) * -(-w // PATCH_SIZE[2])
+    t, gh, gw = token_grid((f, h, w))
+    tokens = t * gh * gw
     return tokens, samples.context_length
 
 

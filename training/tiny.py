@@ -1,4 +1,4 @@
-"""Small random Wan2.1 checkpoints with the real architecture, for tests, demos and benchmarks.
+"""Small random Wan checkpoints with the real architecture, for tests, demos and benchmarks.
 
 Weights are drawn with fan-in scaling so activations stay O(1) through every block; norms start at 1 and
 the modulation tables are small, like a trained Wan. Deterministic for a given seed.
@@ -19,10 +19,14 @@ from comfyui_pare.wan import WanDims
 # The project's tiny default: several heads per block (head dim 32) so head pruning has something to choose.
 TINY_T2V = WanDims(dim=256, num_heads=8, ffn_dim=512, num_layers=6, text_dim=64, in_dim=16, out_dim=16)
 TINY_I2V = WanDims(dim=256, num_heads=8, ffn_dim=512, num_layers=6, text_dim=64, in_dim=36, out_dim=16, variant="i2v")
+# Wan2.2 TI2V-5B's layout (48-channel latents in and out; the real one: dim 3072, 24 heads, FFN 14336, 30 blocks).
+TINY_TI2V_5B = WanDims(dim=256, num_heads=8, ffn_dim=512, num_layers=6, text_dim=64, in_dim=48, out_dim=48)
+# Wan2.1 VACE's layout: hints after main blocks 0, 2, 4 (the real 1.3B: 30 blocks, 15 VACE blocks, vace_in_dim 96).
+TINY_VACE = WanDims(dim=256, num_heads=8, ffn_dim=512, num_layers=6, text_dim=64, vace_layers=3, vace_in_dim=96)
 
 
 def random_wan_state_dict(dims: WanDims, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A full-width random Wan2.1 state dict in the original key layout."""
+    """A full-width random Wan state dict in the original key layout."""
     gen = torch.Generator().manual_seed(seed)
     return {key: _random_tensor(key, shape, gen).to(dtype)
             for key, shape in PrunedWanMeta.teacher(dims).expected_shapes().items()}

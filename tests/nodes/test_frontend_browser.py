@@ -16,10 +16,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import toy_assets
-from comfy_harness import ComfyServer
 from conftest import PINNED, REPO, comfy_install
-from workflow_api import ui_to_api
+
+from scripts import toy_assets
+from scripts.comfy_harness import ComfyServer
+from scripts.workflow_api import ui_to_api
 
 pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 

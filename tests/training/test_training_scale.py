@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from layouts import scale_to_fp8
+from layouts import T2V, scale_to_fp8, write_layout
 from route_pipeline import build_inputs, write_config
 from safetensors import safe_open
-from test_training_layouts import T2V, write_layout
 from training_helpers import distill_toml, run_distill_in_process, write_micro_teacher, write_samples
 
 from training.__main__ import main
