@@ -105,7 +105,8 @@ def test_two_ranks_hold_half_the_teacher_in_every_phase(inputs, tmp_path, stage)
     limit = {p: [v + t / 2 + GATHERED_BLOCKS * b + 5 * s / 2 + s + SLACK for v in base] for p in PHASES}
     limit["load"] = [v + t / 2 + 2 * b + s + SLACK for v in base]  # one tensor slice at a time, nothing gathered
     assert all(lim - v < t for lim, v in zip(limit["forward_backward"], base))  # the bound is a real one
-    phases = PHASES if stage == "distill" else tuple(p for p in PHASES if p != "initial_eval")
+    # Stage 2 has no initial evaluation, and its final one (the router's threshold) is part of its export.
+    phases = PHASES if stage == "distill" else tuple(p for p in PHASES if p not in ("initial_eval", "final_eval"))
     _check_phases(report, sampled, limit, phases)
     acceptance = [v + t / 2 + 4 * b + GIB / 2 for v in base]
     assert all(p < a for p, a in zip(report["host_peak_bytes"], acceptance)), (report["host_peak_bytes"], acceptance)
