@@ -106,6 +106,7 @@ device = "cpu"
 budget = {budget}
 router_learning_rate = 0.03
 hidden = 32
+text_input = false  # the tiny samples' contexts are random vectors: no content to read, only noise to memorise
 stats = "{inputs['stats']}"
 eval_samples = 6
 eval_sigmas = 4

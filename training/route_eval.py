@@ -20,6 +20,7 @@ import torch
 
 from comfyui_pare.errors import PareFormatError
 from comfyui_pare.router import BlockRouter, RoutingPolicy
+from comfyui_pare.router_health import RouterCollapsed, health_from_logits
 from comfyui_pare.safetensors_io import load_tensors
 from comfyui_pare.schedule import SkipRange
 
@@ -196,6 +197,7 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
     rc, seed = cfg.route, cfg.train.seed
     gated = local_gated(stage, state)
     student, router, pinned, costs = gated.student, gated.router, gated.pinned, stage.costs.cpu()
+    health = check_health(cfg, stage, gated)
     calib, held_out = eval_batches(stage, seed + 2_000_003), eval_batches(stage, seed + 3_000_017)
     logits = torch.cat([gated.logits(t, student.patch_embed(x).float(), ctx).cpu() for x, t, ctx, _ in calib])
     # A fixed or frozen router's decisions are the ones the student trained under: keep them (logit > 0).
@@ -213,13 +215,42 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
     executed = float(compute_fraction(torch.cat(routed.masks).float(), costs))
     report = {"budget": rc.budget, "default_threshold": threshold, "executed_fraction": executed,
               "budget_error": executed - rc.budget, "held_out_inputs": sum(b[0].shape[0] for b in held_out),
-              "student": str(student_out), "router": str(router_out), "budget_calibration": budget_part}
+              "student": str(student_out), "router": str(router_out), "budget_calibration": budget_part,
+              "router_health": health.to_json()}
     logger.info("router: default threshold %.4g, held-out compute %.4f (budget %.4f)", threshold, executed, rc.budget)
     if fsdp:
         logger.info("velocity errors are not measured under FSDP (the teacher is sharded); run export instead")
         return report
     report["velocity_error"] = velocity_errors(cfg, stage, gated, routed, held_out, executed)
     return report
+
+
+HEALTH_STEPS = 8
+
+
+@torch.no_grad()
+def check_health(cfg, stage, gated):
+    """The router's health (``comfyui_pare.router_health``) on the evaluation samples, each noised at the same
+    ``HEALTH_STEPS`` sigmas of the flow schedule (inputs x steps); a learned router that came out collapsed (constant
+    over these inputs) fails the stage with RouterCollapsed before anything is exported."""
+    rc = cfg.route
+    samples = stage.samples[:rc.eval_samples]
+    batches = calibrate_router.schedule_batches(gated.student, samples, HEALTH_STEPS, cfg.flow.shift,
+                                                cfg.train.seed + 4_000_037)
+    logits, pre = [], []
+    for x, t, ctx, _ in batches:
+        tokens = gated.student.patch_embed(x).float()
+        text = ctx if gated.router.spec.text_dim else None
+        logits.append(gated.router(t, tokens, text).cpu())
+        pre.append(gated.router.hidden_preactivations(t, tokens, text).cpu())
+    health = health_from_logits(torch.stack(logits), torch.cat(pre), gated.pinned.cpu())
+    logger.info("%s", health.describe())
+    if rc.learns_router and health.collapsed:
+        raise RouterCollapsed(f"{cfg.train.output_dir}: stage 2 ended with a collapsed router: {health.describe()}. "
+                              "Its decisions do not depend on the step or the input, so it is a static schedule; "
+                              "lower route.router_learning_rate, keep route.layer_norm on, or train a static "
+                              "schedule on purpose (route.fixed_schedule)")
+    return health
 
 
 def velocity_errors(cfg, stage, gated, routed, batches: list[Batch], executed: float) -> dict:
