@@ -272,9 +272,10 @@ def chart(rows: list[dict], path: Path) -> None:
     for r in rows:  # the teacher is the title's reference; "every block" is budget mode's 1.0 point
         if r["family"] not in ("teacher", "student, every block"):
             families.setdefault(r["family"], []).append(r)
-    teacher = next(r for r in rows if r["family"] == "teacher")
+    teacher = next((r for r in rows if r["family"] == "teacher"), None)
+    ref = "not sampled" if teacher is None else f"{teacher['trajectory_error_px']:.2f}"
     panels = []
-    for metric, name in (("trajectory_error_px", f"trajectory error (px; teacher {teacher['trajectory_error_px']:.2f})"),
+    for metric, name in (("trajectory_error_px", f"trajectory error (px; teacher {ref})"),
                          ("latent_psnr_db", "latent PSNR vs teacher (dB)")):
         series = {f: ([r["compute_teacher"] for r in rs], [r[metric] for r in rs]) for f, rs in families.items()
                   if all(r[metric] is not None for r in rs)}
@@ -296,14 +297,14 @@ def eval_set(split: str) -> tuple[list, list[int]]:
 
 def shuffled_text(student, router, policy: RoutingPolicy, cond_rows: int) -> Recorder:
     """The control: the router reads the text of another prompt of the batch (cond rows rolled by one prompt; the
-    uncond rows' empty prompt stays), the student still gets its own."""
+    uncond rows' empty prompt stays), the student still gets its own. ``cond_rows``: the batch's prompts."""
     from training.routed import RoutedVelocity
 
     rv = RoutedVelocity(student, router, policy)
 
     def decide(x, timestep, context):
-        ctx = context.clone()
-        ctx[:cond_rows] = context[:cond_rows].roll(1, dims=0)
+        ctx = context.clone()  # rows are [uncond, cond], as ComfyUI batches them (training.sampling.cfg_denoise)
+        ctx[-cond_rows:] = context[-cond_rows:].roll(1, dims=0)
         return rv.decisions(x, timestep, ctx)
 
     return Recorder(student, decide)
@@ -327,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=("heldout", "dev"), default="heldout")
     p.add_argument("--max-budget", type=float, default=1.0, help="only compare at searched budgets up to this")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-extra", action="store_true", help="only the comparisons and controls (no teacher, no "
+                   "every-block or trained-threshold rows, no PSNR)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -364,28 +367,26 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.work / "rows.json"
     done = {r["name"]: r for r in json.loads(cache.read_text())} if cache.exists() else {}
     rows: list[dict] = []
-    ref_file = args.work / "teacher_latents.safetensors"
-    if ref_file.exists():
-        ref = load_tensors(ref_file)[0]["latents"]
-    else:
-        ref = sample_eval(teacher)
-        from comfyui_pare.safetensors_io import save_atomic
+    from comfyui_pare.safetensors_io import save_atomic
 
-        save_atomic(ref_file, {"latents": ref.contiguous()}, {})
+    def latents_file(name: str) -> Path:
+        return args.work / ("latents_" + "".join(ch if ch.isalnum() else "_" for ch in name) + ".safetensors")
 
     def measure(name: str, family: str, budget: float | None, model, is_teacher: bool = False, **extra) -> dict:
+        # Rows are cached (resumable); each row's latents are kept so the PSNR against the teacher is computed at the
+        # end (the teacher is sampled last: on a shared CPU the comparisons come first).
         if name in done:
             rows.append(done[name])
             return done[name]
-        lat = ref if is_teacher else sample_eval(model)
+        lat = sample_eval(model)
+        save_atomic(latents_file(name), {"latents": lat.contiguous()}, {})
         frames = evaluate.decode(vae, lat)
         verdicts = [evaluate.judge_clip(frames[i], c) for i, c in enumerate(clips)]
         frac = 1.0 if is_teacher else fractions(model.masks, costs)
         row = {"name": name, "family": family, "budget": budget,
                "compute_student": None if is_teacher else frac,
                "compute_teacher": 1.0 if is_teacher else frac * student_share,
-               "latent_psnr_db": None if is_teacher else statistics.mean(
-                   evaluate.latent_psnr(lat[i], ref[i]) for i in range(len(clips))),
+               "latent_psnr_db": None,
                "trajectory_error_px": statistics.mean(v.trajectory_error_px for v in verdicts),
                "direction_right": sum(v.direction_right for v in verdicts) / len(verdicts),
                "wrong_direction": [f"{clips[i].prompt} @ {seeds[i]}" for i, v in enumerate(verdicts)
@@ -402,47 +403,75 @@ def main(argv: list[str] | None = None) -> int:
 
     pins = dict(pin_first=PIN[0], pin_last=PIN[1])
     search = static_search_result(args.work, student, teacher, text, costs, sigmas)
-    measure("teacher", "teacher", None, teacher, is_teacher=True)
-    measure("student, every block", "student, every block", 1.0, scheduled(student, "", sigmas, SHIFT))
-    measure("router, trained threshold", "router, trained threshold", None,
-            routed(student, router, RoutingPolicy(threshold=router.spec.default_threshold, **pins)))
     comparisons = []
-    for b, choice in sorted(search["chosen"].items()):
-        if b > args.max_budget + 1e-9:
-            continue
+    chosen = [(b, c) for b, c in sorted(search["chosen"].items()) if b <= args.max_budget + 1e-9]
+    for b, choice in chosen:  # first the comparisons themselves, then the controls: a shared CPU may cut the run
         static = measure(f"static, searched {b:g}", "static, searched (greedy on a proxy)", b,
                          scheduled(student, choice["schedule"], sigmas, SHIFT), schedule=choice["schedule"])
         asked = round(static["compute_student"], 3)  # matched compute: the router is asked for the static's spend
         mine = measure(f"router, budget mode {asked:g}", "router, budget mode", asked,
                        routed(student, router, RoutingPolicy(threshold=cal.threshold_for(asked), **pins)),
                        threshold=cal.threshold_for(asked))
-        comp = {"budget": b, "asked": asked, "static_compute": static["compute_student"],
-                "router_compute": mine["compute_student"], "static_px": static["trajectory_error_px"],
-                "router_px": mine["trajectory_error_px"],
-                "router_vs_static": bootstrap(mine["per_video_px"], static["per_video_px"])}
-        if b <= 0.6 + 1e-9:
-            ctrl = measure(f"router, text shuffled {asked:g}", "control: router reading another prompt's text",
-                           asked, shuffled_text(student, router, RoutingPolicy(threshold=cal.threshold_for(asked),
-                                                                               **pins), len(prompts)))
-            comp.update({"shuffled_compute": ctrl["compute_student"], "shuffled_px": ctrl["trajectory_error_px"],
-                         "shuffled_vs_static": bootstrap(ctrl["per_video_px"], static["per_video_px"])})
-        comparisons.append(comp)
-        log.info("comparison %s", json.dumps(comp))
+        comparisons.append({"budget": b, "asked": asked, "static_compute": static["compute_student"],
+                            "router_compute": mine["compute_student"], "static_px": static["trajectory_error_px"],
+                            "router_px": mine["trajectory_error_px"],
+                            "static_direction": static["direction_right"], "router_direction": mine["direction_right"],
+                            "router_vs_static": bootstrap(mine["per_video_px"], static["per_video_px"])})
+        log.info("comparison %s", json.dumps(comparisons[-1]))
+    for comp, (b, _choice) in zip(comparisons, chosen):
+        if b > 0.6 + 1e-9:
+            continue
+        static = next(r for r in rows if r["name"] == f"static, searched {b:g}")
+        asked = comp["asked"]
+        ctrl = measure(f"router, text shuffled {asked:g}", "control: router reading another prompt's text",
+                       asked, shuffled_text(student, router, RoutingPolicy(threshold=cal.threshold_for(asked),
+                                                                           **pins), len(prompts)))
+        comp.update({"shuffled_compute": ctrl["compute_student"], "shuffled_px": ctrl["trajectory_error_px"],
+                     "shuffled_vs_static": bootstrap(ctrl["per_video_px"], static["per_video_px"])})
+        log.info("control %s", json.dumps(comp))
+    if args.skip_extra:
+        return finish(args, rows, comparisons, search, settings_for(args, prompts, student_share, student, t_start,
+                                                                    cpu_start), student, router, text, SHIFT)
+    measure("student, every block", "student, every block", 1.0, scheduled(student, "", sigmas, SHIFT))
+    measure("router, trained threshold", "router, trained threshold", None,
+            routed(student, router, RoutingPolicy(threshold=router.spec.default_threshold, **pins)))
+    measure("teacher", "teacher", None, teacher, is_teacher=True)
+    ref = load_tensors(latents_file("teacher"))[0]["latents"]
+    for r in rows:
+        if r["family"] != "teacher" and r["latent_psnr_db"] is None:
+            lat = load_tensors(latents_file(r["name"]))[0]["latents"]
+            r["latent_psnr_db"] = statistics.mean(evaluate.latent_psnr(lat[i], ref[i]) for i in range(len(clips)))
+    cache.write_text(json.dumps(rows, indent=1))
+    order = ["teacher", "student, every block", "router, trained threshold"]
+    rows.sort(key=lambda r: (order.index(r["name"]) if r["name"] in order else len(order), r["family"],
+                             r["budget"] or 0))
 
+    return finish(args, rows, comparisons, search, settings_for(args, prompts, student_share, student, t_start,
+                                                                cpu_start), student, router, text, SHIFT)
+
+
+def settings_for(args, prompts, student_share, student, t_start, cpu_start) -> dict:
+    from training.toyworld import evaluate
+    from training.toyworld.teacher import SHIFT
+
+    return {"eval_seeds": EVAL_SEEDS if args.split == "heldout" else [DEV_SEED], "split": args.split,
+            "prompts": len(set(prompts)), "videos": len(prompts),
+            "two_object_prompts": sum(1 for c in set(prompts) if " and " in c), "steps": evaluate.STEPS,
+            "cfg": evaluate.CFG, "shift": SHIFT, "student_share_of_teacher": student_share,
+            "router": str(args.router.name), "student": student.meta.fingerprint(),
+            "search": {"prompts": "every 6th seen single-object clip", "seed": SEARCH_SEED, "phases": PHASES,
+                       "proxy": "CFG velocity error vs the teacher on the clips noised at every step sigma"},
+            "wall_s": time.time() - t_start, "cpu_s": time.process_time() - cpu_start}
+
+
+def finish(args, rows, comparisons, search, settings, student, router, text, shift) -> int:
+    """Validated budgets into the router file (held-out split), the pictures, the JSON and the table."""
     args.out.mkdir(parents=True, exist_ok=True)
     if args.split == "heldout":
         validate_from_comparisons(args.router, comparisons)
         cal = read_budget_calibration(args.router)
-        heatmaps(student, router, cal, text, SHIFT, args.out)
+        heatmaps(student, router, cal, text, shift, args.out)
         chart(rows, args.out / "toy_budget_curve.png")
-    settings = {"eval_seeds": EVAL_SEEDS if args.split == "heldout" else [DEV_SEED], "split": args.split,
-                "prompts": len(set(prompts)), "videos": len(prompts), "two_object_prompts": sum(
-                    1 for c in set(prompts) if " and " in c), "steps": evaluate.STEPS, "cfg": evaluate.CFG,
-                "shift": SHIFT, "student_share_of_teacher": student_share, "router": str(args.router.name),
-                "student": student.meta.fingerprint(),
-                "search": {"prompts": "every 6th seen single-object clip", "seed": SEARCH_SEED, "phases": PHASES,
-                           "proxy": "CFG velocity error vs the teacher on the clips noised at every step sigma"},
-                "wall_s": time.time() - t_start, "cpu_s": time.process_time() - cpu_start}
     name = "toy_budget_curve.json" if args.split == "heldout" else "toy_budget_curve_dev.json"
     target = args.out if args.split == "heldout" else args.work
     (target / name).write_text(json.dumps({"settings": settings, "comparisons": comparisons, "rows": rows,

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--no-learn-prior", action="store_true")
+    p.add_argument("--clip-budget-weight", type=float, default=100.0,
+                   help="per-prompt spend penalty (content moves cells more than compute)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     router.set_prior(sigmas * 1000, prior_from_order(rank))
     costs = torch.tensor(block_costs(meta, 80, 16))
     pinned = pin_mask(n, *PIN)
-    cfg = FitConfig(steps=args.steps, learning_rate=args.lr, learn_prior=not args.no_learn_prior)
+    cfg = FitConfig(steps=args.steps, learning_rate=args.lr, learn_prior=not args.no_learn_prior,
+                    clip_budget_weight=args.clip_budget_weight)
     report = fit_router(router, train, val, costs, pinned, cfg)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_router(args.out, router)
