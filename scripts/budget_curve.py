@@ -28,7 +28,7 @@ the router file; after the held-out comparison the file's validated budgets are 
 than the static schedule (``validate_from_comparisons``).
 
 Writes ``<out>/toy_budget_curve.json``, ``<out>/toy_budget_curve.png`` (PSNR and trajectory error against compute)
-and ``<out>/toy_router_heatmaps.png`` (the router's decisions for two prompts side by side, budget mode 0.6), and
+and ``<out>/toy_router_heatmaps.png`` (the router's decisions for two prompts side by side, budget mode 0.5), and
 prints the markdown table.
 """
 
@@ -75,6 +75,7 @@ CALIBRATION_CLIPS = (1000, 48)  # training-split clips beyond the 160 the studen
 # Quarters of the schedule, with boundaries between the 20 steps (positions i / 20), so no step sits on one.
 PHASES = ((0.0, 0.225), (0.225, 0.475), (0.475, 0.725), (0.725, 1.0))
 PIN = (1, 1)
+HEATMAP_BUDGET = 0.5
 TRAINED_BUDGET = 0.8  # the operating point of mode 'trained' for a budget-conditioned router (the student's stage 2)
 
 
@@ -231,7 +232,8 @@ def search_static(student, teacher, text, costs: torch.Tensor, sigmas: torch.Ten
 
 
 def heatmaps(student, router, cal, text, shift, out: Path) -> None:
-    """Budget mode 0.6: the router's decisions for two prompts (one held-out object; two objects) side by side."""
+    """Budget mode ``HEATMAP_BUDGET``: the router's decisions for two held-out prompts (one object; two objects) side
+    by side."""
     from PIL import Image, ImageDraw
 
     from comfyui_pare.report import StepRecord, heatmap
@@ -240,7 +242,7 @@ def heatmaps(student, router, cal, text, shift, out: Path) -> None:
     prompts = ["a green circle moving right", "a red triangle moving up and a blue square moving left"]
     images = []
     for prompt in prompts:
-        rec = routed(student, router, RoutingPolicy(threshold=cal.threshold_for(0.6), pin_first=PIN[0],
+        rec = routed(student, router, RoutingPolicy(threshold=cal.threshold_for(HEATMAP_BUDGET), pin_first=PIN[0],
                                                      pin_last=PIN[1]))
         evaluate.sample(rec, text, [prompt], [EVAL_SEEDS[0]], shift)
         sig = evaluate.flow_sigmas(evaluate.STEPS, shift)[:-1].tolist()
