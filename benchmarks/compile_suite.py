@@ -17,9 +17,10 @@ import time
 
 import torch
 
+import comfy_library
 from comfyui_pare.router import BlockRouter, RouterSpec
 
-from . import comfy_lib
+from . import comfy_timing
 from .config import BenchConfig
 from .models import bench_files
 from .timing import interleaved, stats
@@ -36,7 +37,7 @@ def switch_router(num_blocks: int, dim: int) -> BlockRouter:
     return BlockRouter.timestep_switch(RouterSpec(num_blocks=num_blocks, dim=dim), 700.0, early, late)
 
 
-def _compiled(comfy: comfy_lib.Comfy, model, how: str, backend: str, num_blocks: int):
+def _compiled(comfy: comfy_library.Comfy, model, how: str, backend: str, num_blocks: int):
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfy_extras.nodes_torch_compile import TorchCompileModel
 
@@ -51,13 +52,13 @@ def run(config: BenchConfig, progress=None) -> dict:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    comfy = comfy_lib.load_comfy(config.device)
+    comfy = comfy_library.load_comfy(config.device)
     files = bench_files(config.dims, config.head_fraction, config.ffn_fraction, config.seed,
                         getattr(torch, config.weights_dtype))
     comfy.add_model_folder("diffusion_models", files.folder)
-    student = comfy_lib.pare_unet(comfy, files.student)
+    student = comfy_library.pare_unet(comfy, files.student)
     router = switch_router(config.dims.num_layers, config.dims.dim)
-    routed = comfy_lib.apply_router(comfy, student, router, threshold=0.5, pin_first=0, pin_last=0)
+    routed = comfy_library.apply_router(comfy, student, router, threshold=0.5, pin_first=0, pin_last=0)
     template = comfy.pack["routing"].routing_template(routed)
     gen = torch.Generator().manual_seed(config.seed)
     ctx, neg = (torch.randn(1, config.shape.text_tokens, config.dims.text_dim, generator=gen) for _ in range(2))
@@ -72,11 +73,11 @@ def run(config: BenchConfig, progress=None) -> dict:
         return out
 
     def sample(model) -> tuple[torch.Tensor, list[float], float]:
-        timed, times = comfy_lib.timed(comfy, comfy_lib.with_shift(comfy, model, config.shape.shift))
+        timed, times = comfy_timing.timed(comfy, comfy_library.with_shift(comfy, model, config.shape.shift))
         timed.add_wrapper_with_key(comfy.pe.WrappersMP.APPLY_MODEL, "pare_bench_graphs", count)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = comfy_lib.ksample(comfy, timed, ctx, neg, latent, steps, config.shape.cfg, seed=config.seed)
+            out = comfy_library.ksample(comfy, timed, ctx, neg, latent, steps, config.shape.cfg, seed=config.seed)
         return out, times.seconds, time.perf_counter() - start
 
     plain, _, _ = sample(student)

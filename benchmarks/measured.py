@@ -30,10 +30,11 @@ import statistics
 
 import torch
 
+import comfy_library
 from comfyui_pare.compute import model_block_macs, routed_fraction
 from comfyui_pare.router import load_router
 
-from . import comfy_lib
+from . import comfy_timing
 from .analytic import router_macs, step_macs
 from .config import BenchConfig
 from .models import PIN_FIRST, PIN_LAST, bench_files
@@ -58,31 +59,31 @@ def fp8_rows(config: BenchConfig) -> bool:
     return config.device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
-def candidates(comfy: comfy_lib.Comfy, config: BenchConfig, files) -> dict[str, object]:
+def candidates(comfy: comfy_library.Comfy, config: BenchConfig, files) -> dict[str, object]:
     """name -> ModelPatcher (shift applied), in measuring order."""
     comfy.add_model_folder("diffusion_models", files.folder)
-    teacher_stock = comfy_lib.stock_unet(comfy, files.teacher)
-    teacher = comfy_lib.pare_unet(comfy, files.teacher)
-    student = comfy_lib.pare_unet(comfy, files.student)
+    teacher_stock = comfy_library.stock_unet(comfy, files.teacher)
+    teacher = comfy_library.pare_unet(comfy, files.teacher)
+    student = comfy_library.pare_unet(comfy, files.student)
     router = load_router(files.folder / files.router)
     router.pare_name = files.router
     routed = f"b{config.routed_budget:g}"
     models = {BASELINE: teacher_stock, "teacher_pare": teacher, "pruned": student}
     for b in config.budgets:
-        models[f"pruned_b{b:g}"] = comfy_lib.apply_router(comfy, student, router, b, PIN_FIRST, PIN_LAST)
-    models[f"teacher_{routed}"] = comfy_lib.apply_router(comfy, teacher, router, config.routed_budget,
+        models[f"pruned_b{b:g}"] = comfy_library.apply_router(comfy, student, router, b, PIN_FIRST, PIN_LAST)
+    models[f"teacher_{routed}"] = comfy_library.apply_router(comfy, teacher, router, config.routed_budget,
                                                          PIN_FIRST, PIN_LAST)
     if fp8_rows(config):
-        fast = comfy_lib.pare_unet(comfy, files.student, "fp8_e4m3fn_fast")
-        models["teacher_fp8_fast"] = comfy_lib.stock_unet(comfy, files.teacher, "fp8_e4m3fn_fast")
+        fast = comfy_library.pare_unet(comfy, files.student, "fp8_e4m3fn_fast")
+        models["teacher_fp8_fast"] = comfy_library.stock_unet(comfy, files.teacher, "fp8_e4m3fn_fast")
         models["pruned_fp8_fast"] = fast
-        models[f"pruned_fp8_fast_{routed}"] = comfy_lib.apply_router(comfy, fast, router, config.routed_budget,
+        models[f"pruned_fp8_fast_{routed}"] = comfy_library.apply_router(comfy, fast, router, config.routed_budget,
                                                                       PIN_FIRST, PIN_LAST)
-        models["pruned_fp8_scaled"] = comfy_lib.pare_unet(comfy, files.ensure_fp8_scaled())
-    return {name: comfy_lib.with_shift(comfy, m, config.shape.shift) for name, m in models.items()}
+        models["pruned_fp8_scaled"] = comfy_library.pare_unet(comfy, files.ensure_fp8_scaled())
+    return {name: comfy_library.with_shift(comfy, m, config.shape.shift) for name, m in models.items()}
 
 
-def _executed(comfy: comfy_lib.Comfy, model, meta, tokens: int, text_tokens: int) -> tuple[float, list[bool] | None]:
+def _executed(comfy: comfy_library.Comfy, model, meta, tokens: int, text_tokens: int) -> tuple[float, list[bool] | None]:
     """Executed share of the block compute in the model's last run, and the run mask of its first call."""
     template = comfy.pack["routing"].routing_template(model)
     if template is None or template.last_run is None:
@@ -115,13 +116,13 @@ def _router_overhead(config: BenchConfig, files, device: str, repeats: int = 20)
 
 
 def run(config: BenchConfig, progress=None) -> dict:
-    comfy = comfy_lib.load_comfy(config.device)
+    comfy = comfy_library.load_comfy(config.device)
     files = bench_files(config.dims, config.head_fraction, config.ffn_fraction, config.seed,
                         getattr(torch, config.weights_dtype))
     models = candidates(comfy, config, files)
     ctx, neg, latent = _conditioning(config)
     names = list(models)
-    timed = {name: comfy_lib.timed(comfy, m) for name, m in models.items()}
+    timed = {name: comfy_timing.timed(comfy, m) for name, m in models.items()}
     per_run: dict[str, list[list[float]]] = {n: [] for n in names}
     peak: dict[str, int] = dict.fromkeys(names, 0)
 
@@ -129,7 +130,7 @@ def run(config: BenchConfig, progress=None) -> dict:
         model, times = timed[name]
         times.seconds.clear()
         with PeakMemory(config.device) as mem, torch.inference_mode():
-            comfy_lib.ksample(comfy, model, ctx, neg, latent, config.shape.steps, config.shape.cfg, seed=config.seed)
+            comfy_library.ksample(comfy, model, ctx, neg, latent, config.shape.steps, config.shape.cfg, seed=config.seed)
         peak[name] = max(peak[name], mem.bytes)
         per_run[name].append(list(times.seconds))
         if len(times.seconds) != config.shape.steps:
@@ -153,7 +154,7 @@ def run(config: BenchConfig, progress=None) -> dict:
                          "macs_per_forward": macs["total"],
                          "peak_memory_bytes": peak[name],
                          "weights_bytes": int(timed[name][0].model_size()),
-                         "dtype": comfy_lib.compute_dtype(timed[name][0])}
+                         "dtype": comfy_timing.compute_dtype(timed[name][0])}
     base_macs = results[BASELINE]["macs_per_forward"]
     for r in results.values():
         r["analytic_speedup"] = base_macs / r["macs_per_forward"]

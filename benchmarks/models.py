@@ -83,8 +83,8 @@ class BenchFiles:
         """The student in the fp8_scaled layout (built once beside the others); its file name."""
         path = self.folder / self.student_fp8_scaled
         if not path.exists():
-            from comfyui_pare.pruned import load_checkpoint
             from comfyui_pare.safetensors_io import save_atomic
+            from comfyui_pare.wan_reader import load_checkpoint
 
             sd, meta = load_checkpoint(self.folder / self.student)
             save_atomic(path, fp8_scaled(sd), meta.to_header())

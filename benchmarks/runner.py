@@ -98,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def comfyui_version() -> str | None:
     """The version of the ComfyUI tree the measured suites import (its ``comfyui_version.py``), without importing it."""
-    from .comfy_lib import COMFY_DIR
+    from comfy_library import COMFY_DIR
 
     try:
         text = (COMFY_DIR / "comfyui_version.py").read_text()

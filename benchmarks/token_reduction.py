@@ -20,12 +20,14 @@ import statistics
 
 import torch
 
+import comfy_library
 from comfyui_pare.compute import model_block_macs, tokens_for
+from comfyui_pare.model_family import token_grid
 from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.token_reduction import reduced_attention_macs
 from comfyui_pare.wan import TEXT_TOKENS
 
-from . import comfy_lib
+from . import comfy_timing
 from .analytic import FRAMES, MODELS, RESOLUTIONS, step_macs
 from .config import BenchConfig
 from .models import PIN_FIRST, PIN_LAST, bench_files, decision_set, pruned_meta
@@ -56,7 +58,7 @@ def analytic(config: BenchConfig) -> list[dict]:
         student = pruned_meta(dims, config.head_fraction, config.ffn_fraction)
         for res_name, (height, width) in RESOLUTIONS.items():
             tokens = tokens_for(FRAMES, height, width)
-            grid = ((FRAMES - 1) // 4 + 1, height // 16, width // 16)
+            grid = token_grid(dims.spec.latent.latent_size(FRAMES, height, width), dims.spec.patch_size)
             costs = [float(m.total) for m in model_block_macs(student, tokens, TEXT_TOKENS)]
             routed = decision_set(costs, config.routed_budget)
             base = step_macs(teacher, tokens, TEXT_TOKENS)["total"]
@@ -74,8 +76,8 @@ def _schedule(num_blocks: int, ratio: float) -> str:
 
 
 def measured(config: BenchConfig, progress=None) -> dict:
-    comfy = comfy_lib.load_comfy(config.device)
-    node = importlib.import_module(f"{comfy_lib.PACK_MODULE}.nodes.token_reduction_nodes").PARETokenReduction
+    comfy = comfy_library.load_comfy(config.device)
+    node = importlib.import_module(f"{comfy_library.PACK_MODULE}.nodes.token_reduction_nodes").PARETokenReduction
     files = bench_files(config.dims, config.head_fraction, config.ffn_fraction, config.seed,
                         getattr(torch, config.weights_dtype))
     comfy.add_model_folder("diffusion_models", files.folder)
@@ -83,19 +85,19 @@ def measured(config: BenchConfig, progress=None) -> dict:
         latent, steps, cfg = config.shape.latent, config.shape.steps, config.shape.cfg
     else:
         latent, steps, cfg = CPU_LATENT, CPU_STEPS, CPU_CFG
-    teacher, student = comfy_lib.pare_unet(comfy, files.teacher), comfy_lib.pare_unet(comfy, files.student)
+    teacher, student = comfy_library.pare_unet(comfy, files.teacher), comfy_library.pare_unet(comfy, files.student)
     from comfyui_pare.router import load_router
 
     router = load_router(files.folder / files.router)
     router.pare_name = files.router
     bases = {"teacher": teacher, "pruned": student,
-             "pruned_routed": comfy_lib.apply_router(comfy, student, router, config.routed_budget, PIN_FIRST, PIN_LAST)}
+             "pruned_routed": comfy_library.apply_router(comfy, student, router, config.routed_budget, PIN_FIRST, PIN_LAST)}
     models = {}
     for base_name, model in bases.items():
         for r in MEASURED_RATIOS:
             m = model if r == 0 else node.execute(model, "custom", 1.0, CACHE_STEPS, 0.0, 1.0,
                                                   schedule_json=_schedule(config.dims.num_layers, r)).result[0]
-            models[f"{base_name}_r{r:g}"] = comfy_lib.timed(comfy, comfy_lib.with_shift(comfy, m, config.shape.shift))
+            models[f"{base_name}_r{r:g}"] = comfy_timing.timed(comfy, comfy_library.with_shift(comfy, m, config.shape.shift))
     gen = torch.Generator().manual_seed(config.seed)
     ctx, neg = (torch.randn(1, config.shape.text_tokens, config.dims.text_dim, generator=gen) for _ in range(2))
     empty = torch.zeros(1, 16, *latent)
@@ -104,7 +106,7 @@ def measured(config: BenchConfig, progress=None) -> dict:
         model, times = models[name]
         times.seconds.clear()
         with torch.inference_mode():
-            comfy_lib.ksample(comfy, model, ctx, neg, empty, steps, cfg, seed=config.seed)
+            comfy_library.ksample(comfy, model, ctx, neg, empty, steps, cfg, seed=config.seed)
         return statistics.median(times.seconds)
 
     names = list(models)

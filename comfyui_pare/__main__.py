@@ -66,13 +66,15 @@ def _inspect(args: argparse.Namespace) -> int:
 def _compute(args: argparse.Namespace) -> int:
     with open_wan(args.file) as reader:
         meta = reader.meta
-    tokens = tokens_for(args.frames, args.height, args.width)
+    spec = meta.dims.spec
+    tokens = tokens_for(args.frames, args.height, args.width, spec)
     student = sum_macs(model_block_macs(meta, tokens))
     teacher = sum_macs(model_block_macs(PrunedWanMeta.teacher(meta.dims), tokens))
     parts = {f.name: {"student_gmacs": getattr(student, f.name) / 1e9, "teacher_gmacs": getattr(teacher, f.name) / 1e9,
                       "ratio": getattr(student, f.name) / max(1, getattr(teacher, f.name))} for f in fields(student)}
     report = {
-        "tokens": tokens, "video": [args.frames, args.height, args.width],
+        "tokens": tokens, "video": [args.frames, args.height, args.width], "family": spec.title,
+        "latent": list(spec.latent_shape(args.frames, args.height, args.width)),
         "per_step_block_gmacs": {"student": student.total / 1e9, "teacher": teacher.total / 1e9,
                                  "ratio": student.total / max(1, teacher.total)},
         "embed_and_head_gmacs": embed_head_macs(meta.dims, tokens) / 1e9,
@@ -84,10 +86,10 @@ def _compute(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_pare", description="PARE tools for Wan2.1 checkpoints")
+    parser = argparse.ArgumentParser(prog="python -m comfyui_pare", description="PARE tools for Wan checkpoints")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prune", help="narrow a Wan checkpoint to the heads / FFN neurons a plan keeps")
-    p.add_argument("--teacher", required=True, help="input Wan2.1 checkpoint: a .safetensors (plain, ComfyUI, diffusers, fp8_scaled or already pruned), a sharded release's .index.json, or its folder")
+    p.add_argument("--teacher", required=True, help="input Wan checkpoint: a .safetensors (plain, ComfyUI, diffusers, fp8_scaled or already pruned), a sharded release's .index.json, or its folder")
     p.add_argument("--plan", required=True, help='plan.json: {"blocks": [{"heads": [...], "ffn": [...]}, ...]}')
     p.add_argument("--out", required=True, help="output safetensors (written atomically)")
     p.add_argument("--no-align", action="store_true",
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prune)
     p = sub.add_parser("inspect", help="print a checkpoint's layout, per-block widths and metadata as JSON; for a "
                                        "router file, its spec, budget calibration and health")
-    p.add_argument("file", help="a Wan2.1 checkpoint in any layout (file, index or folder), or a router file")
+    p.add_argument("file", help="a Wan checkpoint in any layout (file, index or folder), or a router file")
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
     p.add_argument("--samples", default=None, help="router file: a folder of calibration samples (PARE Save "
                    "Calibration Sample) to measure its health on (live units, timestep and content sensitivity)")
@@ -107,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=5.0, help="router file: flow shift of that schedule (default 5)")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("compute", help="per-step block compute (MACs per part) of a checkpoint vs its teacher")
-    p.add_argument("file", help="a Wan2.1 checkpoint in any layout (file, index or folder)")
-    p.add_argument("--frames", type=int, default=81, help="video frames (default 81)")
-    p.add_argument("--height", type=int, default=480, help="video height in pixels (default 480)")
+    p.add_argument("file", help="a Wan checkpoint in any layout (file, index or folder)")
+    p.add_argument("--frames", type=int, default=81, help="video frames (default 81; the 5B's native is 121)")
+    p.add_argument("--height", type=int, default=480, help="video height in pixels (default 480); the file's family "
+                   "gives the VAE stride (8 for Wan2.1, 16 for the Wan2.2 5B VAE)")
     p.add_argument("--width", type=int, default=832, help="video width in pixels (default 832)")
     p.set_defaults(func=_compute)
     add_lora_slice_parser(sub)

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from .errors import PareFormatError
+from .model_family import FAMILIES
 from .safetensors_io import load_tensors, read_header, save_atomic
 from .wan import CLIP_DIM, CLIP_TOKENS
 
 FORMAT_VERSION = 1
 METADATA_KEY = "pare_calibration"
-LATENT_CHANNELS = 16
+LATENT_CHANNELS = frozenset(f.latent.channels for f in FAMILIES.values())  # 16 (Wan2.1 VAE), 48 (Wan2.2 5B VAE)
 SUFFIX = ".safetensors"
 _TENSORS = ("context", "clip_fea", "latent")
 
@@ -58,8 +59,9 @@ def _check_latent_shape(value, path: str) -> tuple[int, int, int, int]:
     if (not isinstance(value, list) or len(value) != 4
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         raise _fail(path, "latent_shape", f"must be a list of 4 positive integers [16, T, H, W], got {value!r}")
-    if value[0] != LATENT_CHANNELS:
-        raise _fail(path, "latent_shape", f"must have {LATENT_CHANNELS} channels first (Wan2.1 latents), got {value}")
+    if value[0] not in LATENT_CHANNELS:
+        raise _fail(path, "latent_shape", f"must have the channels of a Wan latent first ({sorted(LATENT_CHANNELS)}), "
+                    f"got {value}")
     return tuple(value)
 
 

@@ -1,4 +1,4 @@
-"""Compute accounting: multiply-accumulates (MACs) of a Wan2.1 forward, per block and per part.
+"""Compute accounting: multiply-accumulates (MACs) of a Wan forward, per block and per part.
 
 "Compute" (docs/method.md, Conventions) is the MACs of the transformer blocks for one denoising step
 (one forward, batch 1) at a given token count, split into attention core, self-attention projections,
@@ -10,20 +10,17 @@ router's budget, so a skipped wide block counts for more than a skipped narrow o
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .model_family import FAMILIES, WanFamily
 from .pruned import PrunedWanMeta
-from .wan import CLIP_DIM, CLIP_TOKENS, FREQ_DIM, PATCH_SIZE, TEXT_TOKENS, BlockWidth, WanDims
+from .wan import CLIP_DIM, CLIP_TOKENS, FREQ_DIM, TEXT_TOKENS, BlockWidth, WanDims
 
 logger = logging.getLogger(__name__)
-
-VAE_STRIDE = (4, 8, 8)  # (time, height, width) of Wan2.1's VAE
-_PATCH_VOLUME = PATCH_SIZE[0] * PATCH_SIZE[1] * PATCH_SIZE[2]
 
 
 @dataclass(frozen=True)
@@ -82,30 +79,28 @@ def embed_head_macs(dims: WanDims, tokens: int, text_tokens: int = TEXT_TOKENS) 
     """MACs outside the blocks: patch embedding, text / time embeddings, head (and the I2V CLIP projection)."""
     _check_tokens(tokens, text_tokens)
     d = dims.dim
-    patch_embed = tokens * d * dims.in_dim * _PATCH_VOLUME
+    volume = dims.spec.patch_volume
+    patch_embed = tokens * d * dims.in_dim * volume
     text_embed = text_tokens * (dims.text_dim * d + d * d)
     time_embed = FREQ_DIM * d + d * d + d * 6 * d  # time_embedding.0/.2 and time_projection, one timestep
-    head = tokens * d * dims.out_dim * _PATCH_VOLUME
+    head = tokens * d * dims.out_dim * volume
     total = patch_embed + text_embed + time_embed + head
+    if dims.vace_layers:  # the VACE stream: its patch embedding and full-width blocks (hint projections included)
+        full = BlockWidth.full(dims)
+        total += tokens * d * dims.vace_in_dim * volume
+        total += dims.vace_layers * (block_macs(dims, full, tokens, text_tokens).total + tokens * d * d) + tokens * d * d
     if dims.variant == "i2v":
         total += CLIP_TOKENS * (CLIP_DIM * CLIP_DIM + CLIP_DIM * d)
     return total
 
 
-def tokens_for(frames: int, height: int, width: int) -> int:
-    """Video tokens of a ``frames`` x ``height`` x ``width`` (pixels) Wan2.1 generation.
-
-    Latent frames are (frames - 1) // 4 + 1 and the latent is height // 8 x width // 8, as ComfyUI's Wan
-    latent nodes make it; the (1, 2, 2) patching rounds odd latent sizes up, as ComfyUI pads to the patch.
-    """
-    for name, v in (("frames", frames), ("height", height), ("width", width)):
-        if int(v) < 1:
-            raise ValueError(f"{name} must be positive, got {v}")
-    t, h, w = VAE_STRIDE
-    latent = ((frames - 1) // t + 1, height // h, width // w)
-    if min(latent) < 1:
-        raise ValueError(f"{width}x{height} is smaller than one latent pixel ({w}x{h})")
-    return math.prod(math.ceil(n / p) for n, p in zip(latent, PATCH_SIZE, strict=True))
+def tokens_for(frames: int, height: int, width: int, family: WanFamily | WanDims | None = None) -> int:
+    """Video tokens of a ``frames`` x ``height`` x ``width`` (pixels) generation of a model of ``family`` (a family,
+    or the dims that name one; default Wan2.1 T2V): its VAE's stride and the patch, as ComfyUI's Wan latent nodes
+    and patch embedding make them (``WanFamily.tokens_for``)."""
+    if isinstance(family, WanDims):
+        family = family.spec
+    return (family or FAMILIES["wan2.1-t2v"]).tokens_for(frames, height, width)
 
 
 def routed_fraction(executed: torch.Tensor | np.ndarray | Sequence, costs: Sequence[int]) -> float:

@@ -1,15 +1,20 @@
 """The pruned-Wan checkpoint format.
 
-A pruned checkpoint is a safetensors file in the original Wan2.1 key layout whose per-block self-attention
+A pruned checkpoint is a safetensors file in the original Wan key layout whose per-block self-attention
 and FFN tensors are narrowed to the kept heads / neurons. Its header metadata (key ``pare``, a JSON object)
 makes it self-describing:
 
-    {"format_version": 1, "variant": "t2v",
+    {"format_version": 1, "variant": "t2v", "family": "wan2.1-t2v",
      "teacher": {"dim", "num_heads", "head_dim", "ffn_dim", "num_layers", "text_dim", "in_dim", "out_dim"},
      "blocks": [{"heads": [kept head indices], "ffn": [kept neuron indices]}, ...]}
 
-Indices are in the teacher's numbering, sorted. A plain Wan2.1 file (no ``pare`` key) is read as a 0%-pruned
-teacher with head dim 128, ComfyUI's own assumption.
+Indices are in the teacher's numbering, sorted. A plain Wan file (no ``pare`` key) is read as a 0%-pruned
+teacher with head dim 128, ComfyUI's own assumption, its family told by its keys as ComfyUI's detection tells it.
+
+``family`` names the ``model_family`` entry (Wan2.2 TI2V-5B, VACE, ...); files written before it was stored read
+as the family their channels imply. A VACE teacher's "teacher" object also has "vace_layers" and "vace_in_dim";
+its VACE blocks are always stored at the teacher's widths. The fingerprint leaves out a family that the channels
+imply, so the fingerprints of files from before (and the routers naming them) are unchanged.
 
 A depth-pruned student (whole teacher blocks removed, VDMini style) also has ``"kept_blocks": [teacher block
 indices]``, sorted: student block i (key ``blocks.i.``) is teacher block ``kept_blocks[i]``, and ``blocks`` lists
@@ -28,6 +33,7 @@ from typing import Mapping
 import torch
 
 from .errors import PareFormatError, shape_error
+from .model_family import UnsupportedFamily, detect_family, family_for, require_supported
 from .safetensors_io import save_atomic
 from .untrusted import quote, strict_int
 from .wan import DEFAULT_HEAD_DIM, BlockWidth, WanDims, model_shapes
@@ -55,6 +61,10 @@ class PrunedWanMeta:
             if len(kept) != len(self.blocks):
                 raise PareFormatError(f"kept_blocks names {len(kept)} teacher blocks but 'blocks' lists "
                                       f"{len(self.blocks)}; there is one width entry per kept block")
+            if self.dims.vace_layers and len(kept) != self.dims.num_layers:
+                raise PareFormatError(f"a {self.dims.spec.title} model cannot lose whole blocks: ComfyUI adds the "
+                                      "VACE hints after fixed main blocks (every num_layers // vace_layers-th); "
+                                      "prune widths, and skip blocks with a router or a static schedule")
             # Canonical form: keeping every block is the width-only case (same JSON, same fingerprint).
             object.__setattr__(self, "kept_blocks", None if len(kept) == self.dims.num_layers else kept)
         elif len(self.blocks) != self.dims.num_layers:
@@ -89,6 +99,7 @@ class PrunedWanMeta:
         obj = {
             "format_version": WIDTH_ONLY_VERSION if self.kept_blocks is None else FORMAT_VERSION,
             "variant": self.dims.variant,
+            "family": self.dims.family,
             "teacher": {k: v for k, v in self.dims.to_dict().items() if k != "variant"},
             "blocks": [{"heads": list(b.heads), "ffn": list(b.ffn)} for b in self.blocks],
         }
@@ -108,8 +119,11 @@ class PrunedWanMeta:
                 "update comfyui-pare"
             )
         check_header_numbers(obj, source)
+        fam = obj.get("family", "")
+        if not isinstance(fam, str):
+            raise PareFormatError(f"{source}: PARE metadata field 'family' must be a family name, got {quote(fam)}")
         try:
-            dims = WanDims.from_dict({**obj["teacher"], "variant": obj["variant"]})
+            dims = WanDims.from_dict({**obj["teacher"], "variant": obj["variant"], "family": fam})
             blocks = tuple(BlockWidth(_index_list(b["heads"], source, f"blocks[{i}].heads"),
                                       _index_list(b["ffn"], source, f"blocks[{i}].ffn"))
                            for i, b in enumerate(obj["blocks"]))
@@ -132,7 +146,11 @@ class PrunedWanMeta:
 
     def fingerprint(self) -> str:
         """A short hash of the architecture (teacher dims and kept indices): routers name the model they fit."""
-        blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+        obj = self.to_json()
+        d = self.dims
+        if obj["family"] == family_for(d.in_dim, d.out_dim, d.variant == "i2v", vace=d.vace_layers > 0).name:
+            del obj["family"]  # implied by the dims: hash as files from before the family was stored
+        blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -143,7 +161,7 @@ class PrunedWanMeta:
 # 14B: dim 5120, 40 heads, FFN 13824 = 2.7 x dim, 40 layers). The teacher's dim is also checked against the
 # file's own 'head.modulation' (meta_from_header), whose size is backed by bytes in the file.
 _TEACHER_BOUNDS = {"dim": 1 << 16, "num_heads": 1 << 12, "num_layers": 256, "text_dim": 1 << 16, "in_dim": 1 << 12,
-                   "out_dim": 1 << 12}
+                   "out_dim": 1 << 12, "vace_layers": 256, "vace_in_dim": 1 << 12}
 MAX_FFN_PER_DIM = 64  # Wan: 2.7x-5.8x; narrow stand-ins of a real FFN (14B's 13824 at dim 256): 54x
 
 
@@ -186,15 +204,15 @@ def _check_indices(idx: tuple[int, ...], total: int, what: str) -> None:
 
 
 def _infer_plain_meta(shapes: Mapping[str, tuple[int, ...]], path: str) -> PrunedWanMeta:
-    """Read a plain (unpruned) Wan2.1 file as a teacher, the way ComfyUI detects it."""
+    """Read a plain (unpruned) Wan file as a teacher, the way ComfyUI detects it."""
     if "head.modulation" not in shapes or "patch_embedding.weight" not in shapes:
         sample = ", ".join(list(shapes)[:3]) or "no tensors"
         raise PareFormatError(
-            f"{path}: not a Wan2.1 diffusion model (no 'head.modulation' / 'patch_embedding.weight'; "
+            f"{path}: not a Wan diffusion model (no 'head.modulation' / 'patch_embedding.weight'; "
             f"first keys: {sample})"
         )
     if not shapes["head.modulation"]:
-        raise PareFormatError(f"{path}: tensor 'head.modulation' is a scalar; a Wan2.1 model's is [1, 2, dim]")
+        raise PareFormatError(f"{path}: tensor 'head.modulation' is a scalar; a Wan model's is [1, 2, dim]")
     dim = shapes["head.modulation"][-1]
     ffn_shape = shapes.get("blocks.0.ffn.0.weight")
     if ffn_shape is not None and tuple(ffn_shape[1:]) != (dim,):  # checked before widths are built from its shape
@@ -210,9 +228,11 @@ def _infer_plain_meta(shapes: Mapping[str, tuple[int, ...]], path: str) -> Prune
             f"{path}: dim {dim} is not a multiple of {DEFAULT_HEAD_DIM} and the file has no PARE metadata, "
             "so its head count is unknown; write it with `python -m comfyui_pare prune` to record the dims"
         )
-    if "vace_patch_embedding.weight" in shapes or "control_adapter.conv.weight" in shapes:
-        raise PareFormatError(f"{path}: only Wan2.1 T2V and I2V models are supported (this looks like VACE/camera)")
-    variant = "i2v" if "img_emb.proj.0.bias" in shapes else "t2v"
+    try:
+        fam = require_supported(detect_family(shapes), path)
+    except UnsupportedFamily as e:
+        raise PareFormatError(str(e)) from None
+    vace = _vace_dims(shapes, path) if fam.name == "wan2.1-vace" else {}
     try:
         dims = WanDims(
             dim=dim,
@@ -221,12 +241,28 @@ def _infer_plain_meta(shapes: Mapping[str, tuple[int, ...]], path: str) -> Prune
             num_layers=layers,
             text_dim=shapes.get("text_embedding.0.weight", (0, 4096))[1],
             in_dim=shapes["patch_embedding.weight"][1],
-            out_dim=shapes.get("head.head.weight", (16 * 4,))[0] // 4,
-            variant=variant,
+            out_dim=shapes.get("head.head.weight", (16 * 4,))[0] // fam.patch_volume,
+            variant=fam.cross_attn,
+            family=fam.name,
+            **vace,
         )
     except ValueError as e:
         raise PareFormatError(f"{path}: {e}") from None
     return PrunedWanMeta.teacher(dims)
+
+
+def _vace_dims(shapes: Mapping[str, tuple[int, ...]], path: str) -> dict[str, int]:
+    """vace_layers / vace_in_dim of a plain VACE file, as ComfyUI's detection counts them."""
+    embed = shapes["vace_patch_embedding.weight"]
+    if len(embed) != 5:
+        raise PareFormatError(f"{path}: tensor 'vace_patch_embedding.weight' has shape {list(embed)}, expected "
+                              "[dim, vace_in_dim, 1, 2, 2]")
+    layers = 0
+    while f"vace_blocks.{layers}.after_proj.weight" in shapes:
+        layers += 1
+    if layers == 0:
+        raise PareFormatError(f"{path}: VACE file has 'vace_patch_embedding' but no 'vace_blocks.0.*'")
+    return {"vace_layers": layers, "vace_in_dim": embed[1]}
 
 
 def meta_from_header(metadata: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], path: str) -> PrunedWanMeta:
@@ -255,13 +291,13 @@ def check_tensors(
     missing = [k for k in expected if k not in shapes]
     if missing:
         raise PareFormatError(
-            f"{path}: {len(missing)} tensor(s) missing for a {meta.dims.variant} Wan with {meta.num_blocks} "
+            f"{path}: {len(missing)} tensor(s) missing for a {meta.dims.spec.title} with {meta.num_blocks} "
             f"blocks, e.g. '{stored_name(missing[0])}' (expected shape {list(expected[missing[0]])})"
         )
     extra = [k for k in shapes if k not in expected]
     if extra:
         raise PareFormatError(
-            f"{path}: {len(extra)} unexpected tensor(s) for a {meta.dims.variant} Wan2.1 with "
+            f"{path}: {len(extra)} unexpected tensor(s) for a {meta.dims.spec.title} with "
             f"{meta.num_blocks} blocks, e.g. '{stored_name(extra[0])}'"
         )
     for key, want in expected.items():
@@ -271,26 +307,6 @@ def check_tensors(
         if dtypes[key] not in FLOAT_DTYPES:
             raise PareFormatError(
                 f"{path}: tensor '{stored_name(key)}' has dtype {dtypes[key]}; Wan weights are floating point")
-
-
-def read_meta(path: str | os.PathLike) -> tuple[PrunedWanMeta, str]:
-    """Validate a Wan checkpoint's headers without loading tensors: (metadata, the key prefix the file uses).
-
-    Kept for callers of the single-file API; ``wan_reader.open_wan`` reads every layout.
-    """
-    from .wan_reader import open_wan  # the reader builds on this module
-
-    with open_wan(path) as reader:
-        return reader.meta, reader.prefix
-
-
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PrunedWanMeta]:
-    """Load and validate a Wan2.1 checkpoint in any layout; original keys, tensors as stored (scales applied
-    for fp8_scaled files). See ``wan_reader.open_wan`` for streaming and the raw scaled layout."""
-    from .wan_reader import open_wan  # the reader builds on this module
-
-    with open_wan(path) as reader:
-        return reader.state_dict(), reader.meta
 
 
 def save_checkpoint(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], meta: PrunedWanMeta) -> None:
@@ -328,6 +344,8 @@ def describe(meta: PrunedWanMeta) -> dict:
     return {
         "format_version": meta.to_json()["format_version"],
         "variant": dims.variant,
+        "family": dims.family,
+        "title": dims.spec.title,
         "teacher": {k: v for k, v in dims.to_dict().items() if k != "variant"},
         "pruned": meta.is_pruned,
         "fingerprint": meta.fingerprint(),

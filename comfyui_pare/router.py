@@ -221,6 +221,22 @@ def interpolate_prior(timestep: torch.Tensor, knots: torch.Tensor, values: torch
     return values[lo] * (1 - w) + values[hi] * w
 
 
+def sample_timesteps(timestep: torch.Tensor) -> torch.Tensor:
+    """One timestep per sample: [B] as it is; a per-frame timestep [B, latent frames] becomes its max over frames.
+
+    The rule for per-frame timesteps (Wan2.2 TI2V-5B with a start image, ``Wan22ImageToVideoLatent``): ComfyUI's
+    ``WAN22.process_timestep`` gives each latent frame ``t * mean(noise mask of that frame)``, so the clean start
+    frame gets 0 and every noisy frame the sampler's t. The max over frames is that t, the timestep the same call
+    would have without a start image, so a router decides for a start-image run exactly as for a text-to-video run
+    at the same step. Rows stay independent (cond and uncond rows each keep their own)."""
+    t = torch.as_tensor(timestep)
+    if t.ndim <= 1:
+        return t
+    if t.ndim != 2:
+        raise ValueError(f"router expects a timestep [batch] or [batch, latent frames], got {list(t.shape)}")
+    return t.amax(dim=1)
+
+
 def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
     """[B, L, D] -> [B, 2D]: mean and (population) std over tokens, computed in float32.
 
@@ -297,7 +313,7 @@ class BlockRouter(nn.Module):
         if tokens.ndim != 3 or tokens.shape[2] != spec.dim:
             raise ValueError(f"router expects tokens [batch, tokens, {spec.dim}], got {list(tokens.shape)}")
         b = tokens.shape[0]
-        t = torch.as_tensor(timestep, device=tokens.device)
+        t = sample_timesteps(torch.as_tensor(timestep, device=tokens.device))
         if spec.time_code == "fourier":
             temb = fourier_time_code(t, spec.freq_dim)
         else:

@@ -1,4 +1,5 @@
-"""Wan2.1 transformer facts: dimensions, variants and the original checkpoint key layout.
+"""Wan transformer facts: dimensions and the original checkpoint key layout (Wan2.1 blocks, which every Wan
+family reuses; what differs between families is in ``model_family``).
 
 Everything here is plain data about the architecture (no torch modules), so the checkpoint format, the
 surgery, the compute accounting and the ComfyUI model builder all agree on one description of a block.
@@ -10,8 +11,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterator, Mapping
 
-VARIANTS = ("t2v", "i2v")
-PATCH_SIZE = (1, 2, 2)
+from .model_family import FAMILIES, WanFamily, family_for
+
+VARIANTS = ("t2v", "i2v")  # the blocks' cross-attention: text only, or text + CLIP image
 FREQ_DIM = 256
 CLIP_DIM = 1280  # I2V image tokens come from CLIP ViT-H (257 tokens x 1280)
 CLIP_TOKENS = 257
@@ -73,7 +75,8 @@ def diffusers_key(key: str) -> str | None:
 
 @dataclass(frozen=True)
 class WanDims:
-    """The shape of a full-width (teacher) Wan2.1 transformer."""
+    """The shape of a full-width (teacher) Wan transformer. ``family`` names its ``model_family`` entry; left
+    empty it is inferred from the channels (what files written before the family was stored get)."""
 
     dim: int
     num_heads: int
@@ -83,6 +86,9 @@ class WanDims:
     in_dim: int = 16
     out_dim: int = 16
     variant: str = "t2v"
+    family: str = ""
+    vace_layers: int = 0  # VACE: blocks in the VACE stream (0: none)
+    vace_in_dim: int = 0  # VACE: channels into vace_patch_embedding
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -94,13 +100,43 @@ class WanDims:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even (3-axis RoPE)")
+        if not self.family:
+            inferred = family_for(self.in_dim, self.out_dim, self.variant == "i2v", vace=self.vace_layers > 0)
+            object.__setattr__(self, "family", inferred.name)
+        spec = FAMILIES.get(self.family)
+        if spec is None:
+            raise ValueError(f"unknown Wan model family {self.family!r}; known: {', '.join(FAMILIES)}")
+        if spec.cross_attn != self.variant or spec.out_dim != self.out_dim:
+            raise ValueError(f"a {spec.title} model has {spec.cross_attn} blocks and {spec.out_dim} output channels, "
+                             f"these dims say {self.variant} and {self.out_dim}")
+        vace = any(m.startswith("vace") for m in spec.extra_modules)
+        if vace != (self.vace_layers > 0) or (self.vace_layers > 0) != (self.vace_in_dim > 0):
+            raise ValueError(f"a {spec.title} model {'needs' if vace else 'has no'} VACE blocks; these dims say "
+                             f"vace_layers={self.vace_layers}, vace_in_dim={self.vace_in_dim}")
+        if vace and self.num_layers % self.vace_layers:
+            raise ValueError(f"VACE: {self.num_layers} main blocks are not a multiple of {self.vace_layers} VACE "
+                             "blocks (ComfyUI adds a hint after every num_layers // vace_layers-th block)")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
+    @property
+    def spec(self) -> WanFamily:
+        """This model's family: patch size, latent space, extra modules, timestep form."""
+        return FAMILIES[self.family]
+
+    @property
+    def vace_hint_blocks(self) -> tuple[int, ...]:
+        """Main blocks after which the stock VACE forward adds a hint (ComfyUI's ``vace_layers_mapping``)."""
+        if not self.vace_layers:
+            return ()
+        return tuple(range(0, self.num_layers, self.num_layers // self.vace_layers))
+
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """The dims as stored under 'teacher' (the family is stored beside them; zero VACE sizes are left out, so
+        files without VACE read exactly as before)."""
+        d = {k: v for k, v in asdict(self).items() if k != "family" and not (k.startswith("vace") and not v)}
         d["head_dim"] = self.head_dim
         return d
 
@@ -110,7 +146,8 @@ class WanDims:
         missing = [f for f in fields if f not in d]
         if missing:
             raise ValueError(f"teacher dims lack {missing}")
-        dims = cls(**{f: d[f] for f in fields})
+        optional = {f: d[f] for f in ("family", "vace_layers", "vace_in_dim") if f in d}
+        dims = cls(**{f: d[f] for f in fields}, **optional)
         if "head_dim" in d and int(d["head_dim"]) != dims.head_dim:
             raise ValueError(f"head_dim {d['head_dim']} disagrees with dim/num_heads = {dims.head_dim}")
         return dims
@@ -174,11 +211,32 @@ def block_shapes(dims: WanDims, i: int, width: BlockWidth) -> dict[str, tuple[in
     return shapes
 
 
+def vace_shapes(dims: WanDims) -> dict[str, tuple[int, ...]]:
+    """The VACE stream's keys at the teacher's widths (ComfyUI's VaceWanAttentionBlock: a text-only Wan block,
+    ``before_proj`` on the first, ``after_proj`` on every one), plus ``vace_patch_embedding``."""
+    if not dims.vace_layers:
+        return {}
+    d = dims.dim
+    full = BlockWidth.full(dims)
+    text_only = WanDims(dim=d, num_heads=dims.num_heads, ffn_dim=dims.ffn_dim, num_layers=1, text_dim=dims.text_dim)
+    shapes: dict[str, tuple[int, ...]] = {
+        "vace_patch_embedding.weight": (d, dims.vace_in_dim, *dims.spec.patch_size),
+        "vace_patch_embedding.bias": (d,),
+    }
+    for i in range(dims.vace_layers):
+        for key, shape in block_shapes(text_only, i, full).items():
+            shapes["vace_" + key] = shape
+        if i == 0:
+            shapes.update(_linear("vace_blocks.0.before_proj", d, d))
+        shapes.update(_linear(f"vace_blocks.{i}.after_proj", d, d))
+    return shapes
+
+
 def global_shapes(dims: WanDims) -> dict[str, tuple[int, ...]]:
     """Keys outside the blocks (embeddings, head, I2V image projection) with their shapes."""
     d = dims.dim
     shapes: dict[str, tuple[int, ...]] = {
-        "patch_embedding.weight": (d, dims.in_dim, *PATCH_SIZE),
+        "patch_embedding.weight": (d, dims.in_dim, *dims.spec.patch_size),
         "patch_embedding.bias": (d,),
         "head.modulation": (1, 2, d),
     }
@@ -187,7 +245,7 @@ def global_shapes(dims: WanDims) -> dict[str, tuple[int, ...]]:
     shapes.update(_linear("time_embedding.0", d, FREQ_DIM))
     shapes.update(_linear("time_embedding.2", d, d))
     shapes.update(_linear("time_projection.1", 6 * d, d))
-    shapes.update(_linear("head.head", dims.out_dim * PATCH_SIZE[0] * PATCH_SIZE[1] * PATCH_SIZE[2], d))
+    shapes.update(_linear("head.head", dims.out_dim * dims.spec.patch_volume, d))
     if dims.variant == "i2v":
         shapes["img_emb.proj.0.weight"] = (CLIP_DIM,)
         shapes["img_emb.proj.0.bias"] = (CLIP_DIM,)
@@ -195,6 +253,7 @@ def global_shapes(dims: WanDims) -> dict[str, tuple[int, ...]]:
         shapes.update(_linear("img_emb.proj.3", d, CLIP_DIM))
         shapes["img_emb.proj.4.weight"] = (d,)
         shapes["img_emb.proj.4.bias"] = (d,)
+    shapes.update(vace_shapes(dims))
     return shapes
 
 

@@ -11,21 +11,18 @@ from __future__ import annotations
 import logging
 import os
 
-import folder_paths
-from comfy_api.latest import io
-
 from ..comfyui_pare.calibration import LATENT_CHANNELS, write_sample
 from ..comfyui_pare.errors import PareFormatError
-from .comfy_compat import require
+from ..comfyui_pare.model_family import FAMILIES
+from .comfy_compat import internals, io, require
 
 logger = logging.getLogger(__name__)
 
-VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE: frames (after the first), height, width
-
 
 def latent_shape_for(width: int, height: int, length: int) -> list[int]:
-    """The Wan2.1 latent shape [16, T, H, W] of a video of this size (as EmptyHunyuanLatentVideo makes it)."""
-    return [LATENT_CHANNELS, (length - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2]]
+    """The Wan2.1 latent shape [16, T, H, W] of a video of this size (as EmptyHunyuanLatentVideo makes it); a
+    Wan2.2 5B sample comes with its latent connected."""
+    return list(FAMILIES["wan2.1-t2v"].latent_shape(length, height, width))
 
 
 def _conditioning_tensors(conditioning: list) -> tuple:
@@ -88,19 +85,19 @@ class PARESaveCalibrationSample(io.ComfyNode):
         context, clip_fea = _conditioning_tensors(conditioning)
         if latent is not None:
             samples = latent["samples"]
-            if samples.ndim != 5 or samples.shape[1] != LATENT_CHANNELS:
+            if samples.ndim != 5 or samples.shape[1] not in LATENT_CHANNELS:
                 raise PareFormatError(f"PARE Save Calibration Sample: 'latent' has shape {list(samples.shape)}, "
-                                      f"expected [B, {LATENT_CHANNELS}, T, H, W] (a Wan2.1 video latent)")
+                                      f"expected [B, C, T, H, W] with C one of {sorted(LATENT_CHANNELS)} (a Wan2.1 "
+                                      "or Wan2.2 5B video latent)")
             rows = [samples[i] for i in range(samples.shape[0])]
             shape = list(samples.shape[1:])
         else:
             rows, shape = [None], latent_shape_for(width, height, length)
-        out_root = folder_paths.get_output_directory()
+        out_root = internals.output_directory()
         if os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/"):
             raise PareFormatError(f"PARE Save Calibration Sample: 'subfolder' {subfolder!r} must stay inside the "
                                   "output folder")
-        folder, name, counter, sub, _ = folder_paths.get_save_image_path(os.path.join(subfolder, filename_prefix),
-                                                                         out_root)
+        folder, name, counter, sub, _ = internals.save_image_path(os.path.join(subfolder, filename_prefix), out_root)
         results = []
         for i, row in enumerate(rows):
             file = f"{name}_{counter + i:05}_.safetensors"

@@ -2,8 +2,8 @@
 router (budget mode with its calibrated thresholds, asked for exactly the compute of each searched static schedule)
 and the searched per-phase static schedules on the same student, with the router's shuffled-text control.
 
-    python scripts/budget_curve.py --work /tmp/budget_curve [--router R] [--calibrate-router] [--out docs]
-    python scripts/budget_curve.py --work /tmp/dev --split dev --max-budget 0.7   # method choices, not held out
+    python -m scripts.budget_curve --work /tmp/budget_curve [--router R] [--calibrate-router] [--out docs]
+    python -m scripts.budget_curve --work /tmp/dev --split dev --max-budget 0.7   # method choices, not held out
 
 Nothing is trained. Measured on held-out prompts (the 12 held-out colour x shape x direction clips and 6 two-object
 prompts of held-out colour/shape pairs, ``TWO_OBJECT_HELDOUT``) at seeds no test or training run uses
@@ -45,14 +45,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from comfyui_pare.compute import model_block_macs
+from comfyui_pare.pruned import PrunedWanMeta
+from comfyui_pare.router import RoutingPolicy, load_router, save_router
+from comfyui_pare.router_budget import read_budget_calibration, write_budget_calibration
+from comfyui_pare.schedule import parse_schedule
 
-from comfyui_pare.compute import model_block_macs  # noqa: E402
-from comfyui_pare.pruned import PrunedWanMeta  # noqa: E402
-from comfyui_pare.router import RoutingPolicy, load_router, save_router  # noqa: E402
-from comfyui_pare.router_budget import read_budget_calibration, write_budget_calibration  # noqa: E402
-from comfyui_pare.schedule import parse_schedule  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("budget_curve")
 WEIGHTS = REPO / "training" / "toyworld" / "weights"

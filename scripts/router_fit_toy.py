@@ -1,7 +1,7 @@
 """Fit the toy router to oracle labels (``scripts/router_labels_toy.py``) and write it (uncalibrated: the budget
 calibration is ``scripts/budget_curve.py --calibrate-router``'s).
 
-    python scripts/router_fit_toy.py --labels /tmp/router_labels --out /tmp/router.safetensors \
+    python -m scripts.router_fit_toy --labels /tmp/router_labels --out /tmp/router.safetensors \
         [--static-path docs/toy_budget_curve.json] [--dev]
 
 The prior is the greedy static search's skip order (``static_search_path`` of the budget-curve JSON, searched on
@@ -20,12 +20,10 @@ from pathlib import Path
 
 import torch
 
+from comfyui_pare.router import BlockRouter, RouterSpec, save_router
+from comfyui_pare.safetensors_io import load_tensors, read_header
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from comfyui_pare.router import BlockRouter, RouterSpec, save_router  # noqa: E402
-from comfyui_pare.safetensors_io import load_tensors, read_header  # noqa: E402
-
 log = logging.getLogger("router_fit")
 WEIGHTS = REPO / "training" / "toyworld" / "weights"
 PIN = (1, 1)

@@ -1,7 +1,7 @@
 """Oracle labels for the toy router: ``training.router_oracle.mask_tables`` on noised toy clips at every step of the
 toy sampler's schedule (20 Euler steps, shift 3, CFG 4), one file per clip (resumable).
 
-    python scripts/router_labels_toy.py --work /tmp/router_labels [--train 48] [--val 12]
+    python -m scripts.router_labels_toy --work /tmp/router_labels [--train 48] [--val 12]
 
 Clips: training-split clips from index 2000 (beyond the 160 the student trained on and the 48 that calibrate the
 budget curve's router), half single-object and half two-object; validation clips from the "seen" split. Held-out
@@ -18,11 +18,9 @@ from pathlib import Path
 
 import torch
 
+from comfyui_pare.safetensors_io import save_atomic
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from comfyui_pare.safetensors_io import save_atomic  # noqa: E402
-
 log = logging.getLogger("router_labels")
 WEIGHTS = REPO / "training" / "toyworld" / "weights"
 FIRST_TRAIN = 2000

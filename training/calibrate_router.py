@@ -26,9 +26,9 @@ from comfyui_pare.errors import PareError, PareFormatError
 from comfyui_pare.router import RoutingPolicy, check_router_fits, load_router
 from comfyui_pare.router_budget import BudgetCalibration, write_budget_calibration
 
-from . import route_eval  # modules, not names: route_eval -> calibrate_router is a cycle
 from .data import collate, noised, with_condition
 from .gates import compute_fraction, normalized_costs
+from .route_eval import calibrate_threshold, static_baseline, student_contribution, velocity_error
 from .routed import RoutedVelocity, block_costs, pin_mask
 from .sample_index import SampleIndex
 from .sampling import flow_sigmas
@@ -65,7 +65,7 @@ def calibrate_family(logits: torch.Tensor, costs: torch.Tensor, pinned: torch.Te
     costs = costs.double().cpu() / costs.double().sum()  # calibrate_threshold counts in shares of the total
     thresholds: list[float] = []
     for b in budgets:
-        t = route_eval.calibrate_threshold(logits, costs, pinned, b)
+        t = calibrate_threshold(logits, costs, pinned, b)
         thresholds.append(min(t, thresholds[-1]) if thresholds else t)
     return thresholds, [spent(logits, costs, pinned, t) for t in thresholds]
 
@@ -185,13 +185,13 @@ def calibrate_router_file(student_path: str, router_path: str, samples_dir: str,
 
         teacher = load_model(teacher_path, dtype=torch.float32, device=device).eval()
         rows = quality_check(cal, teacher, student, router, pinned, costs, batches[1::2],
-                             route_eval.student_contribution(stats, meta))
+                             student_contribution(stats, meta))
         good = {r["budget"] for r in rows if r["ok"]}
         note = QUALITY_NOTE
         if max_error_ratio is not None:
             trained = RoutedVelocity(student, router, RoutingPolicy(threshold=router.spec.default_threshold,
                                                                     pin_first=pin_first, pin_last=pin_last))
-            cap = max_error_ratio * route_eval.velocity_error(teacher, trained, batches[1::2])
+            cap = max_error_ratio * velocity_error(teacher, trained, batches[1::2])
             good &= {r["budget"] for r in rows if r["velocity_error"] <= cap}
             note += (f"; and velocity error at most {max_error_ratio:g}x the trained threshold's "
                      f"({cap / max_error_ratio:.4g})")
@@ -238,13 +238,13 @@ def quality_check(cal: BudgetCalibration, teacher, student, router, pinned: torc
     pins = dict(pin_first=cal.pin_first, pin_last=cal.pin_last)
     for b, t in zip(cal.budgets, cal.thresholds):
         routed = RoutedVelocity(student, router, RoutingPolicy(threshold=t, **pins))
-        err = route_eval.velocity_error(teacher, routed, batches)
+        err = velocity_error(teacher, routed, batches)
         frac = float(compute_fraction(torch.cat(routed.masks).float(), costs.cpu()))
-        static = None if contribution is None else route_eval.static_baseline(contribution, costs.cpu(), pinned.cpu(), frac)
+        static = None if contribution is None else static_baseline(contribution, costs.cpu(), pinned.cpu(), frac)
         static_err = None
         if static is not None:
             run = static.mask(student.num_blocks)
-            static_err = route_eval.velocity_error(teacher, lambda x, ts, ctx, clip, run=run: student(
+            static_err = velocity_error(teacher, lambda x, ts, ctx, clip, run=run: student(
                 x, ts, ctx, clip, block_mask=run.expand(x.shape[0], -1).to(x.device)), batches)
         rows.append({"budget": b, "threshold": t, "executed_fraction": frac, "velocity_error": err,
                      "static_schedule": None if static is None else static.schedule,
@@ -272,7 +272,7 @@ def export_calibration(cfg, stage, gated, calib_logits: torch.Tensor, held_out: 
     part: dict = {"budgets": list(cal.budgets), "thresholds": list(cal.thresholds),
                   "held_out_spent": list(cal.held_out_spent)}
     if measure_quality:
-        contribution = None if rc.stats is None else route_eval.student_contribution(rc.stats, student.meta)
+        contribution = None if rc.stats is None else student_contribution(rc.stats, student.meta)
         rows = quality_check(cal, stage.teacher, student, router, pinned, costs, held_out, contribution)
         good = {r["budget"] for r in rows if r["ok"]}
         cal = dataclasses.replace(cal, validated_budgets=tuple(b for b in cal.validated_budgets if b in good),

@@ -1,8 +1,6 @@
-"""The two files the nodes load: the student (pruned-checkpoint format) and its router (router format).
-
-The router is bound to the student it was trained with: its ``model_fingerprint`` is the student's
-``PrunedWanMeta.fingerprint()``, so ``PAREApplyRouter`` warns when it is put on another model. Both files are
-written atomically and read back through the same validators the nodes use before this returns.
+"""``python -m training export``: rebuild a stage-2 run from one of its checkpoints and finish it as ``route`` does at
+its end (``route_finish``): the two files the nodes load, the student (pruned-checkpoint format) and its router
+(router format), with the router's default threshold and budget calibration.
 """
 
 from __future__ import annotations
@@ -14,40 +12,12 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
-from comfyui_pare.errors import PareFormatError
-from comfyui_pare.pruned import load_checkpoint, save_checkpoint
-from comfyui_pare.router import BlockRouter, read_router_spec, save_router
-
-from . import route, route_eval  # modules, not names: route -> route_eval -> export is a cycle
 from .checkpointing import CheckpointError, load_model_weights, resolve_resume
 from .config import load_config
-from .model import WanTransformer
+from .route import RouteConfig, build
+from .route_finish import finish_run
 
 logger = logging.getLogger(__name__)
-
-
-def export_student_and_router(student: WanTransformer, router: BlockRouter, student_out: str | os.PathLike,
-                              router_out: str | os.PathLike, default_threshold: float,
-                              train_budget: float | None, dtype: torch.dtype = torch.float32) -> None:
-    """Write ``student`` (weights in ``dtype``) and ``router`` (float32) with the router's trained defaults."""
-    meta = student.meta
-    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in student.state_dict().items()}
-    save_checkpoint(student_out, sd, meta)
-    spec = dataclasses.replace(router.spec, model_fingerprint=meta.fingerprint(),
-                               default_threshold=float(default_threshold), train_budget=train_budget)
-    out = BlockRouter(spec)
-    out.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in router.state_dict().items()})
-    save_router(router_out, out)
-    # Read both back as the nodes will, so a file that would not load is never left as the result.
-    _, written = load_checkpoint(student_out)
-    written_spec = read_router_spec(router_out)
-    if written_spec.model_fingerprint != written.fingerprint():
-        raise PareFormatError(f"{router_out}: router fingerprint {written_spec.model_fingerprint} does not match "
-                              f"{student_out} ({written.fingerprint()})")
-    logger.info("exported student %s (fingerprint %s) and router %s (default threshold %.4g, budget %s)",
-                student_out, written.fingerprint(), router_out, default_threshold, train_budget)
 
 
 # ---------------------------------------------------------------------------------------------- the verb
@@ -70,12 +40,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, student_out: str | os.PathL
     """Rebuild a route run from a checkpoint's saved config, load its weights, calibrate the router's default
     threshold on the held-out inputs and write both files (as ``route`` does at its end). Returns the report."""
     checkpoint = Path(checkpoint)
-    cfg = load_config(route.RouteConfig, checkpoint / "config.toml")
+    cfg = load_config(RouteConfig, checkpoint / "config.toml")
     train = dataclasses.replace(cfg.train, strategy="none", **({"device": device} if device else {}))
     cfg = dataclasses.replace(cfg, train=train)
-    _, stage = route.build(cfg)
+    _, stage = build(cfg)
     load_model_weights(checkpoint, stage.gated)
-    return route_eval.finish_run(cfg, stage, stage.gated.state_dict(), Path(student_out), Path(router_out))
+    return finish_run(cfg, stage, stage.gated.state_dict(), Path(student_out), Path(router_out))
 
 
 def run(args: argparse.Namespace) -> int:

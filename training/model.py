@@ -13,7 +13,6 @@ Not covered (not Wan2.1 T2V/I2V): VACE, camera/reference convs, FLF position emb
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -21,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from comfyui_pare.errors import PareFormatError
+from comfyui_pare.model_family import token_grid
 from comfyui_pare.pruned import PrunedWanMeta
-from comfyui_pare.wan import CLIP_DIM, FREQ_DIM, PATCH_SIZE, BlockWidth, WanDims
-from comfyui_pare.wan_reader import open_wan
+from comfyui_pare.wan import CLIP_DIM, FREQ_DIM, BlockWidth, WanDims
+from comfyui_pare.wan_reader import WanReader, open_wan
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +163,19 @@ class WanTransformer(nn.Module):
         super().__init__()
         self.meta = meta
         dims = self.dims = meta.dims
+        if dims.spec.extra_modules and dims.spec.extra_modules != ("img_emb.",):
+            raise PareFormatError(f"the training toolkit builds main-block Wans only; a {dims.spec.title} teacher "
+                                  f"also has {', '.join(dims.spec.extra_modules)} (prune it with `python -m "
+                                  "comfyui_pare prune` from a plan instead)")
         d = dims.dim
-        self.patch_embedding = nn.Conv3d(dims.in_dim, d, kernel_size=PATCH_SIZE, stride=PATCH_SIZE)
+        patch = dims.spec.patch_size
+        self.patch_embedding = nn.Conv3d(dims.in_dim, d, kernel_size=patch, stride=patch)
         self.text_embedding = nn.Sequential(nn.Linear(dims.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(FREQ_DIM, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(WanBlock(dims, w) for w in meta.blocks)
         self.head = nn.Module()
-        self.head.head = nn.Linear(d, dims.out_dim * math.prod(PATCH_SIZE))
+        self.head.head = nn.Linear(d, dims.out_dim * dims.spec.patch_volume)
         self.head.modulation = nn.Parameter(torch.empty(1, 2, d))
         if dims.variant == "i2v":  # MLPProj: its LayerNorms keep torch's default eps (1e-5) and exact GELU
             self.img_emb = nn.Module()
@@ -193,7 +199,33 @@ class WanTransformer(nn.Module):
                         device: torch.device | str | None = None) -> "WanTransformer":
         """Load a (pruned or plain) Wan2.1 checkpoint in any layout ``comfyui_pare.wan_reader`` reads."""
         with open_wan(path) as reader:
-            return cls.from_state_dict(reader.state_dict(dequantize=True), reader.meta, dtype=dtype, device=device)
+            return cls.from_reader(reader, dtype=dtype, device=device)
+
+    @classmethod
+    def from_reader(cls, reader: WanReader, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> "WanTransformer":
+        """Load strictly from an open checkpoint, one tensor at a time, each converted to ``dtype`` (None: as stored,
+        scaled fp8 dequantized to float32) and moved to ``device`` before the next is read: the model exists once, in
+        the dtype and on the device it runs in, never as a whole state dict beside it (a float32 file loaded in bf16
+        peaks at the bf16 model plus one float32 tensor). The patch embedding stays float32, as in
+        ``from_state_dict``."""
+        with torch.device("meta"):
+            model = cls(reader.meta)
+        for key in reader.keys():
+            module_name, _, name = key.rpartition(".")
+            try:
+                owner = model.get_submodule(module_name)
+                old = owner._parameters[name]
+            except (AttributeError, KeyError):
+                raise PareFormatError(f"{reader.path}: tensor '{key}' is not a parameter of this Wan model") from None
+            rows = reader.shape(key)[0] if reader.shape(key) else 1
+            t = reader.rows(key, 0, rows).reshape(old.shape)
+            t = t.to(device=device, dtype=torch.float32 if key.startswith("patch_embedding.") else dtype)
+            owner._parameters[name] = nn.Parameter(t, requires_grad=old.requires_grad)
+        left = [n for n, p in model.named_parameters() if p.is_meta]
+        if left:
+            raise PareFormatError(f"{reader.path}: no tensor for {len(left)} parameter(s), e.g. '{left[0]}'")
+        return model.eval()
 
     @property
     def num_blocks(self) -> int:
@@ -204,7 +236,7 @@ class WanTransformer(nn.Module):
 
         H and W are padded circularly to the patch size first, as ComfyUI does.
         """
-        pad = [p for i in (2, 1, 0) for p in (0, -x.shape[2 + i] % PATCH_SIZE[i])]
+        pad = [p for i in (2, 1, 0) for p in (0, -x.shape[2 + i] % self.dims.spec.patch_size[i])]
         x = F.pad(x, pad, mode="circular") if any(pad) else x
         return self.patch_embedding(x.float()).flatten(2).transpose(1, 2)
 
@@ -213,7 +245,7 @@ class WanTransformer(nn.Module):
         """Embeddings, time modulation and RoPE for one forward; compute dtype is the text embedding's."""
         dtype = self.text_embedding[0].weight.dtype
         f, h, w = x.shape[2:]
-        grid = (f, -(-h // PATCH_SIZE[1]), -(-w // PATCH_SIZE[2]))
+        grid = token_grid((f, h, w), self.dims.spec.patch_size)
         tokens = WanTransformer.patch_embed(self, x).to(dtype)
         e_head = self.time_embedding(sinusoidal_embedding(timestep).to(dtype))
         e = self.time_projection(e_head).unflatten(1, (6, self.dims.dim))
@@ -232,7 +264,7 @@ class WanTransformer(nn.Module):
         """Head (2-vector modulation) and unpatchify: [B, L, dim] -> [B, out_dim, F, H, W]."""
         shift, scale = (self.head.modulation.to(x.dtype) + p.e_head[:, None, None]).unbind(2)
         x = self.head.head(_layer_norm(x) * (1 + scale) + shift)
-        b, c, (pf, ph, pw) = x.shape[0], self.dims.out_dim, PATCH_SIZE
+        b, c, (pf, ph, pw) = x.shape[0], self.dims.out_dim, self.dims.spec.patch_size
         x = x.view(b, *p.grid, pf, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         x = x.reshape(b, c, p.grid[0] * pf, p.grid[1] * ph, p.grid[2] * pw)
         return x[:, :, :p.size[0], :p.size[1], :p.size[2]]

@@ -35,12 +35,13 @@ from comfyui_pare.router import BlockRouter, load_router
 from comfyui_pare.safetensors_io import atomic_write_text
 from comfyui_pare.schedule import parse_schedule
 
-from . import route_eval  # the module, not names: route_eval -> export -> route is a cycle
 from .config import ConfigError, InputPath, load_config
 from .gates import budget_penalty, compute_fraction, expected_compute_fraction, logistic_noise, normalized_costs
 from .loop import TrainConfig, Trainer, set_determinism
 from .parallel import barrier, checkpoint_activations, full_state_dict, shutdown, wrap_trainable
-from .resources import write_report
+from .resources import set_phase, write_report
+from .route_eval import best_contiguous_skip, student_contribution
+from .route_finish import finish_run
 from .routed import GatedWan, block_costs, initial_bias, pin_mask, router_spec_for
 from .sharded import TensorRows
 from .stage_common import (
@@ -173,7 +174,7 @@ def build(cfg: RouteConfig):
     n = meta.num_blocks
     costs = normalized_costs(raw_costs, n)
     pinned = pin_mask(n, rc.pin_first, rc.pin_last)
-    contribution = None if rc.stats is None else route_eval.student_contribution(rc.stats, meta).mean(dim=0)
+    contribution = None if rc.stats is None else student_contribution(rc.stats, meta).mean(dim=0)
     spec = router_spec_for(meta, rc.hidden, rc.text_input, train_budget=rc.budget, layer_norm=rc.layer_norm)
     if rc.frozen_router is not None:
         router = frozen_router(rc.frozen_router, spec)
@@ -214,8 +215,8 @@ def fixed_mask(rc: RouteSection, meta, costs: torch.Tensor, pinned: torch.Tensor
     """Bool [N] of the ablation's fixed schedule (True: the block runs)."""
     num_blocks = meta.num_blocks
     if rc.fixed_schedule == "auto":
-        contribution = route_eval.student_contribution(rc.stats, meta)
-        return route_eval.best_contiguous_skip(contribution, costs, pinned, rc.budget).mask(num_blocks)
+        contribution = student_contribution(rc.stats, meta)
+        return best_contiguous_skip(contribution, costs, pinned, rc.budget).mask(num_blocks)
     run = torch.ones(num_blocks, dtype=torch.bool)
     for rng in parse_schedule(rc.fixed_schedule, num_blocks):
         run[rng.first_block:rng.last_block + 1] = False
@@ -232,11 +233,12 @@ def train(cfg: RouteConfig, resume: str | None = None) -> dict:
                           tokens_per_step=cfg.train.batch_size * tokens_of(stage.samples)[0])
         trainer.run(resume)
         trainer.final_weights()
+        set_phase("export")  # the threshold calibration and the export (route_eval.finish_run)
         state = full_state_dict(stage.gated, info)  # collective under FSDP2: every rank takes part
         report = {}
         if info.is_main:
             out = Path(cfg.train.output_dir)
-            report = route_eval.finish_run(cfg, stage, state, out / "student.safetensors", out / "router.safetensors")
+            report = finish_run(cfg, stage, state, out / "student.safetensors", out / "router.safetensors")
             atomic_write_text(out / "route_report.json", json.dumps(report, indent=1))
         write_report(cfg.train.output_dir, info, trainer.throughput())
         barrier()

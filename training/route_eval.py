@@ -13,22 +13,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from comfyui_pare.errors import PareFormatError
-from comfyui_pare.router import BlockRouter, RoutingPolicy
-from comfyui_pare.router_health import RouterCollapsed, health_from_logits
 from comfyui_pare.safetensors_io import load_tensors
 from comfyui_pare.schedule import SkipRange
 
-from . import calibrate_router, export  # modules, not names: export -> route -> route_eval is a cycle
-from .gates import compute_fraction
-from .model import WanTransformer
-from .parallel import resolve_strategy
-from .routed import GatedWan, RoutedVelocity
 from .stage_common import sample_sigmas
 from .teacher import load_model
 
@@ -178,79 +170,6 @@ def eval_batches(stage, seed: int) -> list[Batch]:
         noise = torch.randn((rc.eval_sigmas, *item.x0.shape), generator=gen)
         out.append(stage.inputs([item] * rc.eval_sigmas, sigma, noise))
     return out
-
-
-def local_gated(stage, state: dict[str, torch.Tensor]):
-    """A plain (unwrapped, unsharded) copy of the trained student + router from a full state dict."""
-    device = stage.info.device
-    part = {name: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-            for name in ("student", "router")}
-    student = WanTransformer.from_state_dict(part["student"], stage.gated.student.meta, device=device)
-    router = BlockRouter(stage.gated.router.spec).to(device)
-    router.load_state_dict(part["router"])
-    return GatedWan(student, router.eval(), stage.gated.pinned.cpu()).to(device).eval()
-
-
-@torch.no_grad()
-def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, router_out: Path) -> dict:
-    """Calibrate the default threshold, export both files, measure budget error and velocity errors (rank 0)."""
-    rc, seed = cfg.route, cfg.train.seed
-    gated = local_gated(stage, state)
-    student, router, pinned, costs = gated.student, gated.router, gated.pinned, stage.costs.cpu()
-    health = check_health(cfg, stage, gated)
-    calib, held_out = eval_batches(stage, seed + 2_000_003), eval_batches(stage, seed + 3_000_017)
-    logits = torch.cat([gated.logits(t, student.patch_embed(x).float(), ctx).cpu() for x, t, ctx, _ in calib])
-    # A fixed or frozen router's decisions are the ones the student trained under: keep them (logit > 0).
-    threshold = calibrate_threshold(logits, costs, pinned, rc.budget) if rc.learns_router else 0.5
-    export_dtype = torch.bfloat16 if cfg.model.export_dtype == "bfloat16" else torch.float32
-    export.export_student_and_router(student, router, student_out, router_out, threshold, rc.budget, export_dtype)
-    fsdp = resolve_strategy(cfg.train.strategy, stage.info) == "fsdp"  # the teacher is sharded: no velocity errors
-    budget_part = calibrate_router.export_calibration(cfg, stage, gated, logits, held_out, router_out,
-                                                      measure_quality=not fsdp)
-
-    policy = RoutingPolicy(threshold=threshold, pin_first=rc.pin_first, pin_last=rc.pin_last)
-    routed = RoutedVelocity(student, router, policy)
-    for x, t, ctx, clip in held_out:
-        routed(x, t, ctx, clip)
-    executed = float(compute_fraction(torch.cat(routed.masks).float(), costs))
-    report = {"budget": rc.budget, "default_threshold": threshold, "executed_fraction": executed,
-              "budget_error": executed - rc.budget, "held_out_inputs": sum(b[0].shape[0] for b in held_out),
-              "student": str(student_out), "router": str(router_out), "budget_calibration": budget_part,
-              "router_health": health.to_json()}
-    logger.info("router: default threshold %.4g, held-out compute %.4f (budget %.4f)", threshold, executed, rc.budget)
-    if fsdp:
-        logger.info("velocity errors are not measured under FSDP (the teacher is sharded); run export instead")
-        return report
-    report["velocity_error"] = velocity_errors(cfg, stage, gated, routed, held_out, executed)
-    return report
-
-
-HEALTH_STEPS = 8
-
-
-@torch.no_grad()
-def check_health(cfg, stage, gated):
-    """The router's health (``comfyui_pare.router_health``) on the evaluation samples, each noised at the same
-    ``HEALTH_STEPS`` sigmas of the flow schedule (inputs x steps); a learned router that came out collapsed (constant
-    over these inputs) fails the stage with RouterCollapsed before anything is exported."""
-    rc = cfg.route
-    samples = stage.samples[:rc.eval_samples]
-    batches = calibrate_router.schedule_batches(gated.student, samples, HEALTH_STEPS, cfg.flow.shift,
-                                                cfg.train.seed + 4_000_037)
-    logits, pre = [], []
-    for x, t, ctx, _ in batches:
-        tokens = gated.student.patch_embed(x).float()
-        text = ctx if gated.router.spec.text_dim else None
-        logits.append(gated.router(t, tokens, text).cpu())
-        pre.append(gated.router.hidden_preactivations(t, tokens, text).cpu())
-    health = health_from_logits(torch.stack(logits), torch.cat(pre), gated.pinned.cpu())
-    logger.info("%s", health.describe())
-    if rc.learns_router and health.collapsed:
-        raise RouterCollapsed(f"{cfg.train.output_dir}: stage 2 ended with a collapsed router: {health.describe()}. "
-                              "Its decisions do not depend on the step or the input, so it is a static schedule; "
-                              "lower route.router_learning_rate, keep route.layer_norm on, or train a static "
-                              "schedule on purpose (route.fixed_schedule)")
-    return health
 
 
 def velocity_errors(cfg, stage, gated, routed, batches: list[Batch], executed: float) -> dict:

@@ -153,7 +153,6 @@ def fit_router(router: BlockRouter, train: LabelSet, val: LabelSet, costs: torch
                 thetas[k] = mid
                 s = evaluate(train, cfg.tau_start, False)[1][k]
                 lo, hi = (mid, hi) if s > b else (lo, mid)
-        ref = evaluate(train, cfg.tau_start, False)[0].detach()
         ref_clip = torch.stack([per_clip(e * train.weights, clip_of, n_clips) for e in row_errors(train, cfg.tau_start)])
         ref_val_hard = evaluate(val, 1.0, True)[0].detach()
     budgets = torch.tensor(cfg.budgets)

@@ -1,4 +1,4 @@
-"""ComfyUI-compatible flow-matching sampling for Wan2.1 in plain torch, for references computed outside ComfyUI.
+"""ComfyUI-compatible flow-matching sampling for Wan in plain torch, for references computed outside ComfyUI.
 
 Reproduces ComfyUI 0.3.75 exactly where it matters for matching outputs:
 
@@ -22,16 +22,8 @@ from typing import Callable, Protocol
 
 import torch
 
-# Per-channel statistics of the Wan2.1 VAE latent: architecture constants, copied from ComfyUI 0.3.75
-# comfy/latent_formats.py (class Wan21, latents_mean / latents_std), the same numbers as Wan2.1's own VAE.
-WAN21_LATENTS_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)
-WAN21_LATENTS_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)
+from comfyui_pare.model_family import FAMILIES, LatentSpace
+
 NUM_TIMESTEPS = 1000
 MULTIPLIER = 1000.0
 SCHEDULERS = ("simple", "normal")
@@ -103,10 +95,23 @@ def percent_to_sigma(percent: float, shift: float = 1.0) -> float:
 # ---------------------------------------------------------------------------------------------- latents
 
 
+def latent_space_of(latent: torch.Tensor) -> LatentSpace:
+    """The Wan latent space of a [B, C, F, H, W] latent, told by its channels (16: Wan2.1's VAE, 48: Wan2.2's)."""
+    spaces = {f.latent.channels: f.latent for f in FAMILIES.values()}
+    if latent.ndim != 5 or latent.shape[1] not in spaces:
+        raise ValueError(f"expected a Wan latent [B, C, F, H, W] with C in {sorted(spaces)}, got {list(latent.shape)}")
+    return spaces[latent.shape[1]]
+
+
+def latent_stats(space: LatentSpace, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent space's per-channel mean and std as [1, C, 1, 1, 1] tensors on ``like``'s device and dtype."""
+    view = (1, space.channels, 1, 1, 1)
+    return (torch.tensor(space.mean).view(view).to(like.device, like.dtype),
+            torch.tensor(space.std).view(view).to(like.device, like.dtype))
+
+
 def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    view = (1, len(WAN21_LATENTS_MEAN), 1, 1, 1)
-    mean = torch.tensor(WAN21_LATENTS_MEAN).view(view).to(like.device, like.dtype)
-    return mean, torch.tensor(WAN21_LATENTS_STD).view(view).to(like.device, like.dtype)
+    return latent_stats(latent_space_of(like), like)
 
 
 def process_in(latent: torch.Tensor) -> torch.Tensor:

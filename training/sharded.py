@@ -32,9 +32,9 @@ FLOAT32_KEYS = ("patch_embedding.",)  # kept in float32 whatever the model's dty
 
 
 class RowSource(Protocol):
-    """Where a parameter's values come from, a range of rows at a time."""
+    """Where a parameter's values come from, a range of rows at a time, written into the parameter's storage."""
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor: ...
+    def rows_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None: ...
 
 
 class CheckpointRows:
@@ -47,6 +47,10 @@ class CheckpointRows:
         dtype = torch.float32 if key.startswith(FLOAT32_KEYS) else self.dtype
         return self.reader.rows(key, start, stop, dtype)
 
+    def rows_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Straight from the file into ``out`` where the file stores its dtype (``WanReader.rows_into``)."""
+        self.reader.rows_into(key, start, stop, out)
+
 
 class TensorRows:
     """Rows of tensors already in memory (a small module's state, e.g. stage 2's router)."""
@@ -54,8 +58,8 @@ class TensorRows:
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = {k: v.detach().clone() for k, v in tensors.items()}
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self.tensors[key][start:stop]
+    def rows_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        out.copy_(self.tensors[key][start:stop].reshape(out.shape))
 
 
 def meta_model(path: str | os.PathLike, dtype: torch.dtype) -> WanTransformer:
@@ -108,6 +112,6 @@ def materialize(model: nn.Module, device: torch.device, sources: dict[str, RowSo
         start, stop = owned_rows(param)
         local = param.to_local() if isinstance(param, DTensor) else param
         if stop > start:
-            local.copy_(source.rows(key, start, stop).reshape(local.shape))
+            source.rows_into(key, start, stop, local)
     for name, value in buffers.items():
         model.get_buffer(name).copy_(value)

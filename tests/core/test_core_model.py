@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import diffusers_module
 
-from benchmarks import comfy_lib as comfy_lib_module
+import comfy_library as comfy_lib_module
 from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
 from comfyui_pare.wan import WanDims

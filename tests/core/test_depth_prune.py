@@ -15,10 +15,11 @@ from conftest import REPO
 from comfyui_pare import safetensors_io
 from comfyui_pare.errors import PareFormatError
 from comfyui_pare.lora import ParsedLora, load_lora_file, merged_deltas, slice_lora
-from comfyui_pare.pruned import WIDTH_ONLY_VERSION, PrunedWanMeta, describe, load_checkpoint, read_meta, save_checkpoint
+from comfyui_pare.pruned import WIDTH_ONLY_VERSION, PrunedWanMeta, describe, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import PrunePlan, prune_state_dict
 from comfyui_pare.wan import BlockWidth
+from comfyui_pare.wan_reader import load_checkpoint, read_meta
 from training.model import WanTransformer
 from training.tiny import TINY_T2V, random_wan_state_dict
 

@@ -13,17 +13,11 @@ from helpers import write_plan
 
 from comfyui_pare import safetensors_io
 from comfyui_pare.errors import PareFileError, PareFormatError
-from comfyui_pare.pruned import (
-    FORMAT_VERSION,
-    WIDTH_ONLY_VERSION,
-    PrunedWanMeta,
-    load_checkpoint,
-    read_meta,
-    save_checkpoint,
-)
+from comfyui_pare.pruned import FORMAT_VERSION, WIDTH_ONLY_VERSION, PrunedWanMeta, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import PrunePlan, prune_state_dict
 from comfyui_pare.wan import WanDims
+from comfyui_pare.wan_reader import load_checkpoint, read_meta
 from training.tiny import TINY_I2V, TINY_T2V, random_wan_state_dict
 
 PLAIN = WanDims(dim=256, num_heads=2, ffn_dim=64, num_layers=2, text_dim=32)

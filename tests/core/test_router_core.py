@@ -117,6 +117,22 @@ def test_timestep_switch_router():
     assert _rows(decide(out, RoutingPolicy(threshold=0.5))) == [{0, 2, 4, 5}] * 3 + [{1, 2, 5}] * 3
 
 
+def test_per_frame_timestep_decides_per_sample_from_the_noisy_frames():
+    # Wan2.2 TI2V-5B with a start image: ComfyUI passes [rows, latent frames], the clean first frame at 0. Each row
+    # decides as a text-to-video call at its noisy frames' t would; cond and uncond rows stay independent.
+    early, late = [4.0, -4.0, 4.0, -4.0, 4.0, 4.0], [-4.0, 4.0, 4.0, -4.0, -4.0, 4.0]
+    r = BlockRouter.timestep_switch(SPEC, 500.0, early, late)
+    tokens = torch.randn(2, 5, 16)
+    per_frame = torch.tensor([[0.0, 900.0, 900.0, 900.0], [0.0, 100.0, 100.0, 100.0]])
+    out = r(per_frame, tokens)
+    assert torch.equal(out, r(torch.tensor([900.0, 100.0]), tokens))
+    torch.testing.assert_close(out, torch.tensor([early, late]), atol=0.1, rtol=0)
+    with pytest.raises(ValueError, match=r"timestep \[batch\] or \[batch, latent frames\]"):
+        r(per_frame[:, None], tokens)
+    with pytest.raises(ValueError, match="3 timesteps for a batch of 2"):
+        r(torch.zeros(3, 4), tokens)
+
+
 # ------------------------------------------------------------------------------------------ decisions
 
 

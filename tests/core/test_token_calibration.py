@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import tiny_assets
 import torch
 from conftest import REPO
 
@@ -14,6 +13,7 @@ from comfyui_pare.calibration import write_sample
 from comfyui_pare.errors import PareError
 from comfyui_pare.token_calibration import schedule_from_redundancy, step_ranges
 from comfyui_pare.token_schedule import load_schedule
+from scripts import tiny_assets
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -77,8 +77,9 @@ def test_errors_name_what_is_wrong(assets_dir, tmp_path, capsys):
 
 
 def test_calibrates_a_pruned_student_in_process(assets_dir, tmp_path):
-    from comfyui_pare.pruned import load_checkpoint, save_checkpoint
+    from comfyui_pare.pruned import save_checkpoint
     from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
+    from comfyui_pare.wan_reader import load_checkpoint
     from training.token_calibrate import main
 
     sd, meta = load_checkpoint(assets_dir / tiny_assets.TEACHER_T2V)

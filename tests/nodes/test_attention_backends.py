@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from benchmarks import comfy_lib
+import comfy_library
 
 pytestmark = pytest.mark.comfy
 
@@ -20,10 +20,10 @@ def raw(f):
 
 
 def test_biased_reduced_attention_avoids_backends_that_drop_masks():
-    comfy_lib.load_comfy("cpu")
+    comfy_library.load_comfy("cpu")
     from comfy.ldm.modules import attention as A
 
-    tr = importlib.import_module(f"{comfy_lib.PACK_MODULE}.nodes.token_reduction")
+    tr = importlib.import_module(f"{comfy_library.PACK_MODULE}.nodes.token_reduction")
     bias = torch.zeros(1, 1, 1, 4)
     for maskless in (A.attention_sage, A.attention_flash):
         assert tr.backend_for(raw(maskless), bias) is raw(A.attention_pytorch)

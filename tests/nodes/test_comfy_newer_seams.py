@@ -17,7 +17,7 @@ import threading
 import pytest
 import torch
 
-from benchmarks import comfy_lib
+import comfy_library
 from benchmarks.models import bench_files
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import BlockWidth, WanDims
@@ -30,14 +30,14 @@ LAZY = WanDims(dim=128, num_heads=4, ffn_dim=256, num_layers=3, text_dim=4096)  
 
 @pytest.fixture(scope="module")
 def lib():
-    comfy = comfy_lib.load_comfy("cpu")
+    comfy = comfy_library.load_comfy("cpu")
     files = bench_files(DIMS, 0.5, 0.7)
     comfy.add_model_folder("diffusion_models", files.folder)
     return comfy, files
 
 
 def pack(name: str):
-    return sys.modules[f"{comfy_lib.PACK_MODULE}.nodes.{name}"]
+    return sys.modules[f"{comfy_library.PACK_MODULE}.nodes.{name}"]
 
 
 def test_pruned_blocks_build_when_operations_leave_weights_unmaterialised(lib):
@@ -81,7 +81,7 @@ def _modulation_lora(tmp_path, num_blocks: int) -> tuple[str, dict[str, torch.Te
 def test_modulation_lora_survives_a_patcher_that_restores_weights_on_every_load(lib, tmp_path):
     lib_comfy, files = lib
     model_patcher, utils = sys.modules["comfy.model_patcher"], sys.modules["comfy.utils"]
-    student = comfy_lib.pare_unet(lib_comfy, files.student)
+    student = comfy_library.pare_unet(lib_comfy, files.student)
     path, deltas = _modulation_lora(tmp_path, DIMS.num_layers)
     original = {k: student.model.diffusion_model.get_parameter(k).detach().clone() for k in deltas}
     patched, added, _ = pack("lora").apply_lora(student, path, 0.5)
@@ -111,7 +111,7 @@ def test_modulation_lora_survives_a_patcher_that_restores_weights_on_every_load(
 def test_a_routing_run_keeps_its_current_call_per_thread(lib):
     comfy, files = lib
     routing, hooks = pack("routing"), pack("hooks")
-    student = comfy_lib.pare_unet(comfy, files.student)
+    student = comfy_library.pare_unet(comfy, files.student)
     template = routing.RoutingTemplate(routing.ScheduleDecider(()), pack("model_info").model_meta(student))
     run = template.start_run(student.get_model_object("model_sampling"), None)
     barrier, seen, errors = threading.Barrier(2), {}, []

@@ -18,7 +18,7 @@ import torch
 from conftest import REPO
 from torch.overrides import TorchFunctionMode
 
-from benchmarks import comfy_lib
+import comfy_library
 from benchmarks.models import bench_files
 from comfyui_pare.router import BlockRouter, RouterSpec
 from comfyui_pare.wan import WanDims
@@ -68,10 +68,10 @@ class HostReads(TorchFunctionMode):
 
 @pytest.fixture(scope="module")
 def lib():
-    comfy = comfy_lib.load_comfy("cpu")
+    comfy = comfy_library.load_comfy("cpu")
     files = bench_files(DIMS, 0.5, 0.7)
     comfy.add_model_folder("diffusion_models", files.folder)
-    student = comfy_lib.pare_unet(comfy, files.student)
+    student = comfy_library.pare_unet(comfy, files.student)
     gen = torch.Generator().manual_seed(0)
     cond = [torch.randn(1, 8, DIMS.text_dim, generator=gen) for _ in range(2)]
     return comfy, student, cond
@@ -80,7 +80,7 @@ def lib():
 def sample(lib, model, steps: int, seed: int = 0) -> torch.Tensor:
     comfy, _, (ctx, neg) = lib
     with torch.inference_mode():
-        return comfy_lib.ksample(comfy, comfy_lib.with_shift(comfy, model), ctx, neg, torch.zeros(1, 16, 1, 8, 8),
+        return comfy_library.ksample(comfy, comfy_library.with_shift(comfy, model), ctx, neg, torch.zeros(1, 16, 1, 8, 8),
                                  steps, cfg=4.0, seed=seed)
 
 
@@ -94,9 +94,9 @@ def routed_models(lib) -> dict[str, object]:
     comfy, student, _ = lib
     constant = BlockRouter.constant(RouterSpec(num_blocks=DIMS.num_layers, dim=DIMS.dim), [4.0, 1.0, 3.0, 2.0])
     return {
-        "budget": comfy_lib.apply_router(comfy, student, constant, budget=0.5),
-        "static": comfy_lib.static_schedule(comfy, student, "1-2@0.3-1.0"),
-        "budget_1": comfy_lib.apply_router(comfy, student, constant, budget=1.0),
+        "budget": comfy_library.apply_router(comfy, student, constant, budget=0.5),
+        "static": comfy_library.static_schedule(comfy, student, "1-2@0.3-1.0"),
+        "budget_1": comfy_library.apply_router(comfy, student, constant, budget=1.0),
     }
 
 
@@ -127,7 +127,7 @@ def test_every_routed_model_call_reads_once_and_the_report_is_unchanged(lib):
     and without the counter."""
     comfy, student, _ = lib
     models = routed_models(lib)
-    models["threshold"] = comfy_lib.apply_router(comfy, student, switch_router(), threshold=0.5)
+    models["threshold"] = comfy_library.apply_router(comfy, student, switch_router(), threshold=0.5)
     kind = comfy.pe.WrappersMP.APPLY_MODEL
     for name, model in models.items():
         sample(lib, model, 4)
@@ -152,7 +152,7 @@ def test_routing_under_torch_compile_is_exact_without_recompiles(lib):
     from torch._dynamo.utils import counters
 
     comfy, student, _ = lib
-    routed = comfy_lib.apply_router(comfy, student, switch_router(), threshold=0.5, pin_first=0, pin_last=0)
+    routed = comfy_library.apply_router(comfy, student, switch_router(), threshold=0.5, pin_first=0, pin_last=0)
     steps = 3
     eager = sample(lib, routed, steps)
     plain = sample(lib, student, steps)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_pare.pruned import read_meta
 from comfyui_pare.router import read_router_spec
+from comfyui_pare.wan_reader import read_meta
 from training.toyworld.latents import cache_latents
 from training.toyworld.pare_stages import PareSettings, run_pipeline
 from training.toyworld.teacher import SHIFT

@@ -10,8 +10,9 @@ import torch
 from training_helpers import write_micro_teacher, write_samples
 
 from comfyui_pare.calibration import read_folder
-from comfyui_pare.pruned import PrunedWanMeta, load_checkpoint
+from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.wan import WanDims
+from comfyui_pare.wan_reader import load_checkpoint
 from training.__main__ import main
 from training.attention_stats import frame_of_tokens, intra_slice_ratio, intra_slice_ratio_dense, sample_rows
 from training.calibrate import CalibrateOptions, CalibrationStats, calibrate

@@ -15,7 +15,7 @@ import importlib
 import torch
 from torch import nn
 
-from benchmarks.comfy_lib import import_comfy
+from comfy_library import import_comfy
 
 Z_DIM = 16
 

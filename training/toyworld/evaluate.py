@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from comfyui_pare.model_family import FAMILIES
 from comfyui_pare.toy_text import ToyTextEncoder
 
 from ..sampling import Conditioning, flow_sigmas, initial_noise, ksampler_euler
 from . import videos
 
 STEPS, CFG = 20, 4.0  # the toy world's default sampler settings (Euler, simple scheduler, shift teacher.SHIFT)
-LATENT_SHAPE = (16, 5, videos.SIZE // 8, videos.SIZE // 8)
+LATENT_SHAPE = FAMILIES["wan2.1-t2v"].latent_shape(videos.FRAMES, videos.SIZE, videos.SIZE)  # (16, 5, 8, 8)
 MIN_PIXELS = 12
 MIN_TRAVEL_PX = 8.0
 MISSING_PX = videos.SIZE / 2

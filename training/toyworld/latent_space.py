@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..sampling import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD
+from comfyui_pare.model_family import WAN21_LATENT
+
+from ..sampling import latent_stats
 from . import videos
 
 FEATURE_SCALE = 3.0
@@ -54,9 +56,7 @@ def frame_features(latent_frames: torch.Tensor, indices: list[int]) -> torch.Ten
 
 
 def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    view = (1, 16, 1, 1, 1)
-    return (torch.tensor(WAN21_LATENTS_MEAN, dtype=like.dtype, device=like.device).view(view),
-            torch.tensor(WAN21_LATENTS_STD, dtype=like.dtype, device=like.device).view(view))
+    return latent_stats(WAN21_LATENT, like)
 
 
 def target_latents(video: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from comfyui_pare.pruned import load_checkpoint, save_checkpoint
+from comfyui_pare.pruned import save_checkpoint
+from comfyui_pare.wan_reader import load_checkpoint
 
 FULL = ("pare_toy_teacher.safetensors", "pare_toy_student.safetensors", "pare_toy_vae.safetensors",
         "pare_toy_text.safetensors")

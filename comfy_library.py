@@ -1,8 +1,11 @@
 """ComfyUI as a library, in this process: the stock loader, the pack's nodes and the stock KSampler path.
 
 The one place that starts ComfyUI as a library (``import_comfy``): the bench's measured suites, the tests that run
-ComfyUI in-process, the tiny test assets and the toy world's VAE all go through it (the core never does). The tree
-is ``PARE_COMFYUI_DIR``, else the pinned 0.3.75 in the cache. It follows docs/comfyui_notes.md "ComfyUI as a library":
+ComfyUI in-process, the tiny test assets and the toy world's VAE all go through it (the shipped pack never does:
+ComfyUI imports the pack, not the other way round). It sits at the bottom of the repository's import graph, beside
+``comfyui_pare``: it imports no project module (the pack is loaded from its folder by path, as ComfyUI loads
+it), so training, scripts, benchmarks and tests all use it from below. The tree is
+``PARE_COMFYUI_DIR``, else the pinned 0.3.75 in the cache. It follows docs/comfyui_notes.md "ComfyUI as a library":
 the ComfyUI tree goes first on ``sys.path`` (its top-level ``nodes`` module must win over this repository's
 ``nodes/`` package), ``args.cpu`` is set before ``comfy.model_management`` is imported, and the pack is loaded as
 a package the way ComfyUI's ``load_custom_node`` does, so its relative imports work.
@@ -14,7 +17,6 @@ import importlib.util
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -23,11 +25,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("PARE_CACHE", Path.home() / ".cache" / "comfyui-pare"))
 COMFY_DIR = Path(os.environ.get("PARE_COMFYUI_DIR", CACHE / "comfyui-0.3.75"))
 PACK_MODULE = "comfyui_pare_pack"  # the name the pack is imported under (ComfyUI uses the folder's path)
-TIMING_KEY = "pare_bench_timing"
 
 
 class ComfyNotFound(RuntimeError):
@@ -61,6 +62,9 @@ def import_comfy(device: str = "cpu") -> Path:
     if "nodes" in sys.modules and not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(str(COMFY_DIR)):
         raise RuntimeError("another module named 'nodes' is already imported; import ComfyUI in a fresh process")
     if str(COMFY_DIR) not in sys.path:
+        # The one sys.path edit in the repository: ComfyUI is not an installable package, its modules (``comfy``,
+        # ``folder_paths``, its top-level ``nodes``) import each other as top-level names from its tree, and that
+        # ``nodes`` must win over this repository's ``nodes/`` package, so the tree goes first.
         sys.path.insert(0, str(COMFY_DIR))
     import comfy.options
 
@@ -117,19 +121,6 @@ def pare_unet(comfy: Comfy, name: str, weight_dtype: str = "default"):
     return comfy.pack["loaders"].PARELoadPrunedWan.execute(name, weight_dtype).result[0]
 
 
-def compute_dtype(model) -> str:
-    """The dtype ComfyUI computes in for a loaded model (its manual-cast dtype, else the weights' dtype), and the
-    weights' storage dtype when it differs, e.g. 'float16 (weights float8_e4m3fn)'."""
-    base = model.model
-    stored = base.get_dtype()
-    compute = base.manual_cast_dtype or stored
-    name = str(compute).removeprefix("torch.")
-    scaled = getattr(base.model_config, "scaled_fp8", None)
-    if scaled is not None:  # fp8_scaled file: the weights stay fp8 beside their scales, whatever get_dtype says
-        return f"{name} (weights {str(scaled).removeprefix('torch.')}, scaled)"
-    return name if compute == stored else f"{name} (weights {str(stored).removeprefix('torch.')})"
-
-
 def apply_router(comfy: Comfy, model, router, budget: float = 1.0, pin_first: int = 1, pin_last: int = 1,
                  threshold: float | None = None):
     """PARE Apply Router: budget mode, or threshold mode when ``threshold`` is given."""
@@ -148,37 +139,6 @@ def with_shift(comfy: Comfy, model, shift: float = 5.0):
     from comfy_extras.nodes_model_advanced import ModelSamplingSD3
 
     return ModelSamplingSD3().patch(model, shift)[0]
-
-
-# -- timing --------------------------------------------------------------------------------------------------
-
-class CallTimes:
-    """An APPLY_MODEL wrapper that times every model call the sampler makes (wall clock; on CUDA the call is
-    bracketed by synchronizes, so the time is the device's, at the price of one sync per call)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def __call__(self, executor, *args, **kwargs):
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = executor(*args, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-        self.seconds.append(time.perf_counter() - start)
-        return out
-
-
-def timed(comfy: Comfy, model) -> tuple[object, CallTimes]:
-    """A clone of ``model`` whose sampler model calls are timed (outermost APPLY_MODEL wrapper)."""
-    m = model.clone()
-    times = CallTimes()
-    kind = comfy.pe.WrappersMP.APPLY_MODEL
-    m.remove_wrappers_with_key(kind, TIMING_KEY)
-    m.wrappers[kind] = {TIMING_KEY: [times], **m.wrappers.get(kind, {})}  # the first wrapper is the outermost
-    return m, times
 
 
 def ksample(comfy: Comfy, model, context: torch.Tensor, negative: torch.Tensor, latent: torch.Tensor,
