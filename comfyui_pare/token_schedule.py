@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 FEATURES = ("q", "kv")
 PRESETS = ("conservative", "balanced", "fast")
 MAX_RATIO = 0.95  # strength never pushes a ratio past this: at least 5% of the tokens always stay
-# Wan2.1 depths the presets are written for (PARE.md: 1.3B has 30 blocks, 14B has 40).
+# Wan2.1 depths the presets are written for (``wan.WAN21_1_3B`` has 30 blocks, ``wan.WAN21_14B`` 40).
 PRESET_DEPTHS = {30: "Wan2.1 1.3B", 40: "Wan2.1 14B"}
 # Matched against a stripped part, so no two whitespace runs touch (no backtracking blow-up on long blanks).
 _RANGE = re.compile(r"([0-9]+)(?:\s*-\s*([0-9]+))?")

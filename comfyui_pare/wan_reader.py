@@ -14,23 +14,26 @@ the weights' fp8 dtype, and 0-d F32 ``scale_weight`` / ``scale_input`` beside a 
 is ``weight * scale_weight`` (ComfyUI's ``comfy/ops.py: scaled_fp8_ops``). The reader keeps scales with their
 weights (``scale``/``input_scale``), never as keys of their own.
 
-Tensors are read one at a time, each with its own short-lived ``safe_open``: a handle held open keeps every page
-read so far mapped, so the process would grow to the file's size; reopening per tensor keeps what is resident
-to the tensors the caller still holds. Pickle files are refused before they are read (``safetensors_io``).
+Tensors are read one at a time with plain reads at their offsets in the (validated) header, straight into the
+returned tensor (``safetensors_io.read_into``): nothing of the file stays mapped, so what is resident is the tensors
+the caller still holds, and a rank reading only its rows of a tensor reads only those bytes. This runs at the
+disk's speed (measured on a cached 0.56 GB file, 879 half-tensor reads: 1.6-1.8 GB/s, where ``safe_open(...)
+.get_slice`` per tensor gave 0.1 GB/s). Pickle files are refused before they are read (``safetensors_io``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from .errors import PareFileError, PareFormatError
 from .pruned import FLOAT_DTYPES, METADATA_KEY, PrunedWanMeta, check_tensors, meta_from_header
@@ -48,7 +51,7 @@ from .quant_layout import (
     header_layer_configs,
     marker_for,
 )
-from .safetensors_io import read_header, torch_dtype
+from .safetensors_io import data_start, read_header, read_into, torch_dtype
 from .wan import KNOWN_PREFIXES, diffusers_key
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ class StoredTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    offset: int  # absolute byte offset of its data in the file
 
 
 def _index_files(folder: Path) -> list[Path]:
@@ -140,6 +144,8 @@ class WanReader:
     """A validated Wan checkpoint in any supported layout, read lazily. Use ``open_wan``."""
 
     def __init__(self, path: str | os.PathLike):
+        self.bytes_read = 0  # tensor bytes read from the files so far, and the seconds spent reading them
+        self.read_seconds = 0.0
         self.path, files, weight_map = resolve_checkpoint(path)
         self.files = [str(f) for f in files]
         source = str(self.path)
@@ -199,6 +205,7 @@ class WanReader:
         metadata: dict[str, str] = {}
         for f in files:
             entries, meta = read_header(f)
+            start = data_start(f)
             for key, value in meta.items():
                 if key in metadata and metadata[key] != value and key == METADATA_KEY:
                     raise PareFormatError(f"{source}: shards disagree on their '{key}' metadata ({f.name})")
@@ -210,7 +217,8 @@ class WanReader:
                 if weight_map is not None and weight_map.get(name) not in (None, str(f)):
                     raise PareFormatError(f"{source}: the index puts '{name}' in {Path(weight_map[name]).name}, but it "
                                           f"is in {f.name}")
-                stored[name] = StoredTensor(str(f), name, str(e.get("dtype")), tuple(int(n) for n in e.get("shape", ())))
+                stored[name] = StoredTensor(str(f), name, str(e.get("dtype")), tuple(int(n) for n in e.get("shape", ())),
+                                            start + int(e["data_offsets"][0]))
         if weight_map is not None:
             lost = [k for k in weight_map if k not in stored]
             if lost:
@@ -335,8 +343,7 @@ class WanReader:
         return t.to(dtype)
 
     def rows(self, key: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` (first dimension) of the real weight, and only those read from the file
-        (``safe_open(...).get_slice``): what one rank of a sharded model owns. Scaled fp8 weights are dequantized as
+        """Rows ``start:stop`` (first dimension) of the real weight, and only those read from the file: what one rank of a sharded model owns. Scaled fp8 weights are dequantized as
         ``dequantized`` does (the scale is one number per tensor, so a slice dequantizes alone); ``dtype`` casts."""
         st = self.stored(key)
         if not 0 <= start <= stop <= (st.shape[0] if st.shape else 1):
@@ -392,18 +399,34 @@ class WanReader:
         out["weight_dtypes"] = dtypes
         return out
 
-    def _read(self, st: StoredTensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor, or only its rows ``rows`` = (start, stop) of the first dimension."""
-        try:
-            with safe_open(st.file, framework="pt", device="cpu") as f:
-                t = f.get_tensor(st.name) if rows is None else f.get_slice(st.name)[rows[0]:rows[1]]
-        except Exception as e:  # safetensors raises its own error types; name the file and key either way
-            raise PareFileError(f"{st.file}: could not read tensor '{st.name}' ({type(e).__name__}: {e})") from e
-        want = st.shape if rows is None else (rows[1] - rows[0], *st.shape[1:])
-        if tuple(t.shape) != want:
-            raise PareFileError(f"{st.file}: tensor '{st.name}' has shape {list(t.shape)}, expected {list(want)} "
-                                "from its header")
-        return t
+    def rows_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """``out[...] = rows(key, start, stop)`` in ``out``'s dtype. When the file stores that dtype unscaled and
+        ``out`` is a contiguous CPU tensor, the bytes are read straight into it (no intermediate tensor)."""
+        st = self.stored(key)
+        direct = (self.dtype(key) == out.dtype and key not in self._scales and out.device.type == "cpu"
+                  and out.is_contiguous() and out.numel() == (stop - start) * math.prod(st.shape[1:]))
+        if not direct:
+            out.copy_(self.rows(key, start, stop, out.dtype).reshape(out.shape))
+            return
+        if not 0 <= start <= stop <= (st.shape[0] if st.shape else 1):
+            raise PareFormatError(f"{st.file}: rows {start}:{stop} are outside tensor '{st.name}' of shape "
+                                  f"{list(st.shape)}")
+        self._read(st, (start, stop), out)
+
+    def _read(self, st: StoredTensor, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """The tensor, or only its rows ``rows`` = (start, stop) of the first dimension (contiguous bytes: tensors
+        are stored row-major), read into ``out`` (contiguous, the stored dtype) or a new tensor."""
+        dtype = torch_dtype(st.dtype, f"{st.file}: '{st.name}'")
+        start, stop = rows if rows is not None else (0, st.shape[0] if st.shape else 1)
+        if out is None:
+            out = torch.empty(st.shape if rows is None else (stop - start, *st.shape[1:]), dtype=dtype)
+        row_bytes = dtype.itemsize * math.prod(st.shape[1:])
+        began = time.perf_counter()
+        read_into(st.file, st.offset + start * row_bytes, out)
+        self.read_seconds += time.perf_counter() - began
+        self.bytes_read += out.nbytes
+        return out
 
     def close(self) -> None:
         """Nothing stays open between reads; kept so the reader is a context manager like a file."""

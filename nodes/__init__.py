@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
-
 from .calibration import PARESaveCalibrationSample
-from .comfy_compat import check_seams
+from .comfy_compat import ComfyExtension, check_seams, io, require
+from .comfy_compat.seams import REGISTRATION
 from .folders import register_folders
 from .loaders import PARELoadPrunedWan
 from .lora import PARELoraLoader
@@ -34,5 +33,6 @@ class PareExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> PareExtension:
     check_seams()  # logs what this ComfyUI lacks; the nodes that need it refuse to run, naming the version
+    require(REGISTRATION)  # without these the pack cannot register its nodes and folders at all
     register_folders()
     return PareExtension()

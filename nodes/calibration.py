@@ -11,13 +11,10 @@ from __future__ import annotations
 import logging
 import os
 
-import folder_paths
-from comfy_api.latest import io
-
 from ..comfyui_pare.calibration import LATENT_CHANNELS, write_sample
 from ..comfyui_pare.errors import PareFormatError
 from ..comfyui_pare.model_family import FAMILIES
-from .comfy_compat import require
+from .comfy_compat import internals, io, require
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +93,11 @@ class PARESaveCalibrationSample(io.ComfyNode):
             shape = list(samples.shape[1:])
         else:
             rows, shape = [None], latent_shape_for(width, height, length)
-        out_root = folder_paths.get_output_directory()
+        out_root = internals.output_directory()
         if os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/"):
             raise PareFormatError(f"PARE Save Calibration Sample: 'subfolder' {subfolder!r} must stay inside the "
                                   "output folder")
-        folder, name, counter, sub, _ = folder_paths.get_save_image_path(os.path.join(subfolder, filename_prefix),
-                                                                         out_root)
+        folder, name, counter, sub, _ = internals.save_image_path(os.path.join(subfolder, filename_prefix), out_root)
         results = []
         for i, row in enumerate(rows):
             file = f"{name}_{counter + i:05}_.safetensors"

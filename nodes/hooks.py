@@ -13,6 +13,9 @@ the ComfyUI internals the feature needs (``require``), chains the block patches 
   token grid, timestep, context) opens the call on the run; ``end_call`` closes it.
 
 Runs keep the current call per thread: ComfyUI's multi-GPU path may run model calls of one sampling run in threads.
+The kit also owns what both features share: the start/end range check of their nodes (``check_percent_range``),
+the active range as sigmas (``SigmaWindow``), ``HookRun.warn_once`` and the call of the block patch that was there
+before (``ChainedBlockPatch.call_next``).
 """
 
 from __future__ import annotations
@@ -23,13 +26,12 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-import comfy.model_patcher
-import comfy.patcher_extension as pe
 import torch
 
+from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.model_family import PATCH_SIZE, token_grid
 from ..comfyui_pare.router import sample_timesteps
-from .comfy_compat import require
+from .comfy_compat import ModelPatcher, internals, require
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class HookRun:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self._warned: set[str] = set()
 
     @property
     def current(self):
@@ -73,6 +76,12 @@ class HookRun:
     @current.setter
     def current(self, call) -> None:
         self._local.call = call
+
+    def warn_once(self, key: str, message: str, *args) -> None:
+        """Log ``message`` (a logging format) the first time ``key`` is warned about in this run."""
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
 
     def begin_call(self, info: CallInfo) -> None:
         raise NotImplementedError
@@ -97,6 +106,54 @@ class RunTemplate:
         raise NotImplementedError
 
 
+def check_percent_range(start_percent: float, end_percent: float) -> None:
+    """The start/end inputs of a per-step feature's node: fractions of the sampling run, in order."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise PareError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
+                        "0 <= start <= end <= 1")
+
+
+class SigmaWindow:
+    """A node's active range [start_percent, end_percent] as sigmas of the sampled model (its own
+    ``percent_to_sigma``, a ModelSamplingSD3 shift included). Sigmas fall as sampling goes on, so a call is inside
+    when ``low <= sigma <= high``. Percent-to-sigma lookups are cached for the run."""
+
+    def __init__(self, percent_to_sigma: Callable[[float], float], start_percent: float, end_percent: float) -> None:
+        self._percent_to_sigma = percent_to_sigma
+        self._sigma_of: dict[float, float] = {}
+        self.whole = start_percent <= 0.0 and end_percent >= 1.0  # every call is inside
+        self.high = self.sigma(start_percent)
+        self.low = self.sigma(end_percent)
+
+    def sigma(self, percent: float) -> float:
+        if percent not in self._sigma_of:
+            self._sigma_of[percent] = float(self._percent_to_sigma(percent))
+        return self._sigma_of[percent]
+
+    @property
+    def empty(self) -> bool:
+        return self.low > self.high
+
+    def contains(self, sigma: float) -> bool:
+        return self.low <= sigma <= self.high
+
+    def active(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Bool per row of a call's sigmas (on their device)."""
+        return (sigmas >= self.low) & (sigmas <= self.high)
+
+
+class ChainedBlockPatch:
+    """Base of a feature's ``double_block`` replace patch of block ``index``: ``inner`` is the patch that was there
+    before (another pack's, or the other PARE feature's), called in turn by ``call_next``."""
+
+    def __init__(self, index: int, inner: Callable | None) -> None:
+        self.index = index
+        self.inner = inner
+
+    def call_next(self, args: dict, extra: dict) -> dict:
+        return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
+
+
 def _schedule(args: tuple, kwargs: dict) -> list[float] | None:
     """The sampler's sigmas from OUTER_SAMPLE's (noise, latent_image, sampler, sigmas, ...) arguments."""
     sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
@@ -106,7 +163,7 @@ def _schedule(args: tuple, kwargs: dict) -> list[float] | None:
 def _outer_sample(key: str, executor, *args, **kwargs):
     guider = executor.class_obj
     original = guider.model_options
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    guider.model_options = internals.clone_model_options(original)
     topts = guider.model_options["transformer_options"]
     template: RunTemplate = topts[key]
     run = template.start_run(guider.model_patcher.get_model_object("model_sampling"), _schedule(args, kwargs))
@@ -135,7 +192,7 @@ def _diffusion_model(key: str, executor, x, timestep, context, clip_fea, time_di
 _diffusion_model = torch.compiler.disable(recursive=False)(_diffusion_model)
 
 
-def chain_block_patches(m: comfy.model_patcher.ModelPatcher, num_blocks: int, make: Callable[[int, Callable | None], object],
+def chain_block_patches(m: ModelPatcher, num_blocks: int, make: Callable[[int, Callable | None], object],
                         own: type) -> None:
     """Set ``make(i, inner)`` as the ``double_block`` replace patch of every block, where ``inner`` is the patch that
     was there (another pack's, kept and called in turn), unwrapping one of our own type ``own`` (re-applying a node
@@ -148,19 +205,17 @@ def chain_block_patches(m: comfy.model_patcher.ModelPatcher, num_blocks: int, ma
         m.set_model_patch_replace(make(i, inner), "dit", "double_block", i)
 
 
-def install(model: comfy.model_patcher.ModelPatcher, key: str, template: RunTemplate,
+def install(model: ModelPatcher, key: str, template: RunTemplate,
             block_cls: Callable[[int, Callable | None], object], num_blocks: int, node: str
-            ) -> comfy.model_patcher.ModelPatcher:
+            ) -> ModelPatcher:
     """A clone of ``model`` with the feature installed under ``key``; replaces the same feature installed before
     (idempotent) and keeps every other patch and wrapper. ``node``: the node's display name, for ``require``."""
     require(node)
     m = model.clone()
     m.model_options["transformer_options"][key] = template
     chain_block_patches(m, num_blocks, block_cls, own=block_cls)
-    for wrapper_type, fn in ((pe.WrappersMP.OUTER_SAMPLE, functools.partial(_outer_sample, key)),
-                             (pe.WrappersMP.DIFFUSION_MODEL, functools.partial(_diffusion_model, key))):
-        m.remove_wrappers_with_key(wrapper_type, key)
-        m.add_wrapper_with_key(wrapper_type, key, fn)
+    internals.set_keyed_wrapper(m, internals.outer_sample_wrapper(), key, functools.partial(_outer_sample, key))
+    internals.set_keyed_wrapper(m, internals.diffusion_model_wrapper(), key, functools.partial(_diffusion_model, key))
     return m
 
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import logging
 
-import folder_paths
-from comfy_api.latest import io
-
 from ..comfyui_pare.alignment import pad_state_dict
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.pruned import METADATA_KEY, describe
 from ..comfyui_pare.quant_layout import QUANT_METADATA
 from ..comfyui_pare.wan_reader import open_wan, resolve_checkpoint
-from .comfy_compat import require
+from .comfy_compat import internals, io, require
 from .folders import DIFFUSION_MODELS, file_fingerprint
 from .model_info import attach_meta
 from .wan_model import WEIGHT_DTYPES, build_wan_patcher, quant_layout_for_comfy
@@ -22,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 def checkpoint_fingerprint(unet_name: str) -> str:
     """Path, mtime and size of every file the checkpoint is made of (all shards of a sharded release)."""
-    path = folder_paths.get_full_path(DIFFUSION_MODELS, unet_name)
+    path = internals.full_path(DIFFUSION_MODELS, unet_name)
     try:
         _, files, _ = resolve_checkpoint(path)
         return ";".join(f"{f}:{f.stat().st_mtime_ns}:{f.stat().st_size}" for f in files)
@@ -47,7 +44,7 @@ class PARELoadPrunedWan(io.ComfyNode):
             ),
             inputs=[
                 io.Combo.Input(
-                    "unet_name", options=folder_paths.get_filename_list(DIFFUSION_MODELS),
+                    "unet_name", options=internals.filename_list(DIFFUSION_MODELS),
                     tooltip="A .safetensors Wan checkpoint in models/diffusion_models: a PARE student "
                             "(pruned widths in its metadata) or a plain Wan file (Wan-AI, ComfyUI "
                             "repackaged, fp8_scaled, diffusers). For a sharded release, keep its folder with the "
@@ -78,7 +75,7 @@ class PARELoadPrunedWan(io.ComfyNode):
 def load_pruned_wan(unet_name: str, weight_dtype: str = "default", disable_dynamic: bool | None = None):
     """The model of PARE Load Pruned Wan. Also the patcher's ``cached_patcher_init``: newer ComfyUI releases call it
     to build a fresh copy (multi-GPU cloning, ``clone(disable_dynamic=True)``), with ``disable_dynamic``."""
-    path = folder_paths.get_full_path_or_raise(DIFFUSION_MODELS, unet_name)
+    path = internals.full_path_or_raise(DIFFUSION_MODELS, unet_name)
     with open_wan(path) as reader:  # a shard of a sharded release loads the whole release, via its index
         meta, layout, scaled = reader.meta, reader.layout, reader.scaled_fp8
         source = str(reader.path)

@@ -18,13 +18,7 @@ import logging
 from math import isfinite, prod
 from typing import Any, Mapping
 
-import comfy.lora
-import comfy.model_patcher
-import comfy.patcher_extension
-import comfy.utils
-import folder_paths
 import torch
-from comfy_api.latest import io
 
 from ..comfyui_pare.alignment import pad_lora
 from ..comfyui_pare.errors import PareError, PareFormatError
@@ -38,7 +32,7 @@ from ..comfyui_pare.lora import (
     to_standard_state_dict,
     weight_key,
 )
-from .comfy_compat import require
+from .comfy_compat import ModelPatcher, internals, io, require
 from .folders import LORAS, file_fingerprint
 from .model_info import model_meta
 
@@ -96,7 +90,7 @@ def comfy_patches(sliced: ParsedLora, model_shapes: Mapping[str, tuple[int, ...]
         _check_against_model(p, model_shapes, sliced.source)
     standard = to_standard_state_dict(sliced, prefix=PREFIX)
     to_load = {PREFIX + m: PREFIX + weight_key(m) for m in sliced.patches}
-    patches = comfy.lora.load_lora(standard, to_load, log_missing=False)
+    patches = internals.load_lora(standard, to_load)
     for module, p in sliced.patches.items():
         wanted = ([PREFIX + weight_key(module)] if p.up is not None or p.diff is not None else []) + (
             [PREFIX + bias_key(module)] if p.diff_b is not None else [])
@@ -111,13 +105,13 @@ def _skipped_by_comfy_loader(model: torch.nn.Module, key: str) -> bool:
     """True for a parameter ComfyUI's ``ModelPatcher.load`` never patches: one owned by a module that also has
     parametrised children (its ``_load_list`` skips such modules), e.g. Wan's ``blocks.N.modulation``."""
     owner_name, _, name = key.rpartition(".")
-    owner = comfy.utils.get_attr(model, owner_name) if owner_name else model
+    owner = internals.get_attr(model, owner_name) if owner_name else model
     if name not in dict(owner.named_parameters(recurse=False)):
         return False
     return any(next(child.parameters(), None) is not None for child in owner.children())
 
 
-def patch_bare_parameters(patcher: comfy.model_patcher.ModelPatcher, device_to, lowvram_model_memory,
+def patch_bare_parameters(patcher: ModelPatcher, device_to, lowvram_model_memory,
                           force_patch_weights, full_load) -> None:
     """ON_LOAD callback: merge the pending patches ComfyUI's loader skipped, where the parameter lives.
 
@@ -131,13 +125,11 @@ def patch_bare_parameters(patcher: comfy.model_patcher.ModelPatcher, device_to, 
             continue
         saved = patcher.backup.get(key)
         if saved is not None:  # merged before: start again from the original
-            put = comfy.utils.copy_to_param if saved.inplace_update else comfy.utils.set_attr_param
-            put(patcher.model, key, saved.weight)
+            internals.put_param(patcher.model, key, saved.weight, in_place=saved.inplace_update)
         patcher.patch_weight_to_device(key)
 
 
-def apply_lora(model: comfy.model_patcher.ModelPatcher, path: str, strength: float
-               ) -> tuple[comfy.model_patcher.ModelPatcher, int, int]:
+def apply_lora(model: ModelPatcher, path: str, strength: float) -> tuple[ModelPatcher, int, int]:
     """(patched clone, patches applied, modules narrowed to the pruned widths). The input is not modified."""
     meta = model_meta(model)
     parsed = load_lora_file(path)
@@ -157,9 +149,8 @@ def apply_lora(model: comfy.model_patcher.ModelPatcher, path: str, strength: flo
         raise PareFormatError(f"{path}: ComfyUI did not accept the patches for {_first_keys(missing)}; "
                               "the model has no such weights")
     if any(_skipped_by_comfy_loader(patched.model, k) for k in added):
-        on_load = comfy.patcher_extension.CallbacksMP.ON_LOAD
-        patched.remove_callbacks_with_key(on_load, BARE_PARAMETER_CALLBACK)  # once per patcher, however many LoRAs
-        patched.add_callback_with_key(on_load, BARE_PARAMETER_CALLBACK, patch_bare_parameters)
+        # once per patcher, however many LoRAs
+        internals.set_keyed_on_load_callback(patched, BARE_PARAMETER_CALLBACK, patch_bare_parameters)
     return patched, len(added), narrowed
 
 
@@ -182,7 +173,7 @@ class PARELoraLoader(io.ComfyNode):
                 io.Model.Input("model", tooltip="The Wan model to patch: a PARE student from PARE Load Pruned "
                                                  "Wan, or a plain Wan model. It is cloned, never modified."),
                 io.Combo.Input(
-                    "lora_name", options=folder_paths.get_filename_list(LORAS),
+                    "lora_name", options=internals.filename_list(LORAS),
                     tooltip="A Wan LoRA (.safetensors) in models/loras, trained on the full (unpruned) model, in "
                             "any key style: diffusion_model.*, lora_unet_*, lora_A/B, diffusers (transformer.*).",
                 ),
@@ -201,13 +192,13 @@ class PARELoraLoader(io.ComfyNode):
         return f"{file_fingerprint(LORAS, lora_name)}:{strength_model}"
 
     @classmethod
-    def execute(cls, model: comfy.model_patcher.ModelPatcher, lora_name: str, strength_model: float) -> io.NodeOutput:
+    def execute(cls, model: ModelPatcher, lora_name: str, strength_model: float) -> io.NodeOutput:
         if strength_model == 0:  # as the stock loader: nothing to apply, the input passes through
             return io.NodeOutput(model)
         if not isfinite(strength_model):  # NaN passes ComfyUI's min/max checks and would turn every weight NaN
             raise PareError(f"PARE LoRA Loader: strength_model must be a finite number, got {strength_model}")
         require("PARE LoRA Loader")
-        path = folder_paths.get_full_path_or_raise(LORAS, lora_name)
+        path = internals.full_path_or_raise(LORAS, lora_name)
         patched, applied, narrowed = apply_lora(model, path, strength_model)
         logger.info("PARE LoRA: applied %d patches from %s (sliced %d modules to the pruned widths)",
                     applied, lora_name, narrowed)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 
-import folder_paths
-
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.untrusted import MAX_JSON_BYTES, quote, read_text_file
+from .comfy_compat import internals
 
 MAX_NAME = 255
 
@@ -30,9 +29,9 @@ def check_model_file_name(name: str, what: str) -> None:
 def model_file_path(folder: str, name: str, what: str) -> str:
     """The full path of ``name`` in the model folder ``folder``; an error naming the folder if it is not there."""
     check_model_file_name(name, what)
-    path = folder_paths.get_full_path(folder, name)
+    path = internals.full_path(folder, name)
     if path is None:
-        dirs = folder_paths.folder_names_and_paths.get(folder, ([],))[0]
+        dirs = internals.folder_paths_of(folder)
         raise PareError(f"{what} {quote(name)}: cannot be read (no such file in models/{folder}: "
                         f"{', '.join(dirs) or 'no directory registered'})")
     return path

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import comfy.model_patcher
 import numpy as np
 import torch
 
@@ -40,7 +39,8 @@ from ..comfyui_pare.pruned import PrunedWanMeta
 from ..comfyui_pare.report import CallRecord, StepRecord, steps_from_calls, summary_lines
 from ..comfyui_pare.router import BlockRouter, DecisionTensors, RoutingPolicy, decide
 from ..comfyui_pare.schedule import SkipRange
-from .hooks import CallInfo, HookRun, RunTemplate, install, log_summary
+from .comfy_compat import ModelPatcher
+from .hooks import CallInfo, ChainedBlockPatch, HookRun, RunTemplate, SigmaWindow, install, log_summary
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +179,7 @@ class RoutingRun(HookRun):
                  schedule: list[float] | None = None):
         super().__init__()
         self.template = template
-        self._percent_to_sigma = percent_to_sigma  # the sampled model's own mapping (shift included)
-        self._sigma_of: dict[float, float] = {}
-        self.sigma_high = self.percent_to_sigma(template.start_percent)
-        self.sigma_low = self.percent_to_sigma(template.end_percent)
+        self.window = SigmaWindow(percent_to_sigma, template.start_percent, template.end_percent)
         self.schedule = schedule  # the sampler's sigmas (steps + 1), for grouping calls into steps
         self.calls: list[ModelCall] = []
         self._calls_lock = threading.Lock()
@@ -190,13 +187,10 @@ class RoutingRun(HookRun):
         self.unrouted_calls = 0  # model calls in which no PARE block patch ran
         self._costs: dict[tuple[int, int], list[float]] = {}
         self._cache: dict[tuple, object] = {}
-        self._warned: set[str] = set()
         self._records: list[CallRecord] | None = None
 
     def percent_to_sigma(self, percent: float) -> float:
-        if percent not in self._sigma_of:
-            self._sigma_of[percent] = float(self._percent_to_sigma(percent))
-        return self._sigma_of[percent]
+        return self.window.sigma(percent)
 
     def cached(self, key: tuple, device: torch.device, make: Callable[[], object]):
         """A per-run constant on ``device`` (made once per run, so calls copy nothing from the host)."""
@@ -204,11 +198,6 @@ class RoutingRun(HookRun):
         if full not in self._cache:
             self._cache[full] = make()
         return self._cache[full]
-
-    def warn_once(self, key: str, message: str, *args) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message, *args)
 
     # -- per model call ----------------------------------------------------------------------------------
     # Under torch.compile these run eagerly and are never traced (compiler.disable): they are bookkeeping
@@ -266,14 +255,13 @@ class RoutingRun(HookRun):
             self.warn_once("block0", "%s: another node replaced PARE's patch on block 0, so the router cannot "
                            "see the latent and every block runs; apply PARE routing last", self.template.label)
             return everything
-        if self.sigma_low > self.sigma_high:
+        if self.window.empty:
             return everything
         mask = decider.decide(self, call, img if decider.needs_tokens else None, costs)
         if mask is None:
             return everything
-        if self.template.start_percent > 0.0 or self.template.end_percent < 1.0:
-            active = (call.sigma >= self.sigma_low) & (call.sigma <= self.sigma_high)
-            mask = mask | ~active[:, None]  # outside the active range every block runs
+        if not self.window.whole:
+            mask = mask | ~self.window.active(call.sigma)[:, None]  # outside the active range every block runs
         return [tuple(col) for col in mask.t().tolist()]  # the one host read of this call
 
     def row_index(self, keep: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -307,15 +295,8 @@ class RoutingRun(HookRun):
                              unrouted_calls=self.unrouted_calls)
 
 
-class RoutedBlock:
-    """The ``double_block`` replace patch of one block; chains to the patch that was there before."""
-
-    def __init__(self, index: int, inner: Callable | None):
-        self.index = index
-        self.inner = inner
-
-    def _run(self, args: dict, extra: dict) -> dict:
-        return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
+class RoutedBlock(ChainedBlockPatch):
+    """The ``double_block`` replace patch of one block; chains to the patch that was there before (``call_next``)."""
 
     # torch.compile (TorchCompileModel, per-block compile): this frame runs eagerly, so the decision is
     # never traced into a graph (no guard on it, no recompile when it changes); the block it calls is still
@@ -324,14 +305,14 @@ class RoutedBlock:
     def __call__(self, args: dict, extra: dict) -> dict:
         run = args["transformer_options"].get(KEY)
         if not isinstance(run, RoutingRun):
-            return self._run(args, extra)
+            return self.call_next(args, extra)
         rows = run.decide(self.index, args["img"])
         if rows is None:
-            return self._run(args, extra)
+            return self.call_next(args, extra)
         mine = rows[self.index]
         if all(mine) or (any(mine) and run.template.cfg_disagreement == "union"):
             run.block_calls += 1
-            return self._run(args, extra)
+            return self.call_next(args, extra)
         if not any(mine):
             return {"img": args["img"]}
         run.block_calls += 1
@@ -352,18 +333,17 @@ class RoutedBlock:
                 return t.index_select(0, idx) if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == b else t
 
         sub = {k: (rows(v) if k in ("img", "txt", "vec", "pe") else v) for k, v in args.items()}
-        out = self._run(sub, extra)["img"]
+        out = self.call_next(sub, extra)["img"]
         if stop - start == len(keep):
             return {"img": torch.cat([img[:start], out, img[stop:]])}
         return {"img": img.index_copy(0, run.row_index(keep, img.device), out)}
 
 
-def apply_routing(model: comfy.model_patcher.ModelPatcher, template: RoutingTemplate, node: str
-                  ) -> comfy.model_patcher.ModelPatcher:
+def apply_routing(model: ModelPatcher, template: RoutingTemplate, node: str) -> ModelPatcher:
     """A patched clone; replaces any PARE routing already on ``model`` (idempotent) and keeps other patches."""
     return install(model, KEY, template, RoutedBlock, template.meta.num_blocks, node)
 
 
-def routing_template(model: comfy.model_patcher.ModelPatcher) -> RoutingTemplate | None:
+def routing_template(model: ModelPatcher) -> RoutingTemplate | None:
     t = model.model_options.get("transformer_options", {}).get(KEY)
     return t if isinstance(t, RoutingTemplate) else None

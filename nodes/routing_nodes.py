@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import logging
 
-import folder_paths
 import torch
-from comfy_api.latest import io
 
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.report import heatmap
 from ..comfyui_pare.router import BlockRouter, RoutingPolicy, check_router_fits, load_router
 from ..comfyui_pare.router_budget import BudgetCalibration, read_budget_calibration
 from ..comfyui_pare.schedule import parse_schedule
+from .comfy_compat import internals, io, require
 from .folders import ROUTERS, file_fingerprint
+from .hooks import check_percent_range
 from .model_info import model_meta
 from .routing import RouterDecider, RoutingTemplate, ScheduleDecider, apply_routing, routing_template
 
@@ -46,7 +46,7 @@ class PARELoadRouter(io.ComfyNode):
             display_name="PARE Load Router",
             category="PARE/routing",
             description="Loads a PARE block router (.safetensors) from models/pare_routers.",
-            inputs=[io.Combo.Input("router_name", options=folder_paths.get_filename_list(ROUTERS),
+            inputs=[io.Combo.Input("router_name", options=internals.filename_list(ROUTERS),
                                    tooltip="A PARE router file in models/pare_routers, trained for the model you route.")],
             outputs=[PareRouter.Output(tooltip="The router, for PARE Apply Router.")],
         )
@@ -57,7 +57,8 @@ class PARELoadRouter(io.ComfyNode):
 
     @classmethod
     def execute(cls, router_name: str) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise(ROUTERS, router_name)
+        require("PARE Load Router")
+        path = internals.full_path_or_raise(ROUTERS, router_name)
         router = load_router(path)
         router.pare_name = router_name
         router.pare_budget = read_budget_calibration(path)  # None: the file has no budget calibration
@@ -109,6 +110,7 @@ class PAREApplyRouter(io.ComfyNode):
     def execute(cls, model, router: BlockRouter, mode: str, budget: float, threshold: float = 0.5, pin_first: int = 1,
                 pin_last: int = 1, start_percent: float = 0.0, end_percent: float = 1.0,
                 cfg_disagreement: str = "subset") -> io.NodeOutput:
+        require("PARE Apply Router")
         meta = model_meta(model)
         name = getattr(router, "pare_name", "router")
         check_router_fits(router.spec, meta.num_blocks, meta.dims.dim, meta.fingerprint(), source=name,
@@ -157,6 +159,7 @@ class PAREStaticSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, schedule: str, cfg_disagreement: str = "subset") -> io.NodeOutput:
+        require("PARE Static Block Schedule")
         meta = model_meta(model)
         ranges = parse_schedule(schedule, meta.num_blocks)
         _check_range(0.0, 1.0, cfg_disagreement)
@@ -232,7 +235,6 @@ def budget_policy(router: BlockRouter, name: str, budget: float, pin_first: int,
 
 
 def _check_range(start: float, end: float, cfg_disagreement: str) -> None:
-    if not 0.0 <= start <= end <= 1.0:
-        raise PareError(f"start_percent {start} and end_percent {end} must satisfy 0 <= start <= end <= 1")
+    check_percent_range(start, end)
     if cfg_disagreement not in CFG_MODES:
         raise PareError(f"cfg_disagreement must be one of {CFG_MODES}, got {cfg_disagreement!r}")

@@ -27,13 +27,12 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-import comfy.model_patcher
 import torch
-from comfy.ldm.modules.attention import attention_pytorch
 
 from ..comfyui_pare.token_reduction import MatchingCache, Reduction, reduced_attention
 from ..comfyui_pare.token_schedule import TokenSchedule
-from .hooks import CallInfo, HookRun, RunTemplate, install
+from .comfy_compat import ModelPatcher, internals
+from .hooks import CallInfo, ChainedBlockPatch, HookRun, RunTemplate, SigmaWindow, install
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +71,7 @@ class ReductionRun(HookRun):
         super().__init__()
         s = template.schedule
         self.template = template
-        self.percent_to_sigma = percent_to_sigma
-        self.sigma_high = percent_to_sigma(template.start_percent)
-        self.sigma_low = percent_to_sigma(template.end_percent)
+        self.window = SigmaWindow(percent_to_sigma, template.start_percent, template.end_percent)
         self.cache = MatchingCache(template.cache_steps, s.stride, s.metric, s.seed)
         self.step = -1
         self._last_sigma: float | None = None
@@ -82,7 +79,6 @@ class ReductionRun(HookRun):
         self._ratios: dict[tuple[int, float], tuple[float, float]] = {}
         self.calls = self.reduced_calls = 0
         self.tokens = {"q": [0, 0], "kv": [0, 0]}  # [tokens before, tokens after] summed over reduced calls
-        self._warned = False
 
     def begin_call(self, info: CallInfo) -> None:
         sigma = float(info.sigma[0])
@@ -96,22 +92,17 @@ class ReductionRun(HookRun):
     def ratios(self, block: int) -> tuple[float, float]:
         call: ReductionCall | None = self.current
         sigma = None if call is None else call.sigma
-        if sigma is None or not self.sigma_low <= sigma <= self.sigma_high:
+        if sigma is None or not self.window.contains(sigma):
             return 0.0, 0.0
         key = (block, sigma)
         if key not in self._ratios:
             t = self.template
-            self._ratios[key] = t.schedule.ratios(block, sigma, self.percent_to_sigma, t.strength)
+            self._ratios[key] = t.schedule.ratios(block, sigma, self.window.sigma, t.strength)
         return self._ratios[key]
 
     def finish(self) -> None:
         self.cache.clear()  # the matchings can be large (GPU memory); the run's statistics stay
         logger.info("%s", self.summary())
-
-    def warn_once(self, msg: str, *args) -> None:
-        if not self._warned:
-            self._warned = True
-            logger.warning(msg, *args)
 
     def summary(self) -> str:
         def pct(feat: str) -> str:
@@ -128,31 +119,27 @@ class BlockCall:
     seen: bool = False  # the block's first attention call (self-attention) has passed
 
 
-class ReductionBlock:
+class ReductionBlock(ChainedBlockPatch):
     """The ``double_block`` replace patch of one block: names the block for the attention override, chains on."""
-
-    def __init__(self, index: int, inner: Callable | None) -> None:
-        self.index = index
-        self.inner = inner
 
     def __call__(self, args: dict, extra: dict) -> dict:
         topts = args["transformer_options"]
         if isinstance(topts.get(KEY), ReductionRun):
             args = {**args, "transformer_options": {**topts, BLOCK_KEY: BlockCall(self.index)}}
-        return self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
+        return self.call_next(args, extra)
 
 
-# ComfyUI attention functions whose kernels take no additive bias: sageattn swallows ``attn_mask`` unused, and
-# flash-attn refuses it (ComfyUI then falls back to SDPA with a warning on every call).
-MASKLESS_BACKENDS = ("attention_sage", "attention_flash")
+# ComfyUI attention functions whose kernels take no additive bias (``internals.MASKLESS_BACKENDS``, a seam): sageattn
+# swallows ``attn_mask`` unused, and flash-attn refuses it (ComfyUI then falls back to SDPA with a warning on every
+# call).
 
 
 def backend_for(func: Callable, bias: torch.Tensor | None) -> Callable:
     """The user's attention function, or ComfyUI's SDPA one for a call with a proportional-attention bias that the
     user's backend cannot apply (reduced keys/values with ``proportional``; every other call keeps the backend)."""
-    if bias is None or getattr(func, "__name__", "") not in MASKLESS_BACKENDS:
+    if bias is None or getattr(func, "__name__", "") not in internals.MASKLESS_BACKENDS:
         return func
-    return getattr(attention_pytorch, "__wrapped__", attention_pytorch)  # the raw function, like ``func``
+    return internals.sdpa_attention()
 
 
 class ReducedSelfAttention:
@@ -180,7 +167,7 @@ class ReducedSelfAttention:
         if (kwargs.get("skip_reshape") or not all(torch.is_tensor(t) for t in (q, k, v)) or q.ndim != 3
                 or k.shape != q.shape or v.shape != q.shape or q.shape[1] != math.prod(grid)):
             # Extra tokens (newer releases may append context latents) or q/k/v handed over in another form.
-            run.warn_once("PARE token reduction: block %d's self-attention has shape %s, not the token grid %s; "
+            run.warn_once("shape", "PARE token reduction: block %d's self-attention has shape %s, not the token grid %s; "
                           "it runs unreduced", call.index, tuple(getattr(q, "shape", ())), grid)
             return self._next(func, args, kwargs)
         b, n = q.shape[:2]
@@ -207,8 +194,7 @@ class ReducedSelfAttention:
         return out.transpose(1, 2).reshape(b, n, -1)
 
 
-def apply_token_reduction(model: comfy.model_patcher.ModelPatcher, template: ReductionTemplate,
-                          num_blocks: int) -> comfy.model_patcher.ModelPatcher:
+def apply_token_reduction(model: ModelPatcher, template: ReductionTemplate, num_blocks: int) -> ModelPatcher:
     """A patched clone; replaces PARE token reduction already on ``model`` (idempotent), keeps other patches."""
     m = install(model, KEY, template, ReductionBlock, num_blocks, "PARE Token Reduction")
     topts = m.model_options["transformer_options"]

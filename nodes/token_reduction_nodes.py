@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-from comfy_api.latest import io
-
 from ..comfyui_pare.errors import PareError
 from ..comfyui_pare.pruned import PrunedWanMeta
 from ..comfyui_pare.token_schedule import PRESETS, TokenSchedule, parse_schedule_text, preset
+from .comfy_compat import io, require
 from .folders import TOKEN_SCHEDULES, token_schedule_dir
+from .hooks import check_percent_range
 from .model_files import read_model_text
 from .model_info import model_meta
 from .token_reduction import ReductionTemplate, apply_token_reduction
@@ -82,12 +82,11 @@ class PARETokenReduction(io.ComfyNode):
     @classmethod
     def execute(cls, model, schedule: str, strength: float, matching_cache_steps: int, start_percent: float,
                 end_percent: float, schedule_json: str = "") -> io.NodeOutput:
+        require("PARE Token Reduction")
         meta = model_meta(model)
         num_blocks = meta.num_blocks
         sched = resolve_schedule(schedule, schedule_json, meta)
-        if not 0.0 <= start_percent <= end_percent <= 1.0:
-            raise PareError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy "
-                            "0 <= start <= end <= 1")
+        check_percent_range(start_percent, end_percent)
         if not math.isfinite(strength) or strength < 0 or matching_cache_steps < 1:
             raise PareError(f"PARE Token Reduction: strength must be a finite number >= 0 and matching_cache_steps "
                             f">= 1, got strength {strength}, matching_cache_steps {matching_cache_steps}")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import folder_paths
 import torch
-from comfy_api.latest import io
 
 from ..comfyui_pare.toy_text import ToyTextEncoder
+from .comfy_compat import internals, io, require
 from .folders import file_fingerprint
 
 TEXT_ENCODERS = "text_encoders"
@@ -17,7 +16,7 @@ def _encoder(name: str) -> ToyTextEncoder:
     key = file_fingerprint(TEXT_ENCODERS, name)
     if key not in _cache:
         _cache.clear()
-        _cache[key] = ToyTextEncoder.load(folder_paths.get_full_path_or_raise(TEXT_ENCODERS, name))
+        _cache[key] = ToyTextEncoder.load(internals.full_path_or_raise(TEXT_ENCODERS, name))
     return _cache[key]
 
 
@@ -36,7 +35,7 @@ class PAREToyTextEncode(io.ComfyNode):
             ),
             inputs=[
                 io.Combo.Input(
-                    "text_encoder", options=folder_paths.get_filename_list(TEXT_ENCODERS),
+                    "text_encoder", options=internals.filename_list(TEXT_ENCODERS),
                     tooltip="The toy text encoder .safetensors in models/text_encoders "
                             "(pare_toy_text.safetensors from `make demo`).",
                 ),
@@ -56,6 +55,7 @@ class PAREToyTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder: str, text: str) -> io.NodeOutput:
+        require("PARE Toy Text Encode")
         with torch.no_grad():
             context = _encoder(text_encoder)([text])
         return io.NodeOutput([[context, {}]])

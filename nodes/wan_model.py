@@ -18,18 +18,12 @@ import logging
 import threading
 from typing import Callable, Iterator, Sequence
 
-import comfy.ldm.wan.model
-import comfy.model_detection
-import comfy.model_patcher
-import comfy.sd
-import comfy.utils
 import torch
-from comfy.ldm.wan.model import WanAttentionBlock
 
 from ..comfyui_pare.errors import PareFormatError
 from ..comfyui_pare.pruned import FP8_MATMUL_MULTIPLE, PrunedWanMeta, unaligned_widths
 from ..comfyui_pare.wan import BlockWidth
-from .comfy_compat import ComfyVersionError, comfy_version
+from .comfy_compat import ComfyVersionError, ModelPatcher, comfy_version, internals
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +67,7 @@ class PrunedBlockFactory:
     def __call__(self, cross_attn_type, dim, ffn_dim, num_heads, *args, operation_settings=None, **kwargs):
         width = self._widths[self._built % len(self._widths)]
         self._built += 1
-        block = WanAttentionBlock(cross_attn_type, dim, width.ffn_dim, num_heads, *args,
+        block = internals.wan_attention_block(cross_attn_type, dim, width.ffn_dim, num_heads, *args,
                                   operation_settings=operation_settings, **kwargs)
         _narrow_self_attention(block.self_attn, width.num_heads, operation_settings)
         block.num_heads = width.num_heads
@@ -128,7 +122,7 @@ def _vace_builder(original: Callable, owner: int) -> Callable:
 def _detection_corrected(meta: PrunedWanMeta, source: str) -> Iterator[list]:
     """While the block runs, detection on this thread returns configs corrected for ``meta``; other threads (another
     node pack loading a model at the same time) see ComfyUI's detection unchanged. Yields the configs corrected."""
-    original: Callable = comfy.model_detection.model_config_from_unet
+    original: Callable = internals.model_config_detector()
     owner, corrected = threading.get_ident(), []
 
     def detect(*args, **kwargs):
@@ -138,24 +132,23 @@ def _detection_corrected(meta: PrunedWanMeta, source: str) -> Iterator[list]:
             corrected.append(model_config)
         return model_config
 
-    wan = comfy.ldm.wan.model
-    vace = getattr(wan, "VaceWanModel", None)
+    vace = internals.vace_model_class()
     with _DETECTION_LOCK:
-        comfy.model_detection.model_config_from_unet = detect
+        internals.set_model_config_detector(detect)
         if vace is not None and meta.dims.vace_layers and meta.is_pruned:
-            wan.VaceWanModel = _vace_builder(vace, owner)
+            internals.set_vace_model_class(_vace_builder(vace, owner))
         try:
             yield corrected
         finally:
-            comfy.model_detection.model_config_from_unet = original
+            internals.set_model_config_detector(original)
             if vace is not None:
-                wan.VaceWanModel = vace
+                internals.set_vace_model_class(vace)
 
 
 def quant_layout_for_comfy() -> str | None:
     """The scaled fp8 layout to hand the running ComfyUI: as stored where it converts layouts itself
     (``comfy.utils.convert_old_quants``, 0.8 and later), else the ``scaled_fp8`` marker layout that 0.3.x reads."""
-    return None if hasattr(comfy.utils, "convert_old_quants") else "scaled_fp8"
+    return None if internals.converts_old_quants() else "scaled_fp8"
 
 
 def _accepted(fn: Callable, **kwargs) -> dict:
@@ -181,14 +174,14 @@ def warn_fp8_unfriendly_widths(meta: PrunedWanMeta, source: str) -> list[str]:
 def build_wan_patcher(
     sd: dict[str, torch.Tensor], meta: PrunedWanMeta, model_options: dict | None = None, source: str = "model",
     metadata: dict[str, str] | None = None, disable_dynamic: bool | None = None,
-) -> comfy.model_patcher.ModelPatcher:
+) -> ModelPatcher:
     """The running ComfyUI's own model and patcher for a validated (pruned or plain) Wan state dict in the original
     key layout; consumes ``sd``. ``metadata``: the file's safetensors header metadata (newer releases read their
     quantization layout from it); ``disable_dynamic``: passed on where the running loader has it."""
     model_options = dict(model_options or {})
     if model_options.get("fp8_optimizations") or "scaled_fp8" in sd or any(k.endswith(".comfy_quant") for k in sd):
         warn_fp8_unfriendly_widths(meta, source)
-    load = comfy.sd.load_diffusion_model_state_dict
+    load = internals.diffusion_model_loader()
     kwargs = _accepted(load, metadata=metadata, disable_dynamic=disable_dynamic)
     if disable_dynamic is None:
         kwargs.pop("disable_dynamic", None)

@@ -1,6 +1,6 @@
 """Token reduction at Wan2.1 1.3B width: compute and wall time over reduction ratios, alone and on a PARE student.
 
-Usage: ``python scripts/bench_token_reduction.py [--grid 5,20,34] [--reps 5] [--threads 1] [--out result.json]``
+Usage: ``python -m scripts.bench_token_reduction [--grid 5,20,34] [--reps 5] [--threads 1] [--out result.json]``
 
 Two measurements, printed as tables and written as JSON:
 
@@ -31,24 +31,23 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from comfyui_pare.compute import model_block_macs, sum_macs, tokens_for  # noqa: E402
-from comfyui_pare.pruned import PrunedWanMeta  # noqa: E402
-from comfyui_pare.surgery import BlockPlan, PrunePlan, plan_selections, prune_state_dict  # noqa: E402
-from comfyui_pare.token_reduction import (  # noqa: E402
+from comfyui_pare.compute import model_block_macs, sum_macs, tokens_for
+from comfyui_pare.pruned import PrunedWanMeta
+from comfyui_pare.surgery import BlockPlan, PrunePlan, plan_selections, prune_state_dict
+from comfyui_pare.token_reduction import (
     Reduction,
     plan_matching,
     reduced_attention,
     reduced_attention_macs,
     sdpa_attend,
 )
-from comfyui_pare.token_schedule import ReductionRule, TokenSchedule  # noqa: E402
-from comfyui_pare.wan import WAN21_1_3B  # noqa: E402
-from training.model import WanTransformer, rope_freqs  # noqa: E402
-from training.tiny import random_wan_state_dict  # noqa: E402
-from training.token_reduction import TokenReduction  # noqa: E402
+from comfyui_pare.token_schedule import ReductionRule, TokenSchedule
+from comfyui_pare.wan import WAN21_1_3B
+from training.model import WanTransformer, rope_freqs
+from training.tiny import random_wan_state_dict
+from training.token_reduction import TokenReduction
+
+REPO = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("bench_token_reduction")
 RATIOS = [(0.0, 0.0), (0.25, 0.25), (0.5, 0.5), (0.7, 0.7), (0.5, 0.25), (0.7, 0.0)]  # (q, kv)

@@ -2,7 +2,7 @@
 router (budget mode with its calibrated thresholds, the old per-step budget rule, its trained threshold) and static
 schedules on the same student (the best found by a greedy search, and calibrate's training-free suggestions).
 
-    python scripts/budget_curve.py --work /tmp/budget_curve [--calibrate-router] [--out docs]
+    python -m scripts.budget_curve --work /tmp/budget_curve [--calibrate-router] [--out docs]
 
 Nothing is trained. Measured on held-out prompts (the 12 held-out colour x shape x direction clips) at seeds no test
 or training run uses (``EVAL_SEEDS``), 20 Euler steps, CFG 4, shift 3 (the toy sampler), one torch thread:
@@ -38,14 +38,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from comfyui_pare.compute import model_block_macs
+from comfyui_pare.pruned import PrunedWanMeta
+from comfyui_pare.router import RoutingPolicy, load_router
+from comfyui_pare.router_budget import read_budget_calibration
+from comfyui_pare.schedule import parse_schedule
 
-from comfyui_pare.compute import model_block_macs  # noqa: E402
-from comfyui_pare.pruned import PrunedWanMeta  # noqa: E402
-from comfyui_pare.router import RoutingPolicy, load_router  # noqa: E402
-from comfyui_pare.router_budget import read_budget_calibration  # noqa: E402
-from comfyui_pare.schedule import parse_schedule  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("budget_curve")
 WEIGHTS = REPO / "training" / "toyworld" / "weights"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,36 +22,56 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from comfyui_pare import tested_comfyui
+
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PARE_CACHE", Path.home() / ".cache" / "comfyui-pare"))
-COMFY_DIR = Path(os.environ.get("PARE_COMFYUI_DIR", CACHE / "comfyui-0.3.75"))
-# The second real ComfyUI (upstream 0.8.0), set up by scripts/setup_env.sh when its source tree exists.
-COMFY_080_SOURCE = Path(os.environ.get("PARE_COMFYUI_080_SRC", REPO.parent / "shared" / "comfyui" / "0.8.0"))
-COMFY_080_DIR = CACHE / "comfyui-0.8.0"
+COMFY_DIR = Path(os.environ.get("PARE_COMFYUI_DIR", CACHE / f"comfyui-{tested_comfyui.PINNED.version}"))
 
 
 @dataclass(frozen=True)
 class ComfyInstall:
-    """One real ComfyUI the tests run against: its tree and, where it pins another front end than the venv's,
-    the folder of that front end's static files."""
+    """One real ComfyUI the tests run against (an entry of comfyui_pare/tested_comfyui.py, set up by
+    scripts/setup_env.sh): its tree and, where it pins another front end than the venv's, that front end's folder."""
     version: str
     comfy_dir: Path
-    front_end_root: Path | None = None
+    source: Path | None = None  # the unmodified tree setup_env.sh copies (None: the pinned release, from PyPI)
+
+    @property
+    def front_end_version(self) -> str | None:
+        """The comfyui-frontend-package version the tree's requirements.txt pins."""
+        try:
+            text = (self.comfy_dir / "requirements.txt").read_text()
+        except OSError:
+            return None
+        match = re.search(r"^comfyui-frontend-package==(\S+)", text, re.MULTILINE)
+        return match.group(1) if match else None
+
+    @property
+    def front_end_root(self) -> Path | None:
+        """The static files to serve with --front-end-root; None for the pinned release (the venv's package)."""
+        if self.source is None or self.front_end_version is None:
+            return None
+        return CACHE / f"frontend-{self.front_end_version}" / "comfyui_frontend_package" / "static"
 
     def missing(self) -> str | None:
         """Why this ComfyUI cannot run here (a message naming what is missing), or None."""
         if (self.comfy_dir / "main.py").exists():
             return None
-        if self.version == "0.8.0" and not (COMFY_080_SOURCE / "main.py").exists():
-            return f"ComfyUI 0.8.0 tests skipped: no ComfyUI 0.8.0 tree at {COMFY_080_SOURCE} (set PARE_COMFYUI_080_SRC)"
+        if self.source is not None and not (self.source / "main.py").exists():
+            env = tested_comfyui.by_version(self.version).source_env
+            return f"ComfyUI {self.version} tests skipped: no ComfyUI {self.version} tree at {self.source} (set {env})"
         return f"no ComfyUI {self.version} at {self.comfy_dir}; run `make test` or scripts/setup_env.sh first"
 
 
-INSTALLS = {
-    "0.3.75": ComfyInstall("0.3.75", COMFY_DIR),
-    "0.8.0": ComfyInstall("0.8.0", COMFY_080_DIR,
-                          CACHE / "frontend-1.35.9" / "comfyui_frontend_package" / "static"),
-}
+def _install(entry: tested_comfyui.TestedComfyUI) -> ComfyInstall:
+    if entry is tested_comfyui.PINNED:
+        return ComfyInstall(entry.version, COMFY_DIR)
+    source = Path(os.environ.get(entry.source_env, REPO.parent / "shared" / "comfyui" / entry.version))
+    return ComfyInstall(entry.version, CACHE / f"comfyui-{entry.version}", source)
+
+
+INSTALLS = {entry.version: _install(entry) for entry in tested_comfyui.TESTED}
 
 
 class PromptError(RuntimeError):

@@ -1,7 +1,7 @@
 """VDMini (static block removal + ICMD losses) vs PARE (width pruning + learned router) vs a static skip schedule vs
 the teacher, on the toy world, at equal per-step block compute. One script, from the shipped toy weights:
 
-    python scripts/compare_depth_vs_router.py --work /tmp/vdmini_cmp [--budgets 0.6,0.45] [--quick]
+    python -m scripts.compare_depth_vs_router --work /tmp/vdmini_cmp [--budgets 0.6,0.45] [--quick]
 
 For each compute budget b (student block MACs per step / teacher's, counted at the toy world's 80 video and 16 text
 tokens with ``comfyui_pare.compute``):
@@ -42,13 +42,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from comfyui_pare.compute import model_block_macs
+from comfyui_pare.pruned import PrunedWanMeta
+from comfyui_pare.wan_reader import read_meta
+from training.toyworld.evaluate import LATENT_SHAPE
 
-from comfyui_pare.compute import model_block_macs  # noqa: E402
-from comfyui_pare.pruned import PrunedWanMeta  # noqa: E402
-from comfyui_pare.wan_reader import read_meta  # noqa: E402
-from training.toyworld.evaluate import LATENT_SHAPE  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("compare_depth_vs_router")
 WEIGHTS = REPO / "training" / "toyworld" / "weights"

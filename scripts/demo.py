@@ -25,13 +25,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import demo_budget  # noqa: E402
-import toy_assets  # noqa: E402
-from comfy_harness import REPO, ComfyServer  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-from training.toyworld import evaluate, videos  # noqa: E402
+from scripts import demo_budget, toy_assets
+from scripts.comfy_harness import REPO, ComfyServer
+from training.toyworld import evaluate, videos
 
 OUT = Path(os.environ.get("PARE_DEMO_OUT", REPO / "demo-output"))
 PROMPT = os.environ.get("PARE_DEMO_PROMPT", "a green circle moving right")  # a held-out colour/shape pair

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import toy_assets
-from comfy_harness import ComfyServer
 from safetensors.torch import load_file
 
+from scripts import toy_assets
+from scripts.comfy_harness import ComfyServer
 from training.plots import xy_panels_png
 from training.toyworld import evaluate
 

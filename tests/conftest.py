@@ -7,28 +7,33 @@ from pathlib import Path
 # The checkout's root, scripts/ and tests/ are on the import path by pytest's ``pythonpath`` (pyproject.toml): this
 # checkout's core wins over an editable install made from another one.
 import pytest
-import tiny_assets
 import torch
-from comfy_harness import INSTALLS, ComfyServer
 from safetensors.torch import load_file
+
+from comfyui_pare import tested_comfyui
+from scripts import tiny_assets
+from scripts.comfy_harness import INSTALLS, ComfyServer
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"  # test-only nodes (block call counter)
 
-# Test modules marked ``every_comfyui`` run against each real ComfyUI we have (0.3.75 and upstream 0.8.0); the
-# rest against the pinned 0.3.75 only, to keep CI time in bounds.
-PINNED = "0.3.75"
+# Tests marked ``every_comfyui`` run against each tested ComfyUI (comfyui_pare/tested_comfyui.py) whose ``runs``
+# names them; the rest against the pinned release only, to keep CI time in bounds.
+PINNED = tested_comfyui.PINNED.version
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "every_comfyui: run the module's ComfyUI tests on every real ComfyUI (0.3.75, "
-                                       "0.8.0)")
+    config.addinivalue_line("markers", "every_comfyui: run the test on every tested ComfyUI that lists it "
+                                       f"({tested_comfyui.names()}; comfyui_pare/tested_comfyui.py)")
 
 
 def pytest_generate_tests(metafunc):
     if "comfyui_version" in metafunc.fixturenames:
-        every = metafunc.definition.get_closest_marker("every_comfyui") is not None
-        metafunc.parametrize("comfyui_version", list(INSTALLS) if every else [PINNED], scope="session")
+        versions = [PINNED]
+        if metafunc.definition.get_closest_marker("every_comfyui") is not None:
+            nodeid = metafunc.definition.nodeid.split("[")[0]
+            versions = [t.version for t in tested_comfyui.TESTED if t.runs_test(nodeid)]
+        metafunc.parametrize("comfyui_version", versions, scope="session")
 
 
 def comfy_install(version: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-import tiny_assets as assets
+from scripts import tiny_assets as assets
 
 
 class Graph:
@@ -92,3 +92,15 @@ def chain(*hooks):
             model = hook(g, model)
         return model
     return patch
+
+
+def with_report(g, routed_model: str) -> tuple[str, str]:
+    rep = g.add("PARERoutingReport", model=out(routed_model), samples=out(g.find("KSampler")))
+    img = g.add("SaveImage", images=out(rep, 0), filename_prefix="pare_report")
+    txt = g.add("PreviewAny", source=out(rep, 1))
+    return img, txt
+
+
+def routed_model_id(g) -> str:
+    ids = [k for k, v in g.nodes.items() if v["class_type"] in ("PAREApplyRouter", "PAREStaticSchedule")]
+    return ids[-1]

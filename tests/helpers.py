@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
+from comfyui_pare.router import RouterSpec
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import WanDims
-from training.tiny import random_wan_state_dict
+from training.tiny import TINY_T2V, random_wan_state_dict
 
 # Head dim 128 and text dim 4096: what ComfyUI's stock detection assumes, so UNETLoader can load these.
 STOCK_T2V = WanDims(dim=512, num_heads=4, ffn_dim=384, num_layers=3, text_dim=4096)
@@ -101,3 +102,18 @@ def zeroed_teacher(teacher: dict, plans: list[dict], head_dim: int, num_heads: i
         for n in ("norm_q", "norm_k"):
             sd[p + f"self_attn.{n}.weight"] *= scale
     return sd
+
+
+# The user-facing node list, kept in one place (the node-listing test and the packaging test).
+PACK_NODES = ("PARELoadPrunedWan", "PARELoraLoader", "PARELoadRouter", "PAREApplyRouter",
+              "PAREStaticSchedule", "PARERoutingReport", "PARETokenReduction", "PAREToyTextEncode",
+              "PARESaveCalibrationSample")
+
+
+# The tiny T2V's routers in the routing tests: one block-skip decision per block (N), a RouterSpec for it.
+N = TINY_T2V.num_layers
+SPEC = RouterSpec(num_blocks=N, dim=TINY_T2V.dim)
+# Timestep switch at t=600: early (noisy) steps skip blocks 1 and 3, late steps skip blocks 2 and 4.
+EARLY = [5.0, -5.0, 5.0, -5.0, 5.0, 5.0]
+LATE = [5.0, 5.0, -5.0, 5.0, -5.0, 5.0]
+BOUNDARY = 600.0

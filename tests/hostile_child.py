@@ -1,6 +1,7 @@
 """Runs hostile inputs through the pack's parsers and loaders in a process with a memory cap (test_hostile_inputs).
 
-Usage: ``python hostile_child.py CASES.json HEADROOM_BYTES``. After the imports, the address space is capped at what
+Usage: ``python -m tests.hostile_child CASES.json HEADROOM_BYTES`` from the repository root (its packages import
+from there, no path edits). After the imports, the address space is capped at what
 the process already maps plus ``HEADROOM_BYTES`` (so an input that makes a parser build gigabytes fails here with a
 MemoryError instead of taking the machine); then each case ``{"call": name, "args": [...], "kwargs": {...}}`` runs
 and one JSON line per case reports the exception type, whether it is a PareError, the message and the seconds.
@@ -14,15 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from comfyui_pare.errors import PareError  # noqa: E402
-from comfyui_pare.pruned import describe  # noqa: E402
-from comfyui_pare.router import load_router  # noqa: E402
-from comfyui_pare.schedule import parse_schedule  # noqa: E402
-from comfyui_pare.surgery import PrunePlan  # noqa: E402
-from comfyui_pare.token_schedule import load_schedule, parse_schedule_text  # noqa: E402
-from comfyui_pare.wan_reader import open_wan  # noqa: E402
+from comfyui_pare.errors import PareError
+from comfyui_pare.pruned import describe
+from comfyui_pare.router import load_router
+from comfyui_pare.schedule import parse_schedule
+from comfyui_pare.surgery import PrunePlan
+from comfyui_pare.token_schedule import load_schedule, parse_schedule_text
+from comfyui_pare.wan_reader import open_wan
 
 
 def inspect_wan(path: str) -> dict:

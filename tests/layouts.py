@@ -14,6 +14,7 @@ import torch
 from helpers import diffusers_module
 
 from comfyui_pare.safetensors_io import save_atomic
+from comfyui_pare.wan import WanDims
 from training import tiny
 
 # The linear layers ComfyUI's scaled fp8 files store in fp8 with a scale (its ops.Linear modules).
@@ -108,3 +109,23 @@ def dequantize(scaled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         scale = scaled.get(key.removesuffix(".weight") + ".scale_weight")
         out[key] = v.float() * scale if scale is not None else v
     return out
+
+
+T2V = WanDims(dim=256, num_heads=2, ffn_dim=128, num_layers=2, text_dim=32)  # head dim 128: no metadata needed
+
+
+def write_layout(kind: str, root: Path, sd: dict[str, torch.Tensor]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    if kind == "original":
+        return write_original(root / "wan.safetensors", sd)
+    if kind in ("model.diffusion_model.", "diffusion_model."):
+        return write_original(root / "wan.safetensors", sd, prefix=kind)
+    if kind == "sharded":  # the official release folder: shards + *.safetensors.index.json
+        write_sharded(root / "Wan2.1-T2V-14B", sd)
+        return root / "Wan2.1-T2V-14B"
+    if kind == "diffusers-file":
+        return write_original(root / "diffusion_pytorch_model.safetensors", to_diffusers(sd))
+    if kind == "diffusers-folder":
+        write_sharded(root / "transformer", to_diffusers(sd), shards=2)
+        return root / "transformer"
+    raise AssertionError(kind)

@@ -23,19 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
-from comfyui_pare.safetensors_io import atomic_write_text
+from comfyui_pare.errors import PareFormatError
+from comfyui_pare.pruned import PrunedWanMeta
+from comfyui_pare.safetensors_io import StreamingWriter, atomic_write_text
 
 from .config import ConfigError, load_config
 from .icmd import icmd_terms, matched_outputs
 from .loop import TrainConfig, Trainer, set_determinism
-from .parallel import barrier, checkpoint_activations, full_state_dict, shutdown, wrap_trainable
-from .resources import write_report
+from .parallel import barrier, checkpoint_activations, shutdown, whole, wrap_trainable
+from .resources import set_phase, write_report
 from .stage_common import (
     DataConfig,
     FlowConfig,
@@ -146,10 +148,20 @@ def build(cfg: DistillConfig):
 
 
 def export_student(stage: StageOne, path: Path, dtype: torch.dtype) -> None:
-    sd = full_state_dict(stage.student, stage.info)
+    """Write the student in the pruned format, one tensor at a time: under FSDP2 each tensor is gathered whole (every
+    rank takes part), written by rank 0 and dropped, so the export costs one tensor beyond the shards."""
+    meta: PrunedWanMeta = stage.student.meta
+    shapes, state = meta.expected_shapes(), stage.student.state_dict()
+    if state.keys() != shapes.keys():
+        raise PareFormatError(f"{path}: the student's state does not match its metadata (missing "
+                              f"{sorted(shapes.keys() - state.keys())[:3]}, extra {sorted(state.keys() - shapes.keys())[:3]})")
+    writer = StreamingWriter(path, {k: (dtype, shape) for k, shape in shapes.items()}, meta.to_header())
+    with writer if stage.info.is_main else nullcontext():
+        for key in writer.order:
+            tensor = whole(state[key])
+            if stage.info.is_main:
+                writer.write(key, tensor.to("cpu", dtype))
     if stage.info.is_main:
-        meta: PrunedWanMeta = stage.student.meta
-        save_checkpoint(path, {k: v.to(dtype) for k, v in sd.items()}, meta)
         logger.info("wrote the student to %s", path)
 
 
@@ -161,13 +173,16 @@ def train(cfg: DistillConfig, resume: str | None = None) -> dict:
         report_path = out / "velocity_error.json"
         report = json.loads(report_path.read_text()) if resume and report_path.is_file() else {}
         if "initial" not in report:
+            set_phase("initial_eval")
             report["initial"] = stage.velocity_error(cfg.distill.eval_samples, EVAL_SIGMAS)
         trainer = Trainer(cfg.train, info, stage.student, stage.loss_fn, config=cfg,
                           tokens_per_step=cfg.train.batch_size * tokens_of(stage.samples)[0])
         trainer.run(resume)
         trainer.final_weights()
+        set_phase("final_eval")
         report["final"] = stage.velocity_error(cfg.distill.eval_samples, EVAL_SIGMAS)
         report["ratio"] = report["final"] / max(report["initial"], 1e-30)
+        set_phase("export")
         export_student(stage, out / "student.safetensors",
                        torch.bfloat16 if cfg.model.export_dtype == "bfloat16" else torch.float32)
         if info.is_main:

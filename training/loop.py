@@ -32,7 +32,7 @@ from .checkpointing import CheckpointManager, resolve_resume
 from .config import ConfigError, OutputPath
 from .parallel import DistInfo, all_reduce_mean
 from .plots import line_chart_png
-from .resources import summarize_steps
+from .resources import set_phase, summarize_steps
 
 logger = logging.getLogger(__name__)
 
@@ -195,17 +195,20 @@ class Trainer:
             lr = self.lr_at(step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
+            set_phase("forward_backward")
             loss, metrics = self.loss_fn(step, self.generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.learning_rate or "
                                          "check the inputs")
             loss.backward()
+            set_phase("optimizer_step")
             grad_norm = 0.0
             if self.cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
+                set_phase("ema")
                 self.ema.step(self.params)
             if self.info.device.type == "cuda":
                 torch.cuda.synchronize(self.info.device)
@@ -220,6 +223,7 @@ class Trainer:
                                 tok_s=f"{self.tokens_per_step / max(seconds, 1e-9):.4g}")
             bar.update(1)
             if step % self.cfg.checkpointing_steps == 0 or step == self.cfg.steps:
+                set_phase("checkpoint")
                 self.save(step)
                 self._write_curves()
         bar.close()
@@ -232,6 +236,12 @@ class Trainer:
         return summarize_steps(self.step_times, self.tokens_per_step)
 
     def final_weights(self) -> None:
-        """Copy the EMA weights into the model (call after ``run`` when exporting)."""
+        """Copy the EMA weights into the model and free the training state (call after ``run``, before the final
+        evaluation and the export, which need only the weights): the AdamW moments and the EMA copy, three times the
+        student (sharded under FSDP2), would otherwise stay beside the final evaluation and the gathered export."""
         if self.ema is not None:
             self.ema.copy_to(self.params)
+        self.ema = None
+        self.optimizer.state.clear()
+        for p in self.params:
+            p.grad = None

@@ -24,7 +24,7 @@ from comfyui_pare.errors import PareFormatError
 from comfyui_pare.model_family import token_grid
 from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.wan import CLIP_DIM, FREQ_DIM, BlockWidth, WanDims
-from comfyui_pare.wan_reader import open_wan
+from comfyui_pare.wan_reader import WanReader, open_wan
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +199,33 @@ class WanTransformer(nn.Module):
                         device: torch.device | str | None = None) -> "WanTransformer":
         """Load a (pruned or plain) Wan2.1 checkpoint in any layout ``comfyui_pare.wan_reader`` reads."""
         with open_wan(path) as reader:
-            return cls.from_state_dict(reader.state_dict(dequantize=True), reader.meta, dtype=dtype, device=device)
+            return cls.from_reader(reader, dtype=dtype, device=device)
+
+    @classmethod
+    def from_reader(cls, reader: WanReader, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> "WanTransformer":
+        """Load strictly from an open checkpoint, one tensor at a time, each converted to ``dtype`` (None: as stored,
+        scaled fp8 dequantized to float32) and moved to ``device`` before the next is read: the model exists once, in
+        the dtype and on the device it runs in, never as a whole state dict beside it (a float32 file loaded in bf16
+        peaks at the bf16 model plus one float32 tensor). The patch embedding stays float32, as in
+        ``from_state_dict``."""
+        with torch.device("meta"):
+            model = cls(reader.meta)
+        for key in reader.keys():
+            module_name, _, name = key.rpartition(".")
+            try:
+                owner = model.get_submodule(module_name)
+                old = owner._parameters[name]
+            except (AttributeError, KeyError):
+                raise PareFormatError(f"{reader.path}: tensor '{key}' is not a parameter of this Wan model") from None
+            rows = reader.shape(key)[0] if reader.shape(key) else 1
+            t = reader.rows(key, 0, rows).reshape(old.shape)
+            t = t.to(device=device, dtype=torch.float32 if key.startswith("patch_embedding.") else dtype)
+            owner._parameters[name] = nn.Parameter(t, requires_grad=old.requires_grad)
+        left = [n for n, p in model.named_parameters() if p.is_meta]
+        if left:
+            raise PareFormatError(f"{reader.path}: no tensor for {len(left)} parameter(s), e.g. '{left[0]}'")
+        return model.eval()
 
     @property
     def num_blocks(self) -> int:

@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -220,6 +221,12 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return {k: float(v) / info.world_size for k, v in zip(values, t.tolist())}
+
+
+def whole(value: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole tensor: FSDP2's shards all-gathered (a collective: every rank calls it for the same
+    tensor), a plain tensor as it is."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def full_state_dict(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ from .config import ConfigError, InputPath, load_config
 from .gates import budget_penalty, compute_fraction, expected_compute_fraction, logistic_noise, normalized_costs
 from .loop import TrainConfig, Trainer, set_determinism
 from .parallel import barrier, checkpoint_activations, full_state_dict, shutdown, wrap_trainable
-from .resources import write_report
+from .resources import set_phase, write_report
 from .route_eval import best_contiguous_skip, student_contribution
 from .route_finish import finish_run
 from .routed import GatedWan, block_costs, initial_bias, pin_mask, router_spec_for
@@ -228,6 +228,7 @@ def train(cfg: RouteConfig, resume: str | None = None) -> dict:
                           tokens_per_step=cfg.train.batch_size * tokens_of(stage.samples)[0])
         trainer.run(resume)
         trainer.final_weights()
+        set_phase("export")  # the threshold calibration and the export (route_finish.finish_run)
         state = full_state_dict(stage.gated, info)  # collective under FSDP2: every rank takes part
         report = {}
         if info.is_main:

@@ -7,9 +7,10 @@ Under ``strategy = "fsdp"`` a 14B teacher (28.6 GB in bf16) read whole by each o
 1. builds the model on the meta device (no storage) from the checkpoint's header (``comfyui_pare.wan_reader``);
 2. applies FSDP2 ``fully_shard`` per block (``training.parallel.shard_module``), still on meta;
 3. allocates only its shards (``to_empty``) and fills them one tensor at a time with the rows it owns
-   (``WanReader.rows``: ``safe_open(...).get_slice``; bf16, fp16, fp8 and fp8_scaled releases, every layout).
+   (``WanReader.rows_into``: one plain read of the rows' bytes, straight into the shard when the file stores the
+   dtype the model runs in, else read and converted; bf16, fp16, fp8 and fp8_scaled releases, every layout).
 
-So a rank's host memory is about (model size / ranks) plus the one tensor slice being read. FSDP2 shards every
+So a rank's host memory is about (model size / ranks) plus at most the one tensor slice being converted. FSDP2 shards every
 parameter on its first dimension into ``world_size`` chunks of ceil(rows / world_size) (the last ones shorter or
 empty): ``owned_rows`` computes the same and checks it against the local shard's shape.
 """
@@ -32,9 +33,9 @@ FLOAT32_KEYS = ("patch_embedding.",)  # kept in float32 whatever the model's dty
 
 
 class RowSource(Protocol):
-    """Where a parameter's values come from, a range of rows at a time."""
+    """Where a parameter's values come from, a range of rows at a time, written into the parameter's storage."""
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor: ...
+    def rows_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None: ...
 
 
 class CheckpointRows:
@@ -47,6 +48,10 @@ class CheckpointRows:
         dtype = torch.float32 if key.startswith(FLOAT32_KEYS) else self.dtype
         return self.reader.rows(key, start, stop, dtype)
 
+    def rows_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Straight from the file into ``out`` where the file stores its dtype (``WanReader.rows_into``)."""
+        self.reader.rows_into(key, start, stop, out)
+
 
 class TensorRows:
     """Rows of tensors already in memory (a small module's state, e.g. stage 2's router)."""
@@ -54,8 +59,8 @@ class TensorRows:
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = {k: v.detach().clone() for k, v in tensors.items()}
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self.tensors[key][start:stop]
+    def rows_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        out.copy_(self.tensors[key][start:stop].reshape(out.shape))
 
 
 def meta_model(path: str | os.PathLike, dtype: torch.dtype) -> WanTransformer:
@@ -108,6 +113,6 @@ def materialize(model: nn.Module, device: torch.device, sources: dict[str, RowSo
         start, stop = owned_rows(param)
         local = param.to_local() if isinstance(param, DTensor) else param
         if stop > start:
-            local.copy_(source.rows(key, start, stop).reshape(local.shape))
+            source.rows_into(key, start, stop, local)
     for name, value in buffers.items():
         model.get_buffer(name).copy_(value)

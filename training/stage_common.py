@@ -12,6 +12,7 @@ own config table.
 from __future__ import annotations
 
 import importlib
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -24,13 +25,13 @@ from .config import ConfigError, InputPath, OutputPath
 from .data import PreparedSample, collate, noised, with_condition
 from .model import WanTransformer
 from .parallel import DistInfo, init_distributed, resolve_strategy, shard_frozen, warm_up
-from .resources import mark_baseline, return_freed_memory
+from .resources import mark_baseline, record_load, return_freed_memory, start_run
 from .salient import salient_weights
 from .sample_index import SampleIndex
 from .sampling import time_snr_shift
 from .sharded import CheckpointRows, RowSource, meta_model
 from .targets import TargetCache, draw_generator, settings_of, teacher_fingerprint
-from .teacher import load_model
+from .teacher import load_model, read_model
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (x_t, timestep, context, clip)
 
@@ -240,12 +241,18 @@ def load_teacher_and_samples(cfg) -> tuple[DistInfo, WanTransformer, SampleIndex
     # baseline, since its ~0.1 GB belongs to the process, not to the first step.
     importlib.import_module("diffusers.training_utils")
     mark_baseline()  # host memory before any model: what resources.json's peaks are measured against
+    start_run()  # resources.json's phases: "load" from here
     tdtype = torch.bfloat16 if cfg.model.teacher_dtype == "bfloat16" else torch.float32
+    started = time.perf_counter()
     if resolve_strategy(cfg.train.strategy, info) == "fsdp":
+        rows = CheckpointRows(cfg.model.teacher, tdtype)
         teacher = shard_frozen(meta_model(cfg.model.teacher, tdtype), cfg.train.strategy, info,
-                               cfg.train.compute_dtype, {"": CheckpointRows(cfg.model.teacher, tdtype)})
-    else:
-        teacher = shard_frozen(load_model(cfg.model.teacher, dtype=tdtype), cfg.train.strategy, info)
+                               cfg.train.compute_dtype, {"": rows})
+        reader = rows.reader
+    else:  # one tensor at a time, straight into the dtype and onto the device it runs on
+        teacher, reader = read_model(cfg.model.teacher, dtype=tdtype, device=info.device)
+        teacher = shard_frozen(teacher, cfg.train.strategy, info)
+    record_load(reader.bytes_read, time.perf_counter() - started, reader.read_seconds)
     samples = SampleIndex(cfg.data.samples, teacher.dims, hash_files=cfg.data.target_draws > 0)
     samples.generate_missing(teacher, cfg.data.generate_steps, cfg.flow.shift)
     return info, teacher, samples
@@ -259,7 +266,7 @@ def load_inputs(cfg) -> tuple[DistInfo, WanTransformer, WanTransformer, SampleIn
     ``cfg`` has the [model], [data], [flow] and [train] tables (both stages' configs do)."""
     info, teacher, samples = load_teacher_and_samples(cfg)
     fsdp = resolve_strategy(cfg.train.strategy, info) == "fsdp"
-    student = meta_model(cfg.model.student, torch.float32) if fsdp else load_model(cfg.model.student)
+    student = meta_model(cfg.model.student, torch.float32) if fsdp else load_model(cfg.model.student, device=info.device)
     if student.meta.dims != teacher.meta.dims:
         raise ConfigError(f"config field 'model.student': {cfg.model.student} was pruned from another teacher "
                           f"(dims {student.meta.dims} vs {teacher.meta.dims})")

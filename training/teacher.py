@@ -12,7 +12,7 @@ import os
 import torch
 
 from comfyui_pare.pruned import PrunedWanMeta
-from comfyui_pare.wan_reader import open_wan
+from comfyui_pare.wan_reader import WanReader, open_wan
 
 from .model import WanTransformer
 
@@ -25,6 +25,13 @@ def load_wan(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], PrunedWa
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
                device: torch.device | str | None = None) -> WanTransformer:
-    """A ``WanTransformer`` with the checkpoint's per-block widths, loaded strictly."""
-    sd, meta = load_wan(path)
-    return WanTransformer.from_state_dict(sd, meta, dtype=dtype, device=device)
+    """A ``WanTransformer`` with the checkpoint's per-block widths, loaded strictly, one tensor at a time straight
+    into ``dtype`` on ``device`` (``WanTransformer.from_reader``)."""
+    return read_model(path, dtype, device)[0]
+
+
+def read_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32,
+               device: torch.device | str | None = None) -> tuple[WanTransformer, WanReader]:
+    """``load_model`` and the reader it used (its ``bytes_read`` and ``read_seconds``: the load throughput)."""
+    with open_wan(path) as reader:
+        return WanTransformer.from_reader(reader, dtype=dtype, device=device), reader

@@ -6,11 +6,14 @@ the modulation tables are small, like a trained Wan. Deterministic for a given s
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Callable
 
 import torch
 
 from comfyui_pare.pruned import PrunedWanMeta
+from comfyui_pare.safetensors_io import StreamingWriter
 from comfyui_pare.wan import WanDims
 
 # The project's tiny default: several heads per block (head dim 32) so head pruning has something to choose.
@@ -25,21 +28,31 @@ TINY_VACE = WanDims(dim=256, num_heads=8, ffn_dim=512, num_layers=6, text_dim=64
 def random_wan_state_dict(dims: WanDims, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A full-width random Wan state dict in the original key layout."""
     gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for key, shape in PrunedWanMeta.teacher(dims).expected_shapes().items():
-        if key.endswith("modulation"):
-            t = torch.randn(shape, generator=gen) * 0.1
-        elif ".norm" in key or key.startswith("img_emb.proj.0") or key.startswith("img_emb.proj.4"):
-            t = (1.0 + 0.1 * torch.randn(shape, generator=gen)) if key.endswith("weight") else 0.05 * torch.randn(shape, generator=gen)
-        elif key.endswith("bias"):
-            t = 0.02 * torch.randn(shape, generator=gen)
-        else:
-            fan_in = 1
-            for s in shape[1:]:
-                fan_in *= s
-            t = torch.randn(shape, generator=gen) / fan_in**0.5
-        out[key] = t.to(dtype)
-    return out
+    return {key: _random_tensor(key, shape, gen).to(dtype)
+            for key, shape in PrunedWanMeta.teacher(dims).expected_shapes().items()}
+
+
+def write_random_wan(path: str | os.PathLike, meta: PrunedWanMeta, seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> int:
+    """A random (pruned or full) Wan checkpoint of ``meta``, drawn as ``random_wan_state_dict`` draws and written one
+    tensor at a time (models larger than memory, for the memory benchmarks). Returns the bytes of its tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = meta.expected_shapes()
+    with StreamingWriter(path, {k: (dtype, s) for k, s in shapes.items()}, meta.to_header()) as writer:
+        for key in writer.order:
+            writer.write(key, _random_tensor(key, shapes[key], gen).to(dtype))
+    return sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+
+
+def _random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if key.endswith("modulation"):
+        return torch.randn(shape, generator=gen) * 0.1
+    if ".norm" in key or key.startswith("img_emb.proj.0") or key.startswith("img_emb.proj.4"):
+        return (1.0 + 0.1 * torch.randn(shape, generator=gen)) if key.endswith("weight") else \
+            0.05 * torch.randn(shape, generator=gen)
+    if key.endswith("bias"):
+        return 0.02 * torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) / math.prod(shape[1:]) ** 0.5
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_lora_core import random_lora, write_style
+from lora_files import random_lora, write_style
 
 from comfyui_pare.alignment import (
     TENSOR_CORE_MULTIPLE,

@@ -26,7 +26,7 @@ from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import BlockWidth, WanDims
 
 REPO = Path(__file__).resolve().parents[2]
-CHILD = Path(__file__).resolve().parents[1] / "hostile_child.py"
+CHILD = "tests.hostile_child"  # run as a module from the repository root
 HEADROOM = 1 << 30  # bytes the child may map beyond its imports: far below what any of the hostile inputs asks for
 CHILD_SECONDS = 60  # a child still running then is killed (a case that blocks); each case must end in CASE_SECONDS
 CASE_SECONDS = 10.0
@@ -264,8 +264,8 @@ def _run_children(cases: list[dict], tmp: Path) -> list[dict]:
     while len(reports) < len(cases):
         spec = tmp / f"cases{len(reports)}.json"
         spec.write_text(json.dumps(cases[len(reports):]))
-        proc = subprocess.Popen([sys.executable, str(CHILD), str(spec), str(HEADROOM)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", CHILD, str(spec), str(HEADROOM)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
         try:
             out, err = proc.communicate(timeout=CHILD_SECONDS)
         except subprocess.TimeoutExpired:
@@ -319,7 +319,7 @@ CLI_MEMORY = 6 << 30  # address space for the whole CLI process (its imports map
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # run from REPO with -m: this checkout's core comes first
     return subprocess.run([sys.executable, "-m", "comfyui_pare", *argv], capture_output=True, text=True,
                           timeout=CLI_SECONDS, env=env, preexec_fn=_capped(CLI_MEMORY), cwd=REPO)
 

@@ -18,7 +18,7 @@ import logging
 
 import pytest
 import torch
-from helpers import diffusers_module
+from lora_files import STYLES, random_lora, write_style
 from safetensors.torch import save_file
 
 from comfyui_pare.__main__ import main
@@ -45,78 +45,6 @@ PLAN_BLOCKS = {  # block -> (kept heads, kept FFN neurons); None keeps all. Bloc
     3: (None, tuple(j for j in range(512) if j % 5)),
     5: ((0, 1, 2, 3, 4, 5, 6), (3, 17, 100, 511)),
 }
-
-
-diffusers_name = diffusers_module
-
-
-STYLES = {  # style -> (module name writer, down suffix, up suffix)
-    "diffusion_model": (lambda m: f"diffusion_model.{m}", ".lora_down.weight", ".lora_up.weight"),
-    "diffusion_model_AB": (lambda m: f"diffusion_model.{m}", ".lora_A.weight", ".lora_B.weight"),
-    "lora_unet": (lambda m: "lora_unet_" + m.replace(".", "_"), ".lora_down.weight", ".lora_up.weight"),
-    "wan_fun": (lambda m: "lora_unet__" + m.replace(".", "_"), ".lora_down.weight", ".lora_up.weight"),
-    "diffusers": (lambda m: f"transformer.{diffusers_name(m)}", ".lora_A.weight", ".lora_B.weight"),
-    "diffusers_bare": (diffusers_name, ".lora_A.weight", ".lora_B.weight"),
-}
-
-
-def write_style(patches: list[LoraPatch], style: str) -> dict[str, torch.Tensor]:
-    name, down_sfx, up_sfx = STYLES[style]
-    sd: dict[str, torch.Tensor] = {}
-    for p in patches:
-        base = name(p.module)
-        if p.up is not None:
-            sd[base + up_sfx], sd[base + down_sfx] = p.up, p.down
-            if p.alpha is not None:
-                sd[base + ".alpha"] = torch.tensor(p.alpha)
-        for part in ("diff", "diff_b"):
-            if getattr(p, part) is not None:
-                sd[f"{base}.{part}"] = getattr(p, part)
-    return sd
-
-
-def random_lora(dims, seed: int = 0, dyadic: bool = True, dtype=torch.float32) -> list[LoraPatch]:
-    """Patches on every kind of module. Low-rank factors are dyadic when ``dyadic`` (see the module docstring)."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = PrunedWanMeta.teacher(dims).expected_shapes()
-
-    def factor(*shape):
-        if dyadic:
-            return (torch.randint(-8, 9, shape, generator=gen).float() / 8).to(dtype)
-        return torch.randn(shape, generator=gen).to(dtype)
-
-    def gauss(*shape):
-        return torch.randn(shape, generator=gen).to(dtype)
-
-    def low_rank(module, rank, alpha, bias=False):
-        w = shapes[f"{module}.weight"]
-        return LoraPatch(module, up=factor(w[0], rank), down=factor(rank, *w[1:]), alpha=alpha,
-                         diff_b=gauss(w[0]) if bias else None)
-
-    def diff(module, bias=False):
-        key = module if module.endswith("modulation") else f"{module}.weight"
-        return LoraPatch(module, diff=gauss(*shapes[key]), diff_b=gauss(*shapes[f"{module}.bias"]) if bias else None)
-
-    out: list[LoraPatch] = []
-    for i in range(dims.num_layers):
-        b = f"blocks.{i}."
-        use_diff = i % 2 == 1  # odd blocks carry full .diff tensors on the pruned layers, even ones low-rank pairs
-        for name in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "ffn.0", "ffn.2"):
-            bias = name in ("self_attn.q", "self_attn.o", "ffn.0")
-            out.append(diff(b + name, bias) if use_diff else low_rank(b + name, 4, (2.0, None, 8.0)[i % 3], bias))
-        for name in ("cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o"):
-            out.append(low_rank(b + name, 8, 4.0, bias=name == "cross_attn.o"))
-        out += [diff(b + "self_attn.norm_q"), diff(b + "self_attn.norm_k"), diff(b + "cross_attn.norm_q"),
-                diff(b + "norm3", bias=True), diff(b + "modulation")]
-        if dims.variant == "i2v":
-            out += [low_rank(b + "cross_attn.k_img", 4, 4.0), low_rank(b + "cross_attn.v_img", 4, None),
-                    diff(b + "cross_attn.norm_k_img")]
-    out += [low_rank("head.head", 4, 2.0, bias=True), diff("head.modulation"), low_rank("patch_embedding", 4, 4.0),
-            low_rank("text_embedding.0", 4, None), low_rank("time_embedding.0", 4, 2.0),
-            low_rank("time_projection.1", 4, 2.0)]
-    if dims.variant == "i2v":
-        out.append(low_rank("img_emb.proj.1", 4, 2.0))
-    return out
 
 
 def make_plan(dims) -> PrunePlan:

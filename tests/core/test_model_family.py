@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from comfy_harness import INSTALLS
 
 from comfyui_pare.errors import PareFormatError
 from comfyui_pare.model_family import FAMILIES, detect_family
@@ -16,6 +15,7 @@ from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import WanDims
 from comfyui_pare.wan_reader import read_meta
+from scripts.comfy_harness import INSTALLS
 from training.tiny import TINY_T2V, TINY_TI2V_5B, TINY_VACE, random_wan_state_dict
 
 REPO = Path(__file__).resolve().parents[2]

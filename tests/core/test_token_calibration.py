@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import tiny_assets
 import torch
 from conftest import REPO
 
@@ -14,6 +13,7 @@ from comfyui_pare.calibration import write_sample
 from comfyui_pare.errors import PareError
 from comfyui_pare.token_calibration import schedule_from_redundancy, step_ranges
 from comfyui_pare.token_schedule import load_schedule
+from scripts import tiny_assets
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import torch
 from conftest import read_latent
 from graphs import out, pare_loader, sample_graph
 from helpers import write_conditioning
-from test_lora_core import random_lora, write_style
+from lora_files import random_lora, write_style
 
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic

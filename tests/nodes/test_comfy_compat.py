@@ -1,10 +1,13 @@
-"""Every ComfyUI internal the pack relies on is listed in nodes/comfy_compat.py, present in each real ComfyUI we test
-(0.3.75 and upstream 0.8.0), and checked by the node that uses it: with the internal removed from ComfyUI's real
-module, the node fails with an error naming the internal and the running ComfyUI version (never telling a user on
-a newer release to update), not with an AttributeError. One fresh process per ComfyUI (tests/compat_probe.py)."""
+"""Every ComfyUI internal the pack relies on is a seam in nodes/comfy_compat/seams.py, present in each real ComfyUI we
+test, and checked by the nodes that use it: with each checked object removed from ComfyUI's real module in turn,
+every node that declares the seam fails with an error naming the seam and the running ComfyUI version (never
+telling a user on a newer release to update), not with an AttributeError. One fresh process per ComfyUI
+(``python -m tests.compat_probe``), which removes every object and runs the nodes in it; the tests below read its
+report, one per seam."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -16,11 +19,21 @@ from conftest import REPO, comfy_install
 pytestmark = pytest.mark.every_comfyui
 
 
+def seam_names() -> list[str]:
+    """The seams' names as written in seams.py (read, not imported: the module is part of the pack)."""
+    tree = ast.parse((REPO / "nodes" / "comfy_compat" / "seams.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "Seam"]
+    return [ast.literal_eval(c.args[0]) for c in calls]
+
+
+SEAM_NAMES = seam_names()
+
+
 @pytest.fixture(scope="module")
 def probe(comfyui_version):
     install = comfy_install(comfyui_version)
-    env = {**os.environ, "PARE_COMFYUI_DIR": str(install.comfy_dir), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "compat_probe.py")], cwd=REPO, env=env,
+    env = {**os.environ, "PARE_COMFYUI_DIR": str(install.comfy_dir)}
+    proc = subprocess.run([sys.executable, "-m", "tests.compat_probe"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr, comfyui_version
@@ -29,20 +42,25 @@ def probe(comfyui_version):
 def test_every_seam_is_present_in_each_tested_comfyui(probe):
     out, _, version = probe
     assert out["version"] == version
-    assert out["missing"] == [] and out["count"] >= 17
-
-
-def test_a_node_fails_naming_the_missing_internal_and_the_running_version(probe):
-    out, log, version = probe
-    static = out["static"]
-    assert static.startswith(f"ComfyVersionError: PARE Static Block Schedule cannot run on ComfyUI {version}: it "
-                             "lacks ModelPatcher.set_model_patch_replace"), static
-    load = out["load"]
-    assert load.startswith(f"ComfyVersionError: PARE Load Pruned Wan cannot run on ComfyUI {version}"), load
-    assert "model_config_from_unet" in load
-    for message in (static, load):
-        assert "update ComfyUI" not in message.lower().replace("update comfyui", "update ComfyUI")
-        assert "please report it" in message.lower()
-    assert any("set_model_patch_replace" in s for s in out["after"])
-    assert f"ComfyUI {version} lacks" in log  # the start-up style log line names the version too
+    assert out["missing"] == [] and list(out["seams"]) == SEAM_NAMES and len(SEAM_NAMES) >= 25
+    assert out["unknown_nodes"] == []  # every node a seam names has a runner in the probe
+    for node, error in out["baseline"].items():  # nothing removed: no node refuses to run
+        assert error is None or not error.startswith("ComfyVersionError"), (node, error)
     assert out["load_restored"] is None
+
+
+@pytest.mark.parametrize("name", SEAM_NAMES, ids=[n[:60] for n in SEAM_NAMES])
+def test_each_removed_internal_fails_its_nodes_naming_it(probe, name):
+    out, log, version = probe
+    seam = out["seams"][name]
+    removals = [r for r in out["removed"] if r["seam"] == name]
+    assert len(removals) == seam["checks"] >= 1  # every checked object was removed once
+    for removal in removals:
+        assert removal["logged"], removal  # the start-up check names it
+        assert set(removal["errors"]) == set(seam["used_by"])
+        for node, error in removal["errors"].items():
+            assert error is not None, f"{node} ran without {removal['object']}"
+            assert error.startswith(f"ComfyVersionError: {node} cannot run on ComfyUI {version}: it lacks "), error
+            assert name in error, error
+            assert "update comfyui" not in error.lower() and "please report it" in error.lower(), error
+    assert f"ComfyUI {version} lacks {name}" in log  # the start-up style log line names the version too

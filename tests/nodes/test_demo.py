@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.comfy, pytest.mark.slow]
 
 def test_demo_renders_teacher_and_student_with_the_table(tmp_path):
     env = {**os.environ, "PARE_DEMO_OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py")], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "scripts.demo"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("toy_teacher.webp", "toy_student.webp"):

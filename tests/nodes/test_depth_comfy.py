@@ -10,9 +10,7 @@ alpha / rank a power of two and strength 1, so every delta is exact in fp32 howe
 from __future__ import annotations
 
 import pytest
-import tiny_assets
 import torch
-from comfy_harness import PromptError
 from conftest import run_latent
 from graphs import pare_loader, sample_graph
 from safetensors.torch import load_file
@@ -22,6 +20,8 @@ from comfyui_pare.pruned import save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import PrunePlan, prune_state_dict
 from comfyui_pare.wan_reader import load_checkpoint
+from scripts import tiny_assets
+from scripts.comfy_harness import PromptError
 
 pytestmark = pytest.mark.comfy
 KEEP = [0, 2, 3, 5]  # of the tiny teacher's 6 blocks; teacher block 3 is also width-pruned

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-import tiny_assets
 import torch
 from conftest import REPO, run_latent
 from graphs import Graph, out, pare_loader, stock_loader
@@ -24,6 +23,7 @@ from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan import WanDims
+from scripts import tiny_assets
 
 pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 POS, NEG = "cond4096_pos.safetensors", "cond4096_neg.safetensors"

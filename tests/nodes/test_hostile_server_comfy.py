@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-import tiny_assets
 import torch
-from comfy_harness import ComfyServer, PromptError
 from conftest import TEST_NODES, comfy_install, run_latent
 from graphs import out, pare_loader, sample_graph
 
 from comfyui_pare.router import BlockRouter, RouterSpec
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan_reader import load_checkpoint
+from scripts import tiny_assets
+from scripts.comfy_harness import ComfyServer, PromptError
 
 pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
 N = tiny_assets.TINY_T2V.num_layers

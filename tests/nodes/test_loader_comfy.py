@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_harness import PromptError
 from conftest import REPO, run_latent
 from graphs import pare_loader, sample_graph, stock_loader
-from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, write_teacher, zeroed_teacher
+from helpers import PACK_NODES, STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, write_teacher, zeroed_teacher
 
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan_reader import load_checkpoint, read_meta
+from scripts.comfy_harness import PromptError
 
 # Tests marked every_comfyui also run on ComfyUI 0.8.0 (the rest on the pinned 0.3.75 only, for CI time).
 pytestmark = pytest.mark.comfy
@@ -163,11 +163,6 @@ def test_bad_inputs_fail_clearly_and_server_keeps_serving(comfy, models, tmp_pat
         ok = latent(comfy, pare_loader("student_ffn.safetensors"), steps=1, seed=len(name))
         assert torch.isfinite(ok).all()
     assert not marker.exists(), "a pickle file was unpickled"
-
-
-PACK_NODES = ("PARELoadPrunedWan", "PARELoraLoader", "PARELoadRouter", "PAREApplyRouter",
-              "PAREStaticSchedule", "PARERoutingReport", "PARETokenReduction", "PAREToyTextEncode",
-              "PARESaveCalibrationSample")
 
 
 def test_nodes_listed_with_tooltips(comfy):

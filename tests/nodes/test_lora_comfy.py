@@ -19,19 +19,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny_assets
 import torch
-from comfy_harness import PromptError
 from conftest import REPO, run_latent
 from graphs import pare_loader, sample_graph, stock_loader
-from helpers import STOCK_T2V, diffusers_module, write_conditioning, write_plan, write_teacher
+from helpers import STOCK_T2V, write_conditioning, write_plan, write_teacher
+from lora_files import FILE_STYLES, make_lora, write_lora
 from safetensors.torch import load_file
 
-from comfyui_pare.lora import LoraPatch
-from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
+from comfyui_pare.pruned import save_checkpoint
 from comfyui_pare.safetensors_io import save_atomic
-from comfyui_pare.wan import WanDims
 from comfyui_pare.wan_reader import load_checkpoint
+from scripts import tiny_assets
+from scripts.comfy_harness import PromptError
 from training.tiny import TINY_T2V
 
 # Tests marked every_comfyui also run on ComfyUI 0.8.0 (the rest on the pinned 0.3.75 only, for CI time).
@@ -44,78 +43,6 @@ PLAN = [  # tiny T2V: 6 blocks of 8 heads (head dim 32) and 512 FFN neurons; blo
     {"heads": [1, 6]}, {"ffn": [j for j in range(512) if j % 5]},
     {}, {"heads": [0, 1, 2, 3, 4, 5, 6], "ffn": [3, 17, 100, 511]},
 ]
-# -- LoRA files ------------------------------------------------------------------------------------------
-
-def make_lora(dims: WanDims, seed: int, modulation: bool = True, low_rank: bool = True) -> list[LoraPatch]:
-    """Patches on the pruned layers (q/k/v/o, ffn, their biases and norms) and outside the blocks.
-
-    Factors are dyadic (see the module docstring) and small, so the LoRA changes the output without blowing up.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    shapes = PrunedWanMeta.teacher(dims).expected_shapes()
-
-    def pair(module: str, alpha: float, bias: bool = False) -> LoraPatch:
-        w = shapes[f"{module}.weight"]
-        up = torch.randint(-8, 9, (w[0], 4), generator=gen) / 128
-        down = torch.randint(-8, 9, (4, *w[1:]), generator=gen) / 128
-        diff_b = 0.02 * torch.randn(w[0], generator=gen) if bias else None
-        return LoraPatch(module, up=up, down=down, alpha=alpha, diff_b=diff_b)
-
-    def diff(module: str, key: str) -> LoraPatch:
-        return LoraPatch(module, diff=0.05 * torch.randn(shapes[key], generator=gen))
-
-    out: list[LoraPatch] = []
-    for i in range(dims.num_layers):
-        b = f"blocks.{i}."
-        if low_rank:
-            for n, alpha, bias in (("self_attn.q", 8.0, True), ("self_attn.k", 2.0, False), ("self_attn.v", 4.0, False),
-                                   ("self_attn.o", 4.0, True), ("cross_attn.q", 4.0, False),
-                                   ("cross_attn.o", 2.0, False), ("ffn.0", 4.0, True), ("ffn.2", 8.0, False)):
-                out.append(pair(b + n, alpha, bias))
-            out += [diff(b + "self_attn.norm_q", b + "self_attn.norm_q.weight"),
-                    diff(b + "self_attn.norm_k", b + "self_attn.norm_k.weight")]
-        if modulation:
-            out.append(diff(b + "modulation", b + "modulation"))
-    if low_rank:
-        out += [pair("head.head", 4.0, bias=True), pair("patch_embedding", 2.0), pair("text_embedding.0", 4.0),
-                pair("time_projection.1", 4.0)]
-    if modulation:
-        out.append(diff("head.modulation", "head.modulation"))
-    return out
-
-
-def _diffusers(module: str) -> str:
-    return f"transformer.{diffusers_module(module)}"
-
-
-STYLES = {  # style -> (module -> key prefix, down suffix, up suffix)
-    "diffusion_model": (lambda m: f"diffusion_model.{m}", ".lora_down.weight", ".lora_up.weight"),
-    "lora_A_B": (lambda m: f"diffusion_model.{m}", ".lora_A.weight", ".lora_B.weight"),
-    "lora_unet": (lambda m: "lora_unet_" + m.replace(".", "_"), ".lora_down.weight", ".lora_up.weight"),
-    "diffusers": (_diffusers, ".lora_A.weight", ".lora_B.weight"),
-    "dense_diff": (lambda m: f"diffusion_model.{m}", None, None),  # every pair as its exact full .diff
-}
-
-
-def write_lora(path: Path, patches: list[LoraPatch], style: str = "diffusion_model",
-               extra: dict[str, torch.Tensor] | None = None) -> str:
-    name, down_sfx, up_sfx = STYLES[style]
-    sd: dict[str, torch.Tensor] = dict(extra or {})
-    for p in patches:
-        base = name(p.module)
-        if p.up is not None and down_sfx is None:
-            product = (p.alpha / p.down.shape[0]) * (p.up @ p.down.flatten(1))  # exact: dyadic factors
-            sd[f"{base}.diff"] = product.reshape(p.up.shape[0], *p.down.shape[1:])
-        elif p.up is not None:
-            sd[base + up_sfx], sd[base + down_sfx] = p.up, p.down
-            sd[f"{base}.alpha"] = torch.tensor(p.alpha)
-        for part in ("diff", "diff_b"):
-            if getattr(p, part) is not None:
-                sd[f"{base}.{part}"] = getattr(p, part)
-    save_atomic(path, sd, {"format": "pt"})
-    return path.name
-
-
 # -- fixtures and graph helpers ----------------------------------------------------------------------------
 
 def cli(*args: str) -> None:
@@ -131,7 +58,7 @@ def files(comfy, tmp_path_factory) -> dict[str, str]:
     cli("prune", "--no-align", "--teacher", str(dm / TEACHER), "--plan", str(write_plan(work / "plan.json", PLAN)),
         "--out", str(dm / STUDENT))
     full = make_lora(TINY_T2V, seed=1)
-    f = {style: write_lora(loras / f"lora_tiny_{style}.safetensors", full, style) for style in STYLES}
+    f = {style: write_lora(loras / f"lora_tiny_{style}.safetensors", full, style) for style in FILE_STYLES}
     f["no_mod"] = write_lora(loras / "lora_tiny_no_mod.safetensors", make_lora(TINY_T2V, seed=1, modulation=False))
     f["other"] = write_lora(loras / "lora_tiny_other.safetensors", make_lora(TINY_T2V, seed=2))
     f["mod_only"] = write_lora(loras / "lora_tiny_mod_only.safetensors", make_lora(TINY_T2V, seed=3, low_rank=False))
@@ -179,7 +106,7 @@ def test_node_equals_stock_loader_with_cli_sliced_lora(comfy, files):
     assert "PARE LoRA: applied" in comfy.log_text() and "sliced 24 modules to the pruned widths" in comfy.log_text()
 
 
-@pytest.mark.parametrize("style", [s for s in STYLES if s != "diffusion_model"])
+@pytest.mark.parametrize("style", [s for s in FILE_STYLES if s != "diffusion_model"])
 def test_every_key_style_equals_the_diffusion_model_style(comfy, files, style):
     reference = tiny(comfy, [pare_lora(files["diffusion_model"])])
     assert torch.equal(tiny(comfy, [pare_lora(files[style])]), reference)

@@ -13,11 +13,11 @@ import zipfile
 
 import pytest
 import tomllib
-from comfy_harness import ComfyServer
 from conftest import REPO
-from test_loader_comfy import PACK_NODES  # the user-facing node list, kept in one place
+from helpers import PACK_NODES
 
 import comfyui_pare
+from scripts.comfy_harness import ComfyServer
 
 TORCH_FAMILY = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*)$")
 
@@ -113,7 +113,7 @@ def packed(tmp_path_factory):
 def test_node_archive_leaves_out_training_tests_and_scripts(packed):
     names = zipfile.ZipFile(packed).namelist()
     assert not [n for n in names if n.split("/")[0] in {"training", "tests", "scripts", ".github", ".ci"}], names
-    for needed in ("__init__.py", "pyproject.toml", "requirements.txt", "nodes/__init__.py", "nodes/comfy_compat.py",
+    for needed in ("__init__.py", "pyproject.toml", "requirements.txt", "nodes/__init__.py", "nodes/comfy_compat/internals.py",
                    "comfyui_pare/router.py", "web/docs/PAREApplyRouter.md", "workflows/pare_wan21_t2v.json"):
         assert needed in names, needed
 

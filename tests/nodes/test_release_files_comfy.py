@@ -19,7 +19,7 @@ from conftest import run_latent
 from graphs import pare_loader, sample_graph, stock_loader
 from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, zeroed_teacher
 from layouts import dequantize, scale_to_fp8, to_diffusers, to_per_layer, write_original, write_sharded
-from test_lora_comfy import make_lora, write_lora
+from lora_files import make_lora, write_lora
 
 from comfyui_pare.__main__ import main
 from comfyui_pare.pruned import save_checkpoint

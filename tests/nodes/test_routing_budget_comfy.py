@@ -5,13 +5,13 @@ file without calibration."""
 from __future__ import annotations
 
 import pytest
-import tiny_assets
 from conftest import read_latent
-from graphs import out, pare_loader, sample_graph
-from test_routing_comfy import BOUNDARY, EARLY, LATE, SPEC, N, routed_model_id, with_report
+from graphs import out, pare_loader, routed_model_id, sample_graph, with_report
+from helpers import BOUNDARY, EARLY, LATE, SPEC, N
 
 from comfyui_pare.router import BlockRouter, save_router
 from comfyui_pare.router_budget import BudgetCalibration, read_budget_calibration, write_budget_calibration
+from scripts import tiny_assets
 
 pytestmark = pytest.mark.comfy
 CALIBRATED = "r_budget_calibrated.safetensors"

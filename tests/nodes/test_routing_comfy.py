@@ -8,29 +8,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import tiny_assets
 import torch
-from comfy_harness import ComfyServer, PromptError
 from conftest import TEST_NODES, comfy_install, read_latent
-from graphs import chain, out, pare_loader, sample_graph
-from helpers import step_sigmas
+from graphs import chain, out, pare_loader, routed_model_id, sample_graph, with_report
+from helpers import BOUNDARY, EARLY, LATE, SPEC, N, step_sigmas
 from PIL import Image
 
 from comfyui_pare import report
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router
 from comfyui_pare.safetensors_io import save_atomic
+from scripts import tiny_assets
+from scripts.comfy_harness import ComfyServer, PromptError
 
 # Tests marked every_comfyui also run on ComfyUI 0.8.0 (the rest on the pinned 0.3.75 only, for CI time).
 pytestmark = pytest.mark.comfy
-N = tiny_assets.TINY_T2V.num_layers
-SPEC = RouterSpec(num_blocks=N, dim=tiny_assets.TINY_T2V.dim)
 KEEP_ALL = "r_keep_all.safetensors"
 SWITCH = "r_switch.safetensors"
 HALF = "r_half.safetensors"
-# Timestep switch at t=600: early (noisy) steps skip blocks 1 and 3, late steps skip blocks 2 and 4.
-EARLY = [5.0, -5.0, 5.0, -5.0, 5.0, 5.0]
-LATE = [5.0, 5.0, -5.0, 5.0, -5.0, 5.0]
-BOUNDARY = 600.0
 
 
 def write_routers(folder) -> None:
@@ -62,21 +56,9 @@ def route(router: str | None = None, schedule: str | None = None, count_tag: str
     return patch
 
 
-def with_report(g, routed_model: str) -> tuple[str, str]:
-    rep = g.add("PARERoutingReport", model=out(routed_model), samples=out(g.find("KSampler")))
-    img = g.add("SaveImage", images=out(rep, 0), filename_prefix="pare_report")
-    txt = g.add("PreviewAny", source=out(rep, 1))
-    return img, txt
-
-
 def latent_of(server, g, save) -> torch.Tensor:
     entry = server.run(g.to_json())
     return read_latent(server.output_files(entry, save, "latents")[0])
-
-
-def routed_model_id(g) -> str:
-    ids = [k for k, v in g.nodes.items() if v["class_type"] in ("PAREApplyRouter", "PAREStaticSchedule")]
-    return ids[-1]
 
 
 @pytest.mark.parametrize("variant", ["t2v", "i2v"])

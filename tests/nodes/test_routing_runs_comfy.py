@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import tiny_assets
-from comfy_harness import ComfyServer
 from conftest import TEST_NODES, comfy_install, read_latent
 from graphs import out, pare_loader, sample_graph
 from helpers import shifted_sigma, step_sigmas
 
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router
+from scripts import tiny_assets
+from scripts.comfy_harness import ComfyServer
 
 pytestmark = pytest.mark.comfy
 N = tiny_assets.TINY_T2V.num_layers

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import tiny_assets
 import torch
-from comfy_harness import PromptError
 from conftest import run_latent
 from graphs import chain, out, pare_loader, sample_graph
 from safetensors.torch import load_file
@@ -19,6 +17,8 @@ from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import BlockPlan, PrunePlan, prune_state_dict
 from comfyui_pare.token_schedule import parse_schedule_text
 from comfyui_pare.wan_reader import load_checkpoint
+from scripts import tiny_assets
+from scripts.comfy_harness import PromptError
 
 # Tests marked every_comfyui also run on ComfyUI 0.8.0 (the rest on the pinned 0.3.75 only, for CI time).
 pytestmark = pytest.mark.comfy

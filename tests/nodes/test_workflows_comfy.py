@@ -9,17 +9,17 @@ import json
 from pathlib import Path
 
 import pytest
-import tiny_assets
 import torch
 from conftest import REPO, read_latent
 from graphs import out, pare_loader, sample_graph
-from workflow_api import ui_to_api
 
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.surgery import PrunePlan, prune_state_dict
 from comfyui_pare.wan_reader import load_checkpoint
+from scripts import tiny_assets
+from scripts.workflow_api import ui_to_api
 from training.tiny import TINY_VACE, random_wan_state_dict
 
 pytestmark = [pytest.mark.comfy, pytest.mark.every_comfyui]
@@ -89,7 +89,9 @@ def test_shipped_workflows_are_valid_for_the_real_server(comfy):
             spec = info[cls]["input"]
             known = {**spec.get("required", {}), **spec.get("optional", {})}
             for name in node["inputs"]:
-                assert name in known, f"{path.name}: {cls}.{name} is not an input of {cls}"
+                head = name.split(".")[0]  # "format.codec": an input of format's chosen option (dynamic combo)
+                assert head in known, f"{path.name}: {cls}.{name} is not an input of {cls}"
+                assert head == name or known[head][0] == "COMFY_DYNAMICCOMBO_V3", f"{path.name}: {cls}.{name}"
             for name in spec.get("required", {}):
                 assert name in node["inputs"], f"{path.name}: {cls} misses required input {name}"
             for name, value in node["inputs"].items():

@@ -16,7 +16,10 @@ import torch
 from conftest import REPO, read_latent
 from graphs import Graph, out
 from PIL import Image
-from toy_assets import (
+
+from comfyui_pare.safetensors_io import load_tensors, save_atomic
+from comfyui_pare.toy_text import ToyTextEncoder
+from scripts.toy_assets import (
     FOLDERS,
     TEACHER,
     TEXT,
@@ -27,10 +30,7 @@ from toy_assets import (
     routing_summary,
     toy_graph,
 )
-from workflow_api import ui_to_api
-
-from comfyui_pare.safetensors_io import load_tensors, save_atomic
-from comfyui_pare.toy_text import ToyTextEncoder
+from scripts.workflow_api import ui_to_api
 from training.model import WanTransformer
 from training.toyworld import evaluate, videos
 from training.toyworld.comfy_vae import load_vae

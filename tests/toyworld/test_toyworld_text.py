@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import tiny_assets as assets
 import torch
 from conftest import run_latent
 from graphs import Graph, out
@@ -14,6 +13,7 @@ from graphs import Graph, out
 from comfyui_pare.errors import PareFormatError
 from comfyui_pare.safetensors_io import load_tensors, save_atomic
 from comfyui_pare.toy_text import ToyTextEncoder
+from scripts import tiny_assets as assets
 from training.toyworld import videos
 from training.toyworld.teacher import TEXT_LEN, TOY_DIMS, vocabulary
 
@@ -107,7 +107,7 @@ def test_node_conditioning_equals_core_encoder(comfy, tmp_path):
 
 @pytest.mark.comfy
 def test_node_names_an_unknown_word(comfy, tmp_path):
-    from comfy_harness import PromptError
+    from scripts.comfy_harness import PromptError
 
     folder = comfy.base / "models" / "text_encoders"
     folder.mkdir(parents=True, exist_ok=True)

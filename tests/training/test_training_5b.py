@@ -14,9 +14,13 @@ from training_helpers import distill_toml, write_micro_teacher, write_samples
 
 from comfyui_pare.router import RoutingPolicy, load_router
 from comfyui_pare.wan import WanDims
+from scripts import tiny_assets
 from training.__main__ import main as training_main
 from training.config import load_config
 from training.distill import DistillConfig, train
+from training.model import WanTransformer
+from training.routed import RoutedVelocity
+from training.sampling import Conditioning, flow_sigmas, initial_noise, ksampler_euler
 
 pytestmark = pytest.mark.comfy
 MICRO_5B = WanDims(dim=64, num_heads=4, ffn_dim=128, num_layers=4, text_dim=64, in_dim=48, out_dim=48)
@@ -51,12 +55,6 @@ def exported(comfy, tmp_path_factory, one_thread):
 
 
 def test_exported_5b_pair_samples_in_comfyui_like_the_training_side(comfy, exported, assets_dir):
-    import tiny_assets
-
-    from training.model import WanTransformer
-    from training.routed import RoutedVelocity
-    from training.sampling import Conditioning, flow_sigmas, initial_noise, ksampler_euler
-
     student_file, router_file = exported
     steps, shift, cfg, seed = 4, 5.0, 3.0, 5
     g = Graph()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import tiny_assets
 import torch
 from conftest import read_latent, run_latent
 from graphs import Graph, out, pare_loader, sample_graph
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from training_helpers import distill_toml, write_micro_teacher, write_samples
 
 from comfyui_pare.calibration import read_folder
+from scripts import tiny_assets
 from training.__main__ import main
 from training.calibrate import CalibrationStats
 from training.config import load_config

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from layouts import dequantize, scale_to_fp8, to_diffusers, write_original, write_sharded
+from layouts import T2V, dequantize, scale_to_fp8, write_layout
 from safetensors import safe_open
 from training_helpers import write_samples
 
@@ -18,25 +18,7 @@ from comfyui_pare.wan import WanDims
 from training.__main__ import main
 from training.tiny import random_wan_state_dict
 
-T2V = WanDims(dim=256, num_heads=2, ffn_dim=128, num_layers=2, text_dim=32)  # head dim 128: no metadata needed
 I2V = WanDims(dim=256, num_heads=2, ffn_dim=128, num_layers=2, text_dim=32, in_dim=36, variant="i2v")
-
-
-def write_layout(kind: str, root: Path, sd: dict[str, torch.Tensor]) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    if kind == "original":
-        return write_original(root / "wan.safetensors", sd)
-    if kind in ("model.diffusion_model.", "diffusion_model."):
-        return write_original(root / "wan.safetensors", sd, prefix=kind)
-    if kind == "sharded":  # the official release folder: shards + *.safetensors.index.json
-        write_sharded(root / "Wan2.1-T2V-14B", sd)
-        return root / "Wan2.1-T2V-14B"
-    if kind == "diffusers-file":
-        return write_original(root / "diffusion_pytorch_model.safetensors", to_diffusers(sd))
-    if kind == "diffusers-folder":
-        write_sharded(root / "transformer", to_diffusers(sd), shards=2)
-        return root / "transformer"
-    raise AssertionError(kind)
 
 
 def _raw(path: Path) -> dict[str, torch.Tensor]:
