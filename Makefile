@@ -1,5 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both build (once) and reuse a cached
-# environment: a venv with CPU torch, the pinned real ComfyUI 0.3.75, and this pack linked into it.
+# environment: a venv with CPU torch, the real ComfyUIs of comfyui_pare/tested_comfyui.py (the pinned 0.3.75 and
+# newer upstream trees), their front ends, and this pack linked into it.
 PARE_CACHE ?= $(HOME)/.cache/comfyui-pare
 export PARE_CACHE
 PY := $(PARE_CACHE)/venv/bin/python

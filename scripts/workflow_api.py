@@ -14,7 +14,8 @@ A workflow saved before a node gained an input has fewer values than the node no
 past the end of the list at the value it was created with: the input's default, else a combo's first option (e.g.
 ``CreateVideo``'s ``bit_depth``, added in 0.3x: 8). The converter does the same; a missing value for another input
 is an error. A dynamic combo (0.3x's V3 ``DynamicCombo``, e.g. ``SaveVideo``'s ``format``) is followed by the widgets
-of its chosen option, sent as ``format.codec``; inputs marked ``hidden`` have no widget.
+of its chosen option, sent as ``format.codec``; an input marked ``hidden`` still has a (hidden) widget, which holds
+a value and is sent (1.49.6 sends SaveVideo's legacy ``codec`` at its first option).
 Notes and other front-end-only nodes are dropped; muted (mode 2) and bypassed (mode 4) nodes are refused here,
 because the shipped workflows use neither.
 """
@@ -39,7 +40,7 @@ def _options(spec: list) -> dict:
 
 def _is_widget(spec: list) -> bool:
     kind = spec[0]
-    return (isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO) and not _options(spec).get("hidden")
+    return isinstance(kind, list) or kind in WIDGET_TYPES or kind == DYNAMIC_COMBO
 
 
 def _extra_values(spec: list) -> int:

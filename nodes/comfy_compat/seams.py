@@ -53,7 +53,7 @@ def _older_than_supported(version: str) -> bool:
 
 def advice() -> str:
     """What a user on the running ComfyUI can do about a missing internal: never 'update' to someone ahead."""
-    version, tested = comfy_version(), " and ".join(TESTED_COMFYUI)
+    version, tested = comfy_version(), tested_comfyui.names()
     if _older_than_supported(version):
         return f"comfyui-pare supports ComfyUI {OLDEST_SUPPORTED} and later (tested: {tested}); update ComfyUI"
     return (f"comfyui-pare is tested on ComfyUI {tested}; this ComfyUI ({version}) changed that internal. Please "

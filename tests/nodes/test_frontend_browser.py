@@ -1,8 +1,10 @@
-"""The artist's path, in ComfyUI's real front end (comfyui-frontend-package: the version ComfyUI 0.3.75 pins, and the
-one upstream ComfyUI 0.8.0 pins, served by that ComfyUI) driven by headless Chromium: the shipped workflows show up in the template browser, open with no missing or red node, turn
-into the same prompt as our converter, every PARE widget shows its tooltip, and a workflow queued with the Run button
-renders the toy world's videos (teacher and routed student), which appear in the page. Screenshots go to
-test-output/browser/ (0.8.0: test-output/browser-comfyui-0.8.0/; PARE_TEST_OUTPUT overrides).
+"""The artist's path, in ComfyUI's real front end (comfyui-frontend-package: the version each tested ComfyUI pins,
+1.32.9 for 0.3.75, 1.35.9 for 0.8.0, 1.49.6 for 0.33.0, served by that ComfyUI) driven by headless Chromium: the
+shipped workflows show up in the template browser, open with no missing or red node, turn into the same prompt as our
+converter, every PARE widget shows its tooltip, and a workflow queued with the Run button renders the toy world's
+videos (teacher and routed student), which appear in the page. The page is found by roles and texts all three front
+ends share (a dialog, a button named Run). Screenshots go to test-output/browser/ (the other releases:
+test-output/browser-comfyui-<version>/; PARE_TEST_OUTPUT overrides).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PINNED, REPO, comfy_install
+from PIL import Image
 
 from scripts import toy_assets
 from scripts.comfy_harness import ComfyServer
@@ -50,6 +53,31 @@ if _missing_prerequisite():
 from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
+# The folder, in a ComfyUI base directory, of the file each loader of the shipped workflows names (its first widget).
+FILE_INPUTS = {"PARELoadPrunedWan": "models/diffusion_models", "PARELoadRouter": "models/pare_routers",
+               "PARELoraLoader": "models/loras", "VAELoader": "models/vae", "CLIPLoader": "models/text_encoders",
+               "CLIPVisionLoader": "models/clip_vision", "LoadImage": "input"}
+
+
+def install_named_files(base: Path) -> None:
+    """Stand-ins under the file names the shipped real-model workflows name (the user's Wan files), so each file
+    input's value is one the server lists: front end 1.49 marks a node whose file is not listed as an error (red),
+    as a user without the files would see it. Models are empty files (the page never loads them), the start frame a
+    real PNG (the page shows it)."""
+    for path in SHIPPED:
+        for node in json.loads(path.read_text())["nodes"]:
+            values = node.get("widgets_values") or []
+            if node["type"] not in FILE_INPUTS or not values:
+                continue
+            target = base / FILE_INPUTS[node["type"]] / values[0]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                continue
+            if target.suffix == ".png":
+                Image.new("RGB", (64, 64), (40, 90, 160)).save(target)
+            else:
+                target.touch()
+
 
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory, comfyui_version):
@@ -57,6 +85,7 @@ def ui_server(tmp_path_factory, comfyui_version):
     install = comfy_install(comfyui_version)
     base = tmp_path_factory.mktemp(f"comfy-ui-{comfyui_version}")
     toy_assets.install(base)
+    install_named_files(base)
     server = ComfyServer(base_dir=base, comfy_dir=install.comfy_dir, front_end=True,
                          front_end_root=install.front_end_root)
     server.start()
@@ -112,13 +141,13 @@ def load(page, path: Path) -> None:
 
 def dismiss_dialogs(page) -> None:
     """A first start opens the template browser; close it (and anything else modal) as a user would."""
-    dialogs = page.locator(".p-dialog:visible")
+    dialogs = page.get_by_role("dialog").locator("visible=true")
     for _ in range(10):
         if not dialogs.count():
             return
         page.keyboard.press("Escape")
         page.wait_for_timeout(500)
-        close = dialogs.locator("button:has(i.pi-times), button[aria-label='Close']")
+        close = dialogs.locator("button:has(i.pi-times), button[aria-label='Close'], button[aria-label='Close dialog']")
         if close.count():
             try:
                 close.first.click(timeout=2000)
@@ -142,7 +171,7 @@ def tidy_for_screenshots(page) -> None:
 def visible_problems(page) -> list[str]:
     """Error toasts and dialogs the front end shows (missing nodes, schema errors, execution errors)."""
     return page.evaluate("""() => Array.from(document.querySelectorAll(
-        '.p-toast-message-error, .p-dialog, [role=alertdialog], .comfy-missing-nodes'))
+        '.p-toast-message-error, .p-dialog, [role=dialog], [role=alertdialog], .comfy-missing-nodes'))
         .map(e => e.textContent.trim().slice(0, 300)).filter(t => t)""")
 
 
@@ -155,11 +184,11 @@ def test_workflows_are_in_the_template_browser(ui_server, page):
             assert json.loads(r.read()) == json.loads(path.read_text())
     # ... and in the front end's template browser (Workflow menu > Browse Templates), under the pack's name.
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    dialog = page.locator(".p-dialog")
-    dialog.wait_for(state="visible", timeout=30_000)
-    page.get_by_text(PACK, exact=True).first.click()
+    dialog = page.get_by_role("dialog").locator("visible=true")  # a PrimeVue .p-dialog up to 1.35, Reka UI in 1.49
+    dialog.first.wait_for(state="visible", timeout=30_000)
+    dialog.get_by_text(PACK, exact=True).first.click()
     for path in SHIPPED:
-        page.get_by_text(path.stem, exact=True).first.wait_for(state="visible", timeout=30_000)
+        dialog.get_by_text(path.stem, exact=True).first.wait_for(state="visible", timeout=30_000)
     page.screenshot(path=str(page.shots / "template_browser.png"))
     dismiss_dialogs(page)
 
@@ -170,7 +199,8 @@ def test_workflow_opens_with_no_missing_node_and_same_prompt(page, object_info, 
     ui = json.loads(path.read_text())
     nodes = page.evaluate("() => window.app.graph.nodes.map(n => ({id: n.id, type: n.type, "
                           "registered: !!window.LiteGraph.registered_node_types[n.type], errors: !!n.has_errors}))")
-    assert sorted((n["id"], n["type"]) for n in nodes) == sorted((n["id"], n["type"]) for n in ui["nodes"])
+    # Node ids by value: numbers up to front end 1.35, strings ('1') in 1.49.
+    assert sorted((str(n["id"]), n["type"]) for n in nodes) == sorted((str(n["id"]), n["type"]) for n in ui["nodes"])
     assert [n for n in nodes if not n["registered"] or n["errors"]] == []
     assert visible_problems(page) == []
     assert any(n["type"] == "Note" for n in ui["nodes"]), f"{path.name} has no Note for the artist"
@@ -178,10 +208,11 @@ def test_workflow_opens_with_no_missing_node_and_same_prompt(page, object_info, 
     ours = ui_to_api(ui, object_info, source=path.name)
 
     def declared(node: dict) -> dict:
-        """Inputs the node defines; the server ignores the rest (e.g. PreviewAny's display-only 'preview')."""
+        """Inputs the node defines, a dynamic combo's ("format.codec") included; the server ignores the rest (e.g.
+        PreviewAny's display-only 'preview')."""
         spec = object_info[node["class_type"]]["input"]
         names = {**spec.get("required", {}), **spec.get("optional", {})}
-        return {k: v for k, v in node["inputs"].items() if k in names}
+        return {k: v for k, v in node["inputs"].items() if k.split(".")[0] in names}
 
     assert {k: (v["class_type"], declared(v)) for k, v in prompt.items()} == \
            {k: (v["class_type"], v["inputs"]) for k, v in ours.items()}
