@@ -344,7 +344,7 @@ class BlockRouter(nn.Module):
         """Logits [B, num_blocks], float32."""
         x = self.features(timestep, tokens, text).to(self.fc1.weight.dtype)
         out = (self.fc2(self.act(self.fc1(x))) + self.bias).float()
-        return out + self.prior(timestep, x.shape[0])
+        return out + self.prior(sample_timesteps(torch.as_tensor(timestep)), x.shape[0])
 
     def macs(self, tokens: int) -> int:
         """Rough MACs of one call at ``tokens`` tokens (pooling counted as 2 per element), batch 1."""
