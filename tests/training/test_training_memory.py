@@ -37,7 +37,7 @@ STUDENT = PrunedWanMeta(DIMS, (BlockWidth((0,), tuple(range(64))),) * 2, kept_bl
 # What a rank holds beyond its shards while FSDP2 gathers on gloo: a block's all-gather output, its unsharded
 # parameters and gloo's buffers, for the teacher block running and the next one (measured: at most 7.4 blocks).
 GATHERED_BLOCKS = 8
-SLACK = 64 * MIB  # activations, collectives' first buffers, allocator pages (measured: < 30 MiB)
+SLACK = 64 * MIB  # activations, collectives' first buffers, allocator pages (measured: at most ~45 MiB)
 
 
 def _bytes(meta: PrunedWanMeta) -> int:
@@ -122,8 +122,10 @@ def test_one_process_holds_the_teacher_once(inputs, tmp_path):
     t, s = inputs["T"], inputs["S"]
     base = report["host_baseline_bytes"][0]
     print(f"\none process: teacher {t / MIB:.0f} MiB, baseline {base / MIB:.0f} MiB\n{_table(report, sampled)}")
-    limit = {p: [base + t + 5 * s + SLACK] for p in PHASES}
-    limit["load"] = [base + t + s + SLACK]
+    # Twice the slack of the sharded runs: the teacher's forward runs whole here (measured: 46 MiB above the teacher
+    # and the student's training state at the optimizer step); a second teacher would still be 4x over it.
+    limit = {p: [base + t + 5 * s + 2 * SLACK] for p in PHASES}
+    limit["load"] = [base + t + s + 2 * SLACK]
     _check_phases(report, sampled, limit, PHASES)
     assert report["host_peak_bytes"][0] < t + s + 2 * s + GIB
     assert report["teacher_load"]["bytes"] == [t]
