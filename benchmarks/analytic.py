@@ -1,6 +1,7 @@
-"""Suite 'compute': analytic MACs per sampling step at real Wan2.1 shapes, split per part.
+"""Suite 'compute': analytic MACs per sampling step at real Wan shapes, split per part.
 
-For Wan2.1 1.3B and 14B at 480p and 720p, 81 frames: the teacher, the uniformly pruned student and the student
+For Wan2.1 1.3B and 14B at 480p and 720p, 81 frames, and Wan2.2 TI2V-5B at its native 1280x704, 121 frames (16x
+VAE): the teacher, the uniformly pruned student and the student
 with the bench's fixed routing decision set, per part (attention core, self-attention projections,
 cross-attention, FFN; embeddings + head apart); and end to end in teacher-equivalent forwards: CFG at 50 steps
 (two forwards a step) against a 4-step CFG-free step-distill LoRA (one forward a step). Counted by
@@ -14,7 +15,7 @@ from dataclasses import fields
 
 from comfyui_pare.compute import BlockMacs, embed_head_macs, model_block_macs, sum_macs, tokens_for
 from comfyui_pare.pruned import PrunedWanMeta
-from comfyui_pare.wan import TEXT_TOKENS, WAN21_1_3B, WAN21_14B
+from comfyui_pare.wan import TEXT_TOKENS, WAN21_1_3B, WAN21_14B, WAN22_TI2V_5B
 
 from .config import BenchConfig
 from .models import bench_router, decision_set, pruned_meta
@@ -22,6 +23,9 @@ from .models import bench_router, decision_set, pruned_meta
 MODELS = {"1.3B": WAN21_1_3B, "14B": WAN21_14B}
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
 FRAMES = 81
+# (model, dims, resolution, (height, width), frames): every model at its native sizes.
+SHAPES = [(m, dims, r, hw, FRAMES) for m, dims in MODELS.items() for r, hw in RESOLUTIONS.items()] + [
+    ("5B", WAN22_TI2V_5B, "720p", (704, 1280), 121)]
 PARTS = [f.name for f in fields(BlockMacs)]
 
 
@@ -56,23 +60,22 @@ def configurations(meta_teacher: PrunedWanMeta, meta_student: PrunedWanMeta, tok
 
 def run(config: BenchConfig, progress=None) -> dict:
     rows = []
-    for model_name, dims in MODELS.items():
+    for model_name, dims, res_name, (height, width), frames in SHAPES:
         teacher = PrunedWanMeta.teacher(dims)
         student = pruned_meta(dims, config.head_fraction, config.ffn_fraction)
-        for res_name, (height, width) in RESOLUTIONS.items():
-            tokens = tokens_for(FRAMES, height, width)
-            confs = configurations(teacher, student, tokens, TEXT_TOKENS, config.routed_budget)
-            base = confs["teacher"]["total"]
-            for conf in confs.values():
-                conf["teacher_equivalent"] = conf["total"] / base
-            end_to_end = {
-                "cfg50_teacher": 100.0,  # 50 steps x (cond + uncond)
-                "cfg50_pruned_routed": 100.0 * confs["pruned_routed"]["teacher_equivalent"],
-                "lora4_teacher": 4.0,  # 4 steps, CFG 1: one forward a step
-                "lora4_pruned_routed": 4.0 * confs["pruned_routed"]["teacher_equivalent"],
-            }
-            rows.append({"model": model_name, "resolution": res_name, "frames": FRAMES, "tokens": tokens,
-                         "text_tokens": TEXT_TOKENS, "configs": confs, "end_to_end_teacher_forwards": end_to_end})
+        tokens = tokens_for(frames, height, width, dims)
+        confs = configurations(teacher, student, tokens, TEXT_TOKENS, config.routed_budget)
+        base = confs["teacher"]["total"]
+        for conf in confs.values():
+            conf["teacher_equivalent"] = conf["total"] / base
+        end_to_end = {
+            "cfg50_teacher": 100.0,  # 50 steps x (cond + uncond)
+            "cfg50_pruned_routed": 100.0 * confs["pruned_routed"]["teacher_equivalent"],
+            "lora4_teacher": 4.0,  # 4 steps, CFG 1: one forward a step
+            "lora4_pruned_routed": 4.0 * confs["pruned_routed"]["teacher_equivalent"],
+        }
+        rows.append({"model": model_name, "resolution": res_name, "frames": frames, "tokens": tokens,
+                     "text_tokens": TEXT_TOKENS, "configs": confs, "end_to_end_teacher_forwards": end_to_end})
     return {"head_fraction": config.head_fraction, "ffn_fraction": config.ffn_fraction,
             "routed_budget": config.routed_budget, "rows": rows}
 

@@ -1,4 +1,4 @@
-"""Wan2.1 LoRA files: parse every key style in the wild, check the base model, slice for a pruned student.
+"""Wan LoRA files: parse every key style in the wild, check the base model, slice for a pruned student.
 
 A LoRA trained on the full teacher patches teacher-shaped weights. A pruned student keeps, per block, some
 self-attention heads and FFN neurons (``PrunedWanMeta``), so the LoRA is cut the same way the surgery cuts the
@@ -66,13 +66,17 @@ _PARTS = (
 # ``blocks.N.modulation`` and ``head.diff_m`` that of ``head.modulation``.
 _MODULATION_OWNER_SEPARATORS = (".", "_")  # dotted styles, and lora_unet_ styles
 _BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
+# VACE: its blocks keep the teacher's widths, so their patches apply as they are (never sliced).
+_VACE_BLOCK_RE = re.compile(r"vace_blocks\.(\d+)\.(.+)")
+_VACE_LOCAL = ("before_proj", "after_proj")
+VACE_GLOBAL = "vace_patch_embedding"
 _NORMS = {"norm3", "self_attn.norm_q", "self_attn.norm_k", "cross_attn.norm_q", "cross_attn.norm_k",
           "cross_attn.norm_k_img", "img_emb.proj.0", "img_emb.proj.4"}
 _I2V_ONLY = {"cross_attn.k_img", "cross_attn.v_img", "cross_attn.norm_k_img"}
 # Linear layers whose *output* (not input) is the model width; used to tell which base a LoRA was trained on.
 _DIM_FROM_OUT = {"patch_embedding", "text_embedding.0", "time_embedding.0", "img_emb.proj.3", "ffn.2"}
 _NO_DIM_AXIS = {"img_emb.proj.0", "img_emb.proj.1"}  # CLIP width only
-_KNOWN_BASES = {1536: "Wan2.1 1.3B", 5120: "Wan2.1 14B"}
+_KNOWN_BASES = {1536: "Wan2.1 1.3B", 3072: "Wan2.2 TI2V-5B", 5120: "Wan2.1 14B"}
 
 
 @dataclass
@@ -128,6 +132,11 @@ def _resolve_dotted(name: str) -> str | None:
     if m:
         local = m[2] if m[2] in BLOCK_MODULES else DIFFUSERS_BLOCK.get(m[2])
         return f"blocks.{int(m[1])}.{local}" if local else None
+    m = _VACE_BLOCK_RE.fullmatch(name)
+    if m:
+        return f"vace_blocks.{int(m[1])}.{m[2]}" if m[2] in BLOCK_MODULES or m[2] in _VACE_LOCAL else None
+    if name == VACE_GLOBAL:
+        return name
     return name if name in GLOBAL_MODULES else DIFFUSERS_GLOBAL.get(name)
 
 
@@ -136,11 +145,11 @@ def resolve_module(name: str) -> str | None:
     for prefix in _UNET_PREFIXES:
         if name.startswith(prefix):
             rest = name[len(prefix):]
-            m = re.fullmatch(r"blocks_(\d+)_(.+)", rest)
+            m = re.fullmatch(r"(vace_)?blocks_(\d+)_(.+)", rest)
             if m:
-                local = _UNDERSCORED_BLOCK.get(m[2])
-                return f"blocks.{int(m[1])}.{local}" if local else None
-            return _UNDERSCORED_GLOBAL.get(rest)
+                local = _UNDERSCORED_BLOCK.get(m[3]) or (m[3] if m[1] and m[3] in _VACE_LOCAL else None)
+                return f"{m[1] or ''}blocks.{int(m[2])}.{local}" if local else None
+            return VACE_GLOBAL if rest == VACE_GLOBAL else _UNDERSCORED_GLOBAL.get(rest)
     for prefix in _DOTTED_PREFIXES:
         if name.startswith(prefix):
             found = _resolve_dotted(name[len(prefix):])
@@ -236,13 +245,15 @@ def not_a_lora_error(parsed: ParsedLora) -> PareFormatError:
             f"lora_up/lora_down/lora_A/lora_B/.diff key; first keys: {sample}); is it a model checkpoint?"
         )
     return PareFormatError(
-        f"{parsed.source}: not a Wan LoRA: none of its {len(keys)} LoRA keys names a Wan2.1 module "
+        f"{parsed.source}: not a Wan LoRA: none of its {len(keys)} LoRA keys names a Wan module "
         f"(first keys: {sample}); is it a LoRA for another model?"
     )
 
 
 def _dim_evidence(module: str, p: LoraPatch) -> tuple[int, str, tuple[int, ...]] | None:
     """(model width this patch implies, the key that shows it, that tensor's shape), or None."""
+    if module.startswith("vace_"):  # VACE in-channels and blocks: checked against the teacher's shapes instead
+        return None
     local = split_block(module)[1]
     if local in _NO_DIM_AXIS:
         return None
@@ -299,7 +310,11 @@ def check_lora_base(parsed: ParsedLora, dims: WanDims, source: str | None = None
 
 
 def _check_patch_shapes(p: LoraPatch, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    want = shapes[weight_key(p.module)]
+    want = shapes.get(weight_key(p.module))
+    if want is None:
+        extra = " (a VACE LoRA on a model without VACE blocks?)" if p.module.startswith("vace_") else ""
+        raise PareFormatError(f"{source}: '{next(iter(p.keys.values()))}' patches '{p.module}', which this model does "
+                              f"not have{extra}")
     why = "a LoRA for the full (unpruned) teacher is expected"
     if p.up is not None:
         up, down = p.up, p.down

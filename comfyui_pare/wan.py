@@ -153,10 +153,12 @@ class WanDims:
         return dims
 
 
-# The two public Wan2.1 sizes (docs/method.md).
+# The public sizes (docs/method.md).
 WAN21_1_3B = WanDims(dim=1536, num_heads=12, ffn_dim=8960, num_layers=30)
 WAN21_14B = WanDims(dim=5120, num_heads=40, ffn_dim=13824, num_layers=40)
 WAN21_14B_I2V = WanDims(dim=5120, num_heads=40, ffn_dim=13824, num_layers=40, in_dim=36, variant="i2v")
+# Wan2.2 TI2V-5B (Wan-AI/Wan2.2-TI2V-5B config.json): 48-channel latents of the 16x Wan2.2 VAE in and out.
+WAN22_TI2V_5B = WanDims(dim=3072, num_heads=24, ffn_dim=14336, num_layers=30, in_dim=48, out_dim=48)
 
 
 @dataclass(frozen=True)

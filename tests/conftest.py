@@ -37,7 +37,7 @@ def pytest_generate_tests(metafunc):
 
 
 def comfy_install(version: str):
-    """The ComfyUI install for ``version``, or a skip naming what is missing (the 0.8.0 source tree)."""
+    """The ComfyUI install for ``version``, or a skip naming what is missing (a newer release's source tree)."""
     install = INSTALLS[version]
     reason = install.missing()
     if reason:

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from comfyui_pare.compute import block_macs, embed_head_macs, tokens_for
 from comfyui_pare.errors import PareFormatError
 from comfyui_pare.pruned import PrunedWanMeta
-from comfyui_pare.wan import WAN21_1_3B, WAN21_14B, WAN21_14B_I2V, BlockWidth
+from comfyui_pare.wan import WAN21_1_3B, WAN21_14B, WAN21_14B_I2V, WAN22_TI2V_5B, BlockWidth
 from comfyui_pare.wan_reader import open_wan
 
 HELP = "memory per GPU and time per step of a distill/route run, from the shapes (does it fit on N GPUs?)"
 GB = 1e9
 HEADROOM = 0.9  # share of a GPU's memory a run may plan to use
-NAMED = {"wan2.1-1.3b": WAN21_1_3B, "wan2.1-14b": WAN21_14B, "wan2.1-14b-i2v": WAN21_14B_I2V}
+NAMED = {"wan2.1-1.3b": WAN21_1_3B, "wan2.1-14b": WAN21_14B, "wan2.1-14b-i2v": WAN21_14B_I2V,
+         "wan2.2-ti2v-5b": WAN22_TI2V_5B}
 # Measured (issue 21, H200, torch 2.11 + CUDA 13, ComfyUI's KSampler, 16-bit): Wan2.1-14B width, 8 blocks, 32,760
 # tokens, CFG batch 2: 1.268 s per step, i.e. one block's forward on one sample in 1.268 / 8 / 2 s.
 MEASURED = {"gpu": "H200", "dims": WAN21_14B, "tokens": 32760, "block_forward_s": 1.268 / 8 / 2}
@@ -132,20 +133,21 @@ def uniform_student(teacher: PrunedWanMeta, heads: float, ffn: float, multiple: 
 
 
 def read_meta(source: str) -> PrunedWanMeta:
-    """A checkpoint's meta (header only), or a named size (``wan2.1-14b``, ``wan2.1-1.3b``, ``wan2.1-14b-i2v``)."""
+    """A checkpoint's meta (header only), or a named size (``NAMED``: ``wan2.1-14b``, ``wan2.2-ti2v-5b``, ...)."""
     if source.lower() in NAMED:
         return PrunedWanMeta.teacher(NAMED[source.lower()])
     with open_wan(source) as reader:
         return reader.meta
 
 
-def parse_video(text: str) -> int:
-    """Video tokens of 'FRAMESxHEIGHTxWIDTH' (pixels, as ComfyUI's Wan latent nodes take them)."""
+def parse_video(text: str, dims=None) -> int:
+    """Video tokens of 'FRAMESxHEIGHTxWIDTH' (pixels, as ComfyUI's Wan latent nodes take them) for a model of
+    ``dims``' family (its VAE stride: 8 for Wan2.1, 16 for the Wan2.2 5B VAE)."""
     try:
         frames, height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise PareFormatError(f"--video must be FRAMESxHEIGHTxWIDTH (e.g. 81x480x832), got {text!r}") from None
-    return tokens_for(frames, height, width)
+    return tokens_for(frames, height, width, dims)
 
 
 def report(teacher: PrunedWanMeta, student: PrunedWanMeta, run: RunShape, steps: int) -> dict:
@@ -185,7 +187,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn", type=float, default=0.7, help="kept share of FFN neurons for the default student")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-memory", type=float, required=True, help="GB per GPU (80 for H100, 141 for H200)")
-    p.add_argument("--video", default="81x480x832", help="FRAMESxHEIGHTxWIDTH of the training clips")
+    p.add_argument("--video", default="81x480x832", help="FRAMESxHEIGHTxWIDTH of the training clips (the 5B's "
+                   "native: 121x704x1280)")
     p.add_argument("--tokens", type=int, default=None, help="video tokens per sample (overrides --video)")
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--batch", type=int, default=8, help="global batch (train.batch_size)")
@@ -206,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     if student.dims != teacher.dims:
         raise PareFormatError(f"--student {args.student} was pruned from another teacher (dims {student.dims} vs "
                               f"{teacher.dims})")
-    shape = RunShape(args.gpus, args.gpu_memory, args.tokens or parse_video(args.video), args.text_tokens,
+    shape = RunShape(args.gpus, args.gpu_memory, args.tokens or parse_video(args.video, teacher.dims), args.text_tokens,
                      args.batch, 2 if args.teacher_dtype == "bfloat16" else 4,
                      2 if args.mixed_precision == "bf16" else 4, args.ema, args.checkpointing, args.cached_targets)
     r = report(teacher, student, shape, args.steps)

@@ -75,7 +75,7 @@ def return_freed_memory() -> None:
     libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     """Reset ``VmHWM`` to the current resident set; False where the kernel does not allow it."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -106,7 +106,7 @@ class PhaseTracker:
         if phase == self.current:
             return
         self.close()
-        _reset_peak()
+        reset_peak()
         self.current = phase
         self.starts.append((phase, time.time()))
 

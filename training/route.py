@@ -233,7 +233,7 @@ def train(cfg: RouteConfig, resume: str | None = None) -> dict:
                           tokens_per_step=cfg.train.batch_size * tokens_of(stage.samples)[0])
         trainer.run(resume)
         trainer.final_weights()
-        set_phase("export")  # the threshold calibration and the export (route_eval.finish_run)
+        set_phase("export")  # the threshold calibration and the export (route_finish.finish_run)
         state = full_state_dict(stage.gated, info)  # collective under FSDP2: every rank takes part
         report = {}
         if info.is_main:

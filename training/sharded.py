@@ -7,9 +7,10 @@ Under ``strategy = "fsdp"`` a 14B teacher (28.6 GB in bf16) read whole by each o
 1. builds the model on the meta device (no storage) from the checkpoint's header (``comfyui_pare.wan_reader``);
 2. applies FSDP2 ``fully_shard`` per block (``training.parallel.shard_module``), still on meta;
 3. allocates only its shards (``to_empty``) and fills them one tensor at a time with the rows it owns
-   (``WanReader.rows``: ``safe_open(...).get_slice``; bf16, fp16, fp8 and fp8_scaled releases, every layout).
+   (``WanReader.rows_into``: one plain read of the rows' bytes, straight into the shard when the file stores the
+   dtype the model runs in, else read and converted; bf16, fp16, fp8 and fp8_scaled releases, every layout).
 
-So a rank's host memory is about (model size / ranks) plus the one tensor slice being read. FSDP2 shards every
+So a rank's host memory is about (model size / ranks) plus at most the one tensor slice being converted. FSDP2 shards every
 parameter on its first dimension into ``world_size`` chunks of ceil(rows / world_size) (the last ones shorter or
 empty): ``owned_rows`` computes the same and checks it against the local shard's shape.
 """

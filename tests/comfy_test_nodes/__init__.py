@@ -17,7 +17,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import PARELoadConditioning
 from .pack_internals import PARETestLoadUnpadded, PARETestModelWidths
-from .ti2v import PARETestTI2VLatent
+from .ti2v import PARETestReadGrids, PARETestTI2VLatent, PARETestTokenGrid
 
 COUNTS: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
 
@@ -111,6 +111,7 @@ class PARETestBypassBlockPatches(io.ComfyNode):
 class _Ext(ComfyExtension):
     async def get_node_list(self):
         return [PARETestCountBlocks, PARETestReadCounts, PARETestOffsetBlock, PARELoadConditioning, PARETestTI2VLatent,
+                PARETestTokenGrid, PARETestReadGrids,
                 PARETestBypassBlockPatches, PARETestLoadUnpadded, PARETestModelWidths]
 
 

@@ -32,3 +32,52 @@ class PARETestTI2VLatent(io.ComfyNode):
     def execute(cls, width, height, length, start_image=None):
         out = Wan22ImageToVideoLatent.execute(_StubWan22VAE(), width, height, length, 1, start_image=start_image)
         return io.NodeOutput(out[0] if isinstance(out, tuple) else out.result[0])
+
+
+GRIDS: dict[str, list] = {}
+
+
+class PARETestTokenGrid(io.ComfyNode):
+    """Records the token grid of every model call (the pack's hook kit's CallInfo) and the tokens block 0 receives."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="PARETestTokenGrid", category="testing", inputs=[
+            io.Model.Input("model"), io.String.Input("tag")], outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, tag):
+        from comfy import patcher_extension as pe
+
+        from .pack_internals import pack_module
+
+        call_info = pack_module("nodes.hooks").CallInfo
+        GRIDS[tag] = []
+
+        def wrapper(executor, x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs):
+            info = call_info.read(executor.class_obj, x, timestep, context, transformer_options)
+            GRIDS[tag].append({"grid": list(info.grid), "timestep": list(timestep.shape)})
+            return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+
+        def block0(args, extra):
+            GRIDS[tag].append({"block0_tokens": args["img"].shape[1]})
+            return extra["original_block"](args)
+
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, f"grid_{tag}", wrapper)
+        m.set_model_patch_replace(block0, "dit", "double_block", 0)
+        return io.NodeOutput(m)
+
+
+class PARETestReadGrids(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="PARETestReadGrids", category="testing", is_output_node=True, inputs=[
+            io.Latent.Input("samples"), io.String.Input("tag")], outputs=[io.String.Output()], not_idempotent=True)
+
+    @classmethod
+    def execute(cls, samples, tag):
+        import json
+
+        text = json.dumps(GRIDS.get(tag, []))
+        return io.NodeOutput(text, ui={"text": [text]})

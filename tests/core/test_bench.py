@@ -65,7 +65,9 @@ def test_bench_quick_writes_its_schema(tmp_path):
 
     compute = result["suites"]["compute"]
     assert {(r["model"], r["resolution"]) for r in compute["rows"]} == {
-        (m, r) for m in ("1.3B", "14B") for r in ("480p", "720p")}
+        (m, r) for m in ("1.3B", "14B") for r in ("480p", "720p")} | {("5B", "720p")}
+    five = next(r for r in compute["rows"] if r["model"] == "5B")
+    assert (five["frames"], five["tokens"]) == (121, 31 * 22 * 40)  # 1280x704 through the 16x VAE
     for row in compute["rows"]:
         c = row["configs"]
         assert set(c) == {"teacher", "pruned", "pruned_routed", "teacher_routed"}

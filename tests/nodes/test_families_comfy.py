@@ -9,6 +9,7 @@ VACE runs through ComfyUI's WanVaceToVideo with the tiny Wan2.1 VAE and a contro
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -60,13 +61,49 @@ def files(comfy, tmp_path_factory):
         logits[SKIP] = -5.0
         spec = RouterSpec(num_blocks=dims.num_layers, dim=dims.dim, model_fingerprint=PrunedWanMeta.teacher(dims).fingerprint())
         save_router(routers / f"{name}_skip.safetensors", BlockRouter.constant(spec, logits))
+        loras = comfy.base / "models" / "loras"
+        loras.mkdir(parents=True, exist_ok=True)
+        write_lora(loras / f"{name}_lora.safetensors", dims)
+        proc = subprocess.run([sys.executable, "-m", "comfyui_pare", "lora-slice", "--model",
+                               str(dm / f"{name}_student.safetensors"), "--lora", str(loras / f"{name}_lora.safetensors"),
+                               "--out", str(loras / f"{name}_lora_sliced.safetensors")], cwd=REPO, capture_output=True,
+                              text=True)
+        assert proc.returncode == 0, proc.stderr
     return teachers
 
 
-def graph(family: str, loader: tuple[str, dict], routing: str = "", start_image: bool = True) -> tuple[Graph, str]:
-    """loader -> [routing] -> ModelSamplingSD3 -> KSampler (CFG 3, 3 steps) on the family's latent -> SaveLatent."""
+def write_lora(path, dims: WanDims) -> None:
+    """Low-rank patches on pruned and whole layers, and for VACE on the VACE stream too (its blocks, before/after
+    projections and patch embedding). Dyadic factors, so ComfyUI's merge is exact either way it is summed."""
+    gen = torch.Generator().manual_seed(9)
+    shapes = PrunedWanMeta.teacher(dims).expected_shapes()
+    modules = [f"blocks.{i}.{m}" for i in range(dims.num_layers)
+               for m in ("self_attn.q", "self_attn.o", "cross_attn.q", "ffn.0", "ffn.2")]
+    modules += ["head.head", "patch_embedding"]
+    if dims.vace_layers:
+        modules += ["vace_patch_embedding", "vace_blocks.0.before_proj", "vace_blocks.1.after_proj",
+                    "vace_blocks.0.ffn.0", "vace_blocks.1.self_attn.q"]
+    sd = {}
+    for m in modules:
+        w = shapes[f"{m}.weight"]
+        sd[f"diffusion_model.{m}.lora_up.weight"] = torch.randint(-8, 9, (w[0], 4), generator=gen) / 128
+        sd[f"diffusion_model.{m}.lora_down.weight"] = torch.randint(-8, 9, (4, *w[1:]), generator=gen) / 128
+        sd[f"diffusion_model.{m}.alpha"] = torch.tensor(4.0)
+    save_atomic(path, sd, {"format": "pt"})
+
+
+def graph(family: str, loader: tuple[str, dict], routing: str = "", start_image: bool = True,
+          size: tuple[int, int, int] = (64, 64, 9), probe: str = "", lora: tuple[str, str] | None = None
+          ) -> tuple[Graph, str]:
+    """loader -> [routing] -> ModelSamplingSD3 -> KSampler (CFG 3, 3 steps) on the family's latent -> SaveLatent.
+    ``size``: (width, height, frames); ``probe``: record each call's token grid under this tag."""
     g = Graph()
+    width, height, length = size
     model = g.add(loader[0], **loader[1])
+    if lora:  # (node, file): PARELoraLoader or the stock LoraLoaderModelOnly
+        model = g.add(lora[0], model=out(model), lora_name=lora[1], strength_model=0.8)
+    if probe:
+        model = g.add("PARETestTokenGrid", model=out(model), tag=probe)
     if routing == "static":
         model = g.add("PAREStaticSchedule", model=out(model), schedule=f"{SKIP}-{SKIP}@0.0-1.0")
     elif routing == "router":
@@ -76,8 +113,9 @@ def graph(family: str, loader: tuple[str, dict], routing: str = "", start_image:
     model = g.add("ModelSamplingSD3", model=out(model), shift=5.0)
     pos, neg = out(g.add("PARELoadConditioning", file=POS)), out(g.add("PARELoadConditioning", file=NEG))
     if family == "ti2v":
-        image = {"start_image": out(g.add("EmptyImage", width=64, height=64, batch_size=1, color=0x4080C0))}
-        latent = out(g.add("PARETestTI2VLatent", width=64, height=64, length=9, **(image if start_image else {})))
+        image = {"start_image": out(g.add("EmptyImage", width=width, height=height, batch_size=1, color=0x4080C0))}
+        latent = out(g.add("PARETestTI2VLatent", width=width, height=height, length=length,
+                           **(image if start_image else {})))
     else:
         vae = g.add("VAELoader", vae_name=tiny_assets.VAE)
         control = g.add("EmptyImage", width=64, height=64, batch_size=9, color=0x808040)
@@ -86,6 +124,8 @@ def graph(family: str, loader: tuple[str, dict], routing: str = "", start_image:
         pos, neg, latent = out(vace, 0), out(vace, 1), out(vace, 2)
     sampled = g.add("KSampler", model=out(model), seed=3, steps=3, cfg=3.0, sampler_name="euler", scheduler="simple",
                     positive=pos, negative=neg, latent_image=latent, denoise=1.0)
+    if probe:
+        g.add("PARETestReadGrids", samples=out(sampled), tag=probe)
     return g, g.add("SaveLatent", samples=out(sampled), filename_prefix=f"fam_{family}")
 
 
@@ -121,3 +161,40 @@ def test_ti2v_router_without_start_image(comfy, files):
     skipped = sample(comfy, "ti2v", stock_loader("ti2v_teacher.safetensors"), routing="router", start_image=False)
     static = sample(comfy, "ti2v", stock_loader("ti2v_teacher.safetensors"), routing="static", start_image=False)
     assert torch.equal(skipped, static)
+
+
+def test_compute_counts_the_tokens_the_5b_sees(comfy, files):
+    # 176 x 96 x 13 through the 16x VAE: latent 4 x 6 x 11, the width padded to the patch: grid 4 x 3 x 6.
+    g, _ = graph("ti2v", stock_loader("ti2v_teacher.safetensors"), size=(176, 96, 13), probe="grid")
+    entry = comfy.run(g.to_json())
+    records = json.loads(entry["outputs"][g.find("PARETestReadGrids")]["text"][0])
+    grids = {tuple(r["grid"]) for r in records if "grid" in r}
+    seen = {r["block0_tokens"] for r in records if "block0_tokens" in r}
+    assert {tuple(r["timestep"]) for r in records if "timestep" in r} == {(2, 4)}  # per frame: the start-image path
+    assert grids == {(4, 3, 6)} and seen == {72}
+
+    def compute(frames: int, height: int, width: int) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "comfyui_pare", "compute", str(comfy.base / "models" /
+                               "diffusion_models" / "ti2v_student.safetensors"), "--frames", str(frames),
+                               "--height", str(height), "--width", str(width)], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    assert compute(13, 96, 176)["tokens"] == 72
+    report = compute(121, 704, 1280)  # the 5B's native 720p: 31 latent frames of 44 x 80 -> 31 x 22 x 40 tokens
+    assert report["tokens"] == 31 * 22 * 40 and report["latent"] == [48, 31, 44, 80]
+    assert report["family"] == "Wan2.2 TI2V-5B"
+
+
+@pytest.mark.parametrize("family", ["ti2v", "vace"])
+def test_pare_lora_equals_stock_lora(comfy, files, family):
+    # On the student: PARE LoRA Loader with the teacher's LoRA == the stock loader with the CLI-sliced LoRA; on the
+    # teacher: PARE LoRA Loader == the stock LoRA loader. VACE patches apply to the teacher-width VACE stream as is.
+    student = pare_loader(f"{family}_student.safetensors")
+    ours = sample(comfy, family, student, lora=("PARELoraLoader", f"{family}_lora.safetensors"))
+    ref = sample(comfy, family, student, lora=("LoraLoaderModelOnly", f"{family}_lora_sliced.safetensors"))
+    assert not torch.allclose(ours, sample(comfy, family, student), atol=1e-3)
+    assert torch.equal(ours, ref)
+    teacher = stock_loader(f"{family}_teacher.safetensors")
+    assert torch.equal(sample(comfy, family, teacher, lora=("PARELoraLoader", f"{family}_lora.safetensors")),
+                       sample(comfy, family, teacher, lora=("LoraLoaderModelOnly", f"{family}_lora.safetensors")))

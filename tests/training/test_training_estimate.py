@@ -79,3 +79,12 @@ def test_14b_on_8_gpus_of_80_gb(capsys):
     assert main(["estimate", "--teacher", "wan2.1-14b", "--gpus", "8", "--gpu-memory", "80", "--video",
                  "81x720x1280", "--ema"]) == 0
     assert "fits in 90% of 80 GB: NO" in capsys.readouterr().out
+
+
+def test_5b_estimate_counts_the_16x_vae_tokens(capsys):
+    # Wan2.2 TI2V-5B at its native 121 x 704 x 1280: 31 x 22 x 40 tokens through the 16x VAE (the 8x count is 4x more).
+    assert main(["estimate", "--teacher", "wan2.2-ti2v-5b", "--gpus", "8", "--gpu-memory", "80",
+                 "--video", "121x704x1280", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == 31 * 22 * 40
+    assert round(report["teacher_params"] / 1e9, 2) == 5.0 and report["fits"]

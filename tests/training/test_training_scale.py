@@ -4,7 +4,9 @@ rows. (Host memory per phase: test_training_memory.py.)"""
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,12 +21,18 @@ from route_pipeline import build_inputs, write_config
 from safetensors import safe_open
 from training_helpers import distill_toml, run_distill_in_process, write_micro_teacher, write_samples
 
+from comfyui_pare.pruned import PrunedWanMeta
+from comfyui_pare.wan import WanDims
+from comfyui_pare.wan_reader import open_wan
 from training.__main__ import main
+from training.model import WanTransformer
+from training.resources import host_peak_bytes, reset_peak, return_freed_memory
 from training.sharded import CheckpointRows
 from training.teacher import load_model
-from training.tiny import random_wan_state_dict
+from training.tiny import random_wan_state_dict, write_random_wan
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+MIB = 1 << 20
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 
 
@@ -131,6 +139,31 @@ def test_each_rank_reads_exactly_its_rows_in_every_layout(kind, tmp_path):
         parts = [source.rows(key, min(r * chunk, n), min((r + 1) * chunk, n)) for r in range(3)]
         joined = torch.cat(parts)
         assert joined.dtype == full.dtype and torch.equal(joined, full), key
+
+
+def test_one_process_reads_the_teacher_once_into_its_dtype(tmp_path):
+    """``load_model`` of a float32 file in bf16 reads one tensor at a time into the dtype it runs in: the same
+    tensors as converting the whole state dict (bit for bit), while the load's own peak stays under the bf16 model +
+    one float32 tensor + 16 MiB, where reading the file whole first (as before issue 32) adds the float32 model
+    beside it (measured for this 83 MiB float32 file, 41 MiB in bf16: the load grows the process by 46 MiB, and by
+    124 MiB the old way)."""
+    dims = WanDims(dim=256, num_heads=4, ffn_dim=4096, num_layers=8, text_dim=64)
+    path = tmp_path / "teacher.safetensors"
+    fp32 = write_random_wan(path, PrunedWanMeta.teacher(dims))
+    largest = 4 * max(math.prod(s) for s in PrunedWanMeta.teacher(dims).expected_shapes().values())
+    return_freed_memory()  # as training does: freed tensors go back to the OS at once
+    gc.collect()
+    before = host_peak_bytes() if reset_peak() else None
+    model = load_model(path, dtype=torch.bfloat16)
+    grown = host_peak_bytes() - before if before is not None else None
+    loaded = sum(t.nbytes for t in model.state_dict().values())
+    assert fp32 / 2 <= loaded < fp32 / 2 + MIB  # bf16, the patch embedding in float32
+    with open_wan(path) as reader:
+        whole = WanTransformer.from_state_dict(reader.state_dict(), reader.meta, dtype=torch.bfloat16).state_dict()
+    for key, value in model.state_dict().items():
+        assert value.dtype == whole[key].dtype and torch.equal(value, whole[key]), key
+    if grown is not None:  # Linux lets a process reset its peak (/proc/self/clear_refs)
+        assert grown < loaded + largest + 16 * MIB, (grown / MIB, loaded / MIB)
 
 
 # ------------------------------------------------------------------------------------------ stage 2 under FSDP2
