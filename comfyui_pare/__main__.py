@@ -17,6 +17,9 @@ from .compute import embed_head_macs, model_block_macs, sum_macs, tokens_for
 from .errors import PareError
 from .lora_cli import add_lora_slice_parser
 from .pruned import PrunedWanMeta, describe
+from .router import METADATA_KEY as ROUTER_KEY
+from .router_inspect import inspect_router
+from .safetensors_io import read_header
 from .surgery import PrunePlan, prune_file
 from .wan_reader import open_wan
 
@@ -46,6 +49,13 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if os.path.isfile(args.file) and ROUTER_KEY in read_header(args.file)[1]:
+        report = inspect_router(args.file, args.samples, args.student, args.steps, args.shift)
+        if report.get("health_summary"):
+            logger.info("%s", report["health_summary"])
+        json.dump(report, sys.stdout, indent=2 if args.pretty else None)
+        sys.stdout.write("\n")
+        return 0
     with open_wan(args.file) as reader:
         report = {**describe(reader.meta), "file": reader.describe_format(), "alignment": describe_alignment(reader.meta)}
     json.dump(report, sys.stdout, indent=2 if args.pretty else None)
@@ -87,9 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                         f"up to multiples of {TENSOR_CORE_MULTIPLE} channels (tensor cores) by also keeping the "
                         "lowest-numbered dropped heads / neurons")
     p.set_defaults(func=_prune)
-    p = sub.add_parser("inspect", help="print a checkpoint's layout, per-block widths and metadata as JSON")
-    p.add_argument("file", help="a Wan checkpoint in any layout (file, index or folder)")
+    p = sub.add_parser("inspect", help="print a checkpoint's layout, per-block widths and metadata as JSON; for a "
+                                       "router file, its spec, budget calibration and health")
+    p.add_argument("file", help="a Wan checkpoint in any layout (file, index or folder), or a router file")
     p.add_argument("--pretty", action="store_true", help="indent the JSON")
+    p.add_argument("--samples", default=None, help="router file: a folder of calibration samples (PARE Save "
+                   "Calibration Sample) to measure its health on (live units, timestep and content sensitivity)")
+    p.add_argument("--student", default=None, help="router file: the student it drives (its patch embedding makes "
+                   "the latent tokens a router with latent input reads)")
+    p.add_argument("--steps", type=int, default=10, help="router file: steps of the schedule to probe (default 10)")
+    p.add_argument("--shift", type=float, default=5.0, help="router file: flow shift of that schedule (default 5)")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("compute", help="per-step block compute (MACs per part) of a checkpoint vs its teacher")
     p.add_argument("file", help="a Wan checkpoint in any layout (file, index or folder)")

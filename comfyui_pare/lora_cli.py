@@ -35,7 +35,7 @@ def run_lora_slice(args: argparse.Namespace) -> int:
     if parsed.unmatched:
         shown = ", ".join(f"'{k}'" for k in parsed.unmatched[:_SHOW_UNMATCHED])
         more = ", ..." if len(parsed.unmatched) > _SHOW_UNMATCHED else ""
-        logger.warning("%s: %d key(s) match no Wan2.1 module and are left out: %s%s",
+        logger.warning("%s: %d key(s) match no Wan module and are left out: %s%s",
                        args.lora, len(parsed.unmatched), shown, more)
     # Cut to the student's widths, then zero-padded like the weights PARE Load Pruned Wan pads to the tensor-core
     # grain, so the stock LoRA loader finds every shape it patches.

@@ -130,8 +130,9 @@ def token_grid(latent_thw: tuple[int, ...], patch_size: tuple[int, int, int] = P
 
 _REFUSED_BLOCKS = "its extra modules are not carried through pruning, the loader and the tests yet"
 FAMILIES: dict[str, WanFamily] = {f.name: f for f in (
-    WanFamily("wan2.1-t2v", "Wan2.1 T2V", "WAN21_T2V", "t2v", "t2v", WAN21_LATENT, 16),
-    WanFamily("wan2.1-i2v", "Wan2.1 I2V", "WAN21_I2V", "i2v", "i2v", WAN21_LATENT, 36, (IMG_EMB,)),
+    # Wan2.2-A14B's experts have Wan2.1 14B's layout and latents: one family each, titled for both.
+    WanFamily("wan2.1-t2v", "Wan2.1 / Wan2.2-A14B T2V", "WAN21_T2V", "t2v", "t2v", WAN21_LATENT, 16),
+    WanFamily("wan2.1-i2v", "Wan2.1 / Wan2.2-A14B I2V", "WAN21_I2V", "i2v", "i2v", WAN21_LATENT, 36, (IMG_EMB,)),
     # Wan2.1 Fun-Control / Fun-InP: an I2V with the control video concatenated (16 + 16 + 16 channels).
     WanFamily("wan2.1-fun-control", "Wan2.1 Fun-Control", "WAN21_FunControl2V", "i2v", "i2v", WAN21_LATENT, 48,
               (IMG_EMB,)),

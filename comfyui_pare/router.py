@@ -2,9 +2,13 @@
 
 Three parts (docs/method.md, "Depth: the router"):
 
-* ``BlockRouter``: a small MLP from (Wan's sinusoidal timestep embedding, mean and std over tokens of the
-  patch-embedded latent, optionally the mean text context) to one logit per block. Its cost is a pooling
-  pass plus two tiny matmuls, far below 0.1% of one block.
+* ``BlockRouter``: a small MLP from (a timestep embedding, mean and std over tokens of the patch-embedded latent,
+  optionally the mean text context) to one logit per block. Its cost is a pooling pass plus two tiny matmuls, far
+  below 0.1% of one block. Format 2 adds what makes a router adapt (issue 28): a per-block *prior* interpolated
+  over the timestep (a searched static schedule's order, so the learned part only has to correct it per input),
+  LayerNorm on the pooled content features (the raw pooled latent mostly re-encodes the noise level and, being
+  unnormalised, killed every hidden unit of the first toy router), a smooth Fourier timestep code, and an option to
+  leave the pooled latent out.
 * ``RoutingPolicy`` + ``decide``: turn logits into a boolean run-mask per sample, by threshold or by a
   compute budget, with pinned blocks always on.
 * The file format: safetensors with the spec as JSON under the header key ``pare_router``.
@@ -28,7 +32,7 @@ from .untrusted import quote, strict_int
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the MLP alone; 2: + timestep prior, LayerNorm, Fourier timestep code, optional tokens
 METADATA_KEY = "pare_router"
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _POOL_CHUNK_ELEMENTS = 1 << 24  # float32 elements per pooling chunk: bounds the upcast copy to 64 MiB
@@ -50,9 +54,15 @@ class RouterSpec:
     model_fingerprint: str = ""  # PrunedWanMeta.fingerprint() of the model it was trained for
     default_threshold: float = 0.5
     train_budget: float | None = None
+    # Format 2 (all off: a format-1 router, written as format 1 so older packs read it):
+    prior_knots: int = 0  # timesteps of the per-block prior (0: no prior)
+    layer_norm: bool = False  # LayerNorm on the pooled tokens and on the pooled text
+    token_input: bool = True  # read the pooled patch-embedded latent (False: timestep and text only)
+    time_code: str = "sinusoidal"  # "sinusoidal": Wan's embedding; "fourier": cos/sin(k pi t / 1000), k = 1..freq_dim/2
 
     def __post_init__(self) -> None:
-        for name, low in (("num_blocks", 1), ("dim", 1), ("freq_dim", 2), ("text_dim", 0), ("hidden", 1)):
+        for name, low in (("num_blocks", 1), ("dim", 1), ("freq_dim", 2), ("text_dim", 0), ("hidden", 1),
+                          ("prior_knots", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"RouterSpec.{name} must be an integer >= {low}, got {v!r}")
@@ -63,14 +73,29 @@ class RouterSpec:
         _check_fraction("RouterSpec.default_threshold", self.default_threshold)
         if self.train_budget is not None:
             _check_fraction("RouterSpec.train_budget", self.train_budget)
+        for name in ("layer_norm", "token_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RouterSpec.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.time_code not in TIME_CODES:
+            raise ValueError(f"RouterSpec.time_code must be one of {TIME_CODES}, got {self.time_code!r}")
+
+    @property
+    def version(self) -> int:
+        """The file format this spec needs: 1 unless a format-2 feature is on."""
+        v1 = (self.prior_knots == 0 and not self.layer_norm and self.token_input and self.time_code == "sinusoidal")
+        return 1 if v1 else 2
 
     @property
     def features(self) -> int:
-        """Input width of the MLP: timestep embedding, pooled mean and std, pooled text."""
-        return self.freq_dim + 2 * self.dim + self.text_dim
+        """Input width of the MLP: timestep code, pooled mean and std (if read), pooled text."""
+        return self.freq_dim + (2 * self.dim if self.token_input else 0) + self.text_dim
 
     def to_json(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        d = asdict(self)
+        if self.version == 1:  # byte-identical metadata for format-1 routers: older packs read them
+            for k in ("prior_knots", "layer_norm", "token_input", "time_code"):
+                d.pop(k)
+        return {"format_version": self.version, **d}
 
     @classmethod
     def from_json(cls, obj: Mapping, source: str = "router") -> "RouterSpec":
@@ -91,6 +116,13 @@ class RouterSpec:
             raise PareFormatError(f"{source}: router metadata lacks {missing}")
         budget = obj.get("train_budget")
         _check_spec_numbers(obj, source)
+        for name in ("layer_norm", "token_input"):
+            if name in obj and not isinstance(obj[name], bool):
+                raise PareFormatError(f"{source}: router metadata field '{name}' must be true or false, "
+                                      f"got {quote(obj[name])}")
+        if obj.get("time_code", "sinusoidal") not in TIME_CODES:
+            raise PareFormatError(f"{source}: router metadata field 'time_code' must be one of {TIME_CODES}, got "
+                                  f"{quote(obj.get('time_code'))}")
         try:
             return cls(
                 num_blocks=obj["num_blocks"],
@@ -101,20 +133,32 @@ class RouterSpec:
                 model_fingerprint=str(obj.get("model_fingerprint", "")),
                 default_threshold=float(obj.get("default_threshold", 0.5)),
                 train_budget=None if budget is None else float(budget),
+                prior_knots=obj.get("prior_knots", 0),
+                layer_norm=obj.get("layer_norm", False),
+                token_input=obj.get("token_input", True),
+                time_code=obj.get("time_code", "sinusoidal"),
             )
         except (TypeError, ValueError) as e:
             raise PareFormatError(f"{source}: router metadata is malformed ({e})") from e
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """The state-dict keys of a ``BlockRouter`` with this spec and their shapes."""
-        return {
+        shapes = {
             "fc1.weight": (self.hidden, self.features),
             "fc1.bias": (self.hidden,),
             "fc2.weight": (self.num_blocks, self.hidden),
             "bias": (self.num_blocks,),
         }
+        if self.prior_knots:
+            shapes.update({"prior_timesteps": (self.prior_knots,), "prior_logits": (self.prior_knots, self.num_blocks)})
+        if self.layer_norm and self.token_input:
+            shapes.update({"token_norm.weight": (2 * self.dim,), "token_norm.bias": (2 * self.dim,)})
+        if self.layer_norm and self.text_dim:
+            shapes.update({"text_norm.weight": (self.text_dim,), "text_norm.bias": (self.text_dim,)})
+        return shapes
 
 
+TIME_CODES = ("sinusoidal", "fourier")
 _SPEC_LIMIT = 1 << 20  # no router dimension comes near this (Wan2.1 14B: dim 5120, 40 blocks)
 
 
@@ -123,6 +167,9 @@ def _check_spec_numbers(obj: Mapping, source: str) -> None:
     threshold / budget; errors name the file and the field."""
     for name, low in (("num_blocks", 1), ("dim", 1), ("freq_dim", 2), ("text_dim", 0), ("hidden", 1)):
         strict_int(obj[name], f"{source}: router metadata field '{name}'", low, _SPEC_LIMIT, PareFormatError)
+    if "prior_knots" in obj:
+        strict_int(obj["prior_knots"], f"{source}: router metadata field 'prior_knots'", 0, _SPEC_LIMIT,
+                   PareFormatError)
     for name in ("default_threshold", "train_budget"):
         value = obj.get(name)
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -150,6 +197,28 @@ def timestep_embedding(timestep: torch.Tensor, freq_dim: int = 256) -> torch.Ten
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = torch.outer(t, freqs)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def fourier_time_code(timestep: torch.Tensor, freq_dim: int) -> torch.Tensor:
+    """[cos | sin](k pi t / 1000), k = 1 .. freq_dim / 2, in float32: smooth over [0, 1000], so a router fitted on
+    one step count reads sensible values at the timesteps of another (Wan's embedding turns over within one
+    timestep unit at its highest frequencies)."""
+    half = freq_dim // 2
+    t = timestep.reshape(-1).to(torch.float32) / 1000.0
+    angles = torch.outer(t, math.pi * torch.arange(1, half + 1, dtype=torch.float32, device=t.device))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def interpolate_prior(timestep: torch.Tensor, knots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[B, N]: ``values`` [K, N] at ascending ``knots`` [K], interpolated linearly in the timestep, clamped outside."""
+    t = timestep.reshape(-1).to(knots.dtype).clamp(knots[0], knots[-1])
+    hi = torch.searchsorted(knots, t, right=False).clamp(1, max(1, knots.numel() - 1))
+    if knots.numel() == 1:
+        return values[:1].expand(t.shape[0], -1)
+    lo = hi - 1
+    span = (knots[hi] - knots[lo]).clamp_min(1e-12)
+    w = ((t - knots[lo]) / span)[:, None]
+    return values[lo] * (1 - w) + values[hi] * w
 
 
 def sample_timesteps(timestep: torch.Tensor) -> torch.Tensor:
@@ -193,8 +262,10 @@ def pool_tokens(tokens: torch.Tensor) -> torch.Tensor:
 class BlockRouter(nn.Module):
     """Logits for every block from timestep, pooled content and (optionally) pooled text.
 
-    ``fc2`` starts at zero, so a fresh router's logits are exactly ``bias``: a static schedule or the
-    block-contribution prior seeds it, and training learns the input-dependent part on top.
+    logits = prior(t) + fc2(SiLU(fc1(features))) + bias. ``fc2`` starts at zero, so a fresh router's logits are
+    exactly ``bias`` (+ the prior): a static schedule or the block-contribution prior seeds it, and training learns
+    the input-dependent part on top. The prior (format 2) is a table of logits at ``prior_timesteps``, linear in
+    between: a per-phase static schedule's order, written in once, that the MLP corrects per input.
     """
 
     def __init__(self, spec: RouterSpec, init_bias: float | Sequence[float] | torch.Tensor = 4.0) -> None:
@@ -206,6 +277,35 @@ class BlockRouter(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         # Default 4.0: sigmoid 0.98, so an untrained router runs every block at threshold 0.5.
         self.bias = nn.Parameter(_per_block(init_bias, spec.num_blocks, "init_bias"))
+        if spec.prior_knots:
+            self.prior_timesteps = nn.Parameter(torch.linspace(0.0, 1000.0, spec.prior_knots), requires_grad=False)
+            self.prior_logits = nn.Parameter(torch.zeros(spec.prior_knots, spec.num_blocks))
+        if spec.layer_norm and spec.token_input:
+            self.token_norm = nn.LayerNorm(2 * spec.dim)
+        if spec.layer_norm and spec.text_dim:
+            self.text_norm = nn.LayerNorm(spec.text_dim)
+
+    def set_prior(self, timesteps: Sequence[float] | torch.Tensor, logits: torch.Tensor) -> None:
+        """Write the prior table: ``logits`` [K, N] at ``timesteps`` [K] (any order; stored ascending)."""
+        if not self.spec.prior_knots:
+            raise ValueError("this router has no prior (RouterSpec.prior_knots = 0)")
+        t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
+        v = torch.as_tensor(logits, dtype=torch.float32)
+        if t.shape != (self.spec.prior_knots,) or v.shape != (self.spec.prior_knots, self.spec.num_blocks):
+            raise ValueError(f"prior must be [{self.spec.prior_knots}] timesteps and [{self.spec.prior_knots}, "
+                             f"{self.spec.num_blocks}] logits, got {list(t.shape)} and {list(v.shape)}")
+        order = torch.argsort(t)
+        with torch.no_grad():
+            self.prior_timesteps.copy_(t[order])
+            self.prior_logits.copy_(v[order])
+
+    def prior(self, timestep: torch.Tensor, batch: int) -> torch.Tensor | float:
+        """The prior's logits [B, N] at ``timestep`` (0.0 for a router without one)."""
+        if not self.spec.prior_knots:
+            return 0.0
+        t = torch.as_tensor(timestep, device=self.prior_logits.device).reshape(-1)
+        p = interpolate_prior(t, self.prior_timesteps.float(), self.prior_logits.float())
+        return p.expand(batch, -1) if p.shape[0] == 1 and batch > 1 else p
 
     def features(self, timestep: torch.Tensor, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP input [B, features] in float32. A scalar or [1] timestep is broadcast to the batch."""
@@ -213,29 +313,44 @@ class BlockRouter(nn.Module):
         if tokens.ndim != 3 or tokens.shape[2] != spec.dim:
             raise ValueError(f"router expects tokens [batch, tokens, {spec.dim}], got {list(tokens.shape)}")
         b = tokens.shape[0]
-        temb = timestep_embedding(sample_timesteps(torch.as_tensor(timestep, device=tokens.device)), spec.freq_dim)
+        t = sample_timesteps(torch.as_tensor(timestep, device=tokens.device))
+        if spec.time_code == "fourier":
+            temb = fourier_time_code(t, spec.freq_dim)
+        else:
+            temb = timestep_embedding(t, spec.freq_dim)
         if temb.shape[0] == 1 and b > 1:
             temb = temb.expand(b, -1)
         if temb.shape[0] != b:
             raise ValueError(f"router got {temb.shape[0]} timesteps for a batch of {b}")
-        parts = [temb, pool_tokens(tokens)]
+        parts = [temb]
+        if spec.token_input:
+            pooled = pool_tokens(tokens)
+            parts.append(self.token_norm(pooled) if spec.layer_norm else pooled)
         if spec.text_dim > 0:  # a router without text input ignores any text it is given
             if text is None:
                 raise ValueError(f"this router was trained with text input ({spec.text_dim}-d); pass the text context")
             if text.ndim != 3 or text.shape[0] != b or text.shape[2] != spec.text_dim or text.shape[1] == 0:
                 raise ValueError(f"router expects text [{b}, tokens, {spec.text_dim}], got {list(text.shape)}")
-            parts.append(text.float().mean(dim=1))
+            pooled_text = text.float().mean(dim=1)
+            parts.append(self.text_norm(pooled_text) if spec.layer_norm else pooled_text)
         return torch.cat(parts, dim=1)
+
+    def hidden_preactivations(self, timestep: torch.Tensor, tokens: torch.Tensor,
+                              text: torch.Tensor | None = None) -> torch.Tensor:
+        """fc1's output [B, hidden] (before the SiLU): what the router health check reads."""
+        return self.fc1(self.features(timestep, tokens, text).to(self.fc1.weight.dtype)).float()
 
     def forward(self, timestep: torch.Tensor, tokens: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, num_blocks], float32."""
         x = self.features(timestep, tokens, text).to(self.fc1.weight.dtype)
-        return (self.fc2(self.act(self.fc1(x))) + self.bias).float()
+        out = (self.fc2(self.act(self.fc1(x))) + self.bias).float()
+        return out + self.prior(sample_timesteps(torch.as_tensor(timestep)), x.shape[0])
 
     def macs(self, tokens: int) -> int:
         """Rough MACs of one call at ``tokens`` tokens (pooling counted as 2 per element), batch 1."""
         s = self.spec
-        return 2 * tokens * s.dim + s.features * s.hidden + s.hidden * s.num_blocks
+        pooling = 2 * tokens * s.dim if s.token_input else 0
+        return pooling + s.features * s.hidden + s.hidden * s.num_blocks + s.prior_knots
 
     @classmethod
     def constant(cls, spec: RouterSpec, logits_per_block: Sequence[float] | torch.Tensor) -> "BlockRouter":
@@ -263,6 +378,8 @@ class BlockRouter(nn.Module):
         """
         half = spec.freq_dim // 2
         f_min = 10000.0 ** (-(half - 1) / half)
+        if spec.time_code != "sinusoidal":
+            raise ValueError("timestep_switch reads Wan's sinusoidal timestep embedding (time_code 'sinusoidal')")
         if spec.hidden < 2 or 1000.0 * f_min >= math.pi / 2:  # the sin feature must not turn over on [0, 1000]
             raise ValueError("timestep_switch needs a spec with hidden >= 2 and freq_dim >= 8")
         early = _per_block(early_logits, spec.num_blocks, "early_logits")

@@ -90,7 +90,8 @@ def sequential_read_speed(path: Path, cold: bool) -> float:
 
 def config(work: Path, files: dict, args, out: Path) -> Path:
     table = ("[distill]\neval_samples = 2\n" if args.stage == "distill" else
-             "[route]\nbudget = 0.5\nhidden = 32\npin_first = 0\neval_samples = 2\neval_sigmas = 1\n")
+             '[route]\nbudget = 0.5\nhidden = 32\npin_first = 0\nfixed_schedule = "0-0"\neval_samples = 2\n'
+             "eval_sigmas = 1\n")  # a fixed skip: 2 steps cannot train a router that passes the health check
     path = out.with_suffix(".toml")
     path.write_text(f"""[model]
 teacher = "{files['teacher']}"

@@ -21,6 +21,7 @@ calibration stats) go to ``route_report.json``, and ``student.safetensors`` + ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -69,9 +70,12 @@ class RouteSection:
     gate_noise: bool = True  # logistic noise on the logits while training ...
     gate_noise_final: float = 0.0  # ... its scale falls linearly from 1 to this at the last step, so the student
     # ends up trained on the router's deterministic decisions (the ones inference makes)
-    router_learning_rate: float = 0.03  # the student uses train.learning_rate
+    # The student uses train.learning_rate. Issue 28: at 0.03 on unnormalised features every hidden unit of the toy
+    # router died within 200 steps (a constant router); with LayerNorm at 1e-3, 90 of 128 stayed alive.
+    router_learning_rate: float = 1e-3
     hidden: int = 128  # router MLP width
-    text_input: bool = False  # also feed the router the mean text context
+    text_input: bool = True  # feed the router the mean text context: the content signal that transfers to new prompts
+    layer_norm: bool = True  # normalise the pooled latent and text features (router format 2)
     pin_first: int = 1  # blocks that always run (match PARE Apply Router's pin_first / pin_last)
     pin_last: int = 1
     stats: InputPath | None = None  # `calibrate` stats: seeds the router bias, picks the static baseline
@@ -171,7 +175,7 @@ def build(cfg: RouteConfig):
     costs = normalized_costs(raw_costs, n)
     pinned = pin_mask(n, rc.pin_first, rc.pin_last)
     contribution = None if rc.stats is None else student_contribution(rc.stats, meta).mean(dim=0)
-    spec = router_spec_for(meta, rc.hidden, rc.text_input, train_budget=rc.budget)
+    spec = router_spec_for(meta, rc.hidden, rc.text_input, train_budget=rc.budget, layer_norm=rc.layer_norm)
     if rc.frozen_router is not None:
         router = frozen_router(rc.frozen_router, spec)
     elif rc.learns_router:
@@ -191,15 +195,16 @@ def build(cfg: RouteConfig):
 
 def frozen_router(path, spec):
     """The router in ``path`` with its bias moved by -logit(default threshold), so that the training gate
-    (logit > 0) makes its decisions at that threshold; no gradients. Its shape must fit ``spec`` (this student)."""
+    (logit > 0) makes its decisions at that threshold; no gradients. It keeps its own architecture (any format, e.g.
+    an oracle-fitted router) but must drive this student (blocks and width)."""
     router = load_router(path)
-    have = (router.spec.num_blocks, router.spec.dim, router.spec.freq_dim, router.spec.text_dim, router.spec.hidden)
-    want = (spec.num_blocks, spec.dim, spec.freq_dim, spec.text_dim, spec.hidden)
-    if have != want:
-        raise ConfigError(f"config field 'route.frozen_router': {path} is a router for (blocks, dim, freq_dim, "
-                          f"text_dim, hidden) = {have}; this student and [route] need {want}")
+    if (router.spec.num_blocks, router.spec.dim) != (spec.num_blocks, spec.dim):
+        raise ConfigError(f"config field 'route.frozen_router': {path} is a router for {router.spec.num_blocks} "
+                          f"blocks of width {router.spec.dim}; this student has {spec.num_blocks} of width {spec.dim}")
     t = min(max(router.spec.default_threshold, 1e-6), 1.0 - 1e-6)
-    shifted = BlockRouter(spec)  # this student's spec: its fingerprint and the [route] budget
+    # This student's fingerprint and the [route] budget; the router's own architecture.
+    shifted = BlockRouter(dataclasses.replace(router.spec, model_fingerprint=spec.model_fingerprint,
+                                              train_budget=spec.train_budget))
     shifted.load_state_dict(router.state_dict())
     with torch.no_grad():
         shifted.bias -= math.log(t / (1.0 - t))

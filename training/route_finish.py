@@ -30,6 +30,7 @@ from .model import WanTransformer
 from .parallel import resolve_strategy
 from .route_eval import calibrate_threshold, eval_batches, velocity_errors
 from .routed import GatedWan, RoutedVelocity
+from .router_check import check_health
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
     rc, seed = cfg.route, cfg.train.seed
     gated = local_gated(stage, state)
     student, router, pinned, costs = gated.student, gated.router, gated.pinned, stage.costs.cpu()
+    health = check_health(cfg, stage, gated)  # a collapsed learned router stops here, before the export
     calib, held_out = eval_batches(stage, seed + 2_000_003), eval_batches(stage, seed + 3_000_017)
     logits = torch.cat([gated.logits(t, student.patch_embed(x).float(), ctx).cpu() for x, t, ctx, _ in calib])
     # A fixed or frozen router's decisions are the ones the student trained under: keep them (logit > 0).
@@ -90,7 +92,8 @@ def finish_run(cfg, stage, state: dict[str, torch.Tensor], student_out: Path, ro
     executed = float(compute_fraction(torch.cat(routed.masks).float(), costs))
     report = {"budget": rc.budget, "default_threshold": threshold, "executed_fraction": executed,
               "budget_error": executed - rc.budget, "held_out_inputs": sum(b[0].shape[0] for b in held_out),
-              "student": str(student_out), "router": str(router_out), "budget_calibration": budget_part}
+              "student": str(student_out), "router": str(router_out), "budget_calibration": budget_part,
+              "router_health": health.to_json()}
     logger.info("router: default threshold %.4g, held-out compute %.4f (budget %.4f)", threshold, executed, rc.budget)
     if fsdp:
         logger.info("velocity errors are not measured under FSDP (the teacher is sharded); run export instead")

@@ -28,12 +28,13 @@ from .model import WanTransformer
 
 
 def router_spec_for(meta: PrunedWanMeta, hidden: int = 128, use_text: bool = False, freq_dim: int = 256,
-                    default_threshold: float = 0.5, train_budget: float | None = None) -> RouterSpec:
+                    default_threshold: float = 0.5, train_budget: float | None = None,
+                    layer_norm: bool = False) -> RouterSpec:
     """The spec of a router for this (pruned) model, bound to its fingerprint."""
     return RouterSpec(num_blocks=meta.num_blocks, dim=meta.dims.dim, freq_dim=freq_dim,
                       text_dim=meta.dims.text_dim if use_text else 0, hidden=hidden,
                       model_fingerprint=meta.fingerprint(), default_threshold=default_threshold,
-                      train_budget=train_budget)
+                      train_budget=train_budget, layer_norm=layer_norm)
 
 
 def block_costs(meta: PrunedWanMeta, tokens: int, text_tokens: int) -> list[float]:

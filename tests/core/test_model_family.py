@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from comfyui_pare.errors import PareFormatError
 from comfyui_pare.model_family import FAMILIES, detect_family
@@ -119,3 +120,27 @@ def test_no_second_copy_of_a_family_fact():
                     if re.search(pattern, line):
                         hits.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not hits, "family facts outside comfyui_pare/model_family.py:\n" + "\n".join(hits)
+
+
+def test_vace_prune_keeps_the_vace_stream_whole_and_refuses_depth_pruning():
+    from comfyui_pare.surgery import PrunePlan, prune_state_dict
+
+    sd = random_wan_state_dict(TINY_VACE, seed=2)
+    teacher = PrunedWanMeta.teacher(TINY_VACE)
+    plan = PrunePlan.from_json({"blocks": [{"heads": [0, 3], "ffn": list(range(0, 512, 4))}] * TINY_VACE.num_layers})
+    out, meta = prune_state_dict(sd, teacher, plan)
+    vace = [k for k in sd if k.startswith("vace_")]
+    assert vace and all(torch.equal(out[k], sd[k]) for k in vace)
+    assert out["blocks.2.ffn.0.weight"].shape[0] == 128 and meta.dims.vace_hint_blocks == (0, 2, 4)
+    with pytest.raises(PareFormatError, match="cannot lose whole blocks.*VACE hints"):
+        prune_state_dict(sd, teacher, PrunePlan.from_json({"blocks": [{}] * 6, "kept_blocks": [0, 1, 2, 4, 5]}))
+
+
+def test_calibration_samples_take_5b_latents(tmp_path):
+    from comfyui_pare.calibration import read_sample, write_sample
+
+    latent = torch.randn(48, 3, 4, 4)
+    write_sample(tmp_path / "s.safetensors", torch.randn(6, 64), latent_shape=(48, 3, 4, 4), seed=1, latent=latent)
+    assert torch.equal(read_sample(tmp_path / "s.safetensors").latent, latent)
+    with pytest.raises(PareFormatError, match=r"channels of a Wan latent first \(\[16, 48\]\)"):
+        write_sample(tmp_path / "t.safetensors", torch.randn(6, 64), latent_shape=(32, 3, 4, 4), seed=1)

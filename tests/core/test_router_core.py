@@ -276,8 +276,8 @@ def test_plain_safetensors_without_metadata(tmp_path):
 
 def test_unknown_version(tmp_path):
     path = tmp_path / "future.safetensors"
-    _write(path, _trained_router().state_dict(), {**SPEC.to_json(), "format_version": 2})
-    with pytest.raises(PareFormatError, match="version 2"):
+    _write(path, _trained_router().state_dict(), {**SPEC.to_json(), "format_version": 3})
+    with pytest.raises(PareFormatError, match="version 3"):
         load_router(path)
 
 

@@ -73,7 +73,7 @@ def test_depth_student_samples_like_the_training_side_model(comfy, depth_files, 
 
     steps, shift, cfg, seed = 4, 3.0, 4.0, 7
     ours = run(comfy, STUDENT, steps=steps, shift=shift, cfg=cfg, seed=seed)
-    assert f"PARE: loaded {STUDENT} (original layout, t2v, 4 blocks" in comfy.log_text()
+    assert f"PARE: loaded {STUDENT} (original layout, Wan2.1 / Wan2.2-A14B T2V, 4 blocks" in comfy.log_text()
     model = WanTransformer.from_checkpoint(depth_files / STUDENT)
     assert model.num_blocks == 4
     pos = load_file(str(assets_dir / tiny_assets.POSITIVE))["context"][None]

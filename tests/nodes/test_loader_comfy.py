@@ -141,7 +141,7 @@ def _bad_files(dm: Path, teacher_path: Path, tmp: Path) -> dict[str, tuple[str, 
     (dm / "bad_pickle.ckpt").write_bytes(pickle.dumps(Payload()))
     return {
         "bad_truncated.safetensors": ("truncated", ["bad_truncated.safetensors"]),
-        "bad_not_wan.safetensors": ("not a Wan2.1", ["encoder.weight"]),
+        "bad_not_wan.safetensors": ("not a Wan diffusion model", ["encoder.weight"]),
         "bad_metadata_shapes.safetensors": ("blocks.1.self_attn.q.weight", ["[128, 512]", "[256, 512]"]),
         "bad_head_index.safetensors": ("index 7 is out of range", ["block 1 heads"]),
         "bad_pickle.ckpt": ("pickle", ["bad_pickle.ckpt"]),

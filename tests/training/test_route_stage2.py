@@ -237,12 +237,16 @@ def test_frozen_router_errors_name_the_field_and_file(stage2, inputs, tmp_path):
                         extra=f'frozen_router = "{first / "router.safetensors"}"\nfixed_schedule = "1-2"')
     with pytest.raises(ConfigError, match="'route.fixed_schedule' and 'route.frozen_router' exclude each other"):
         load_config(RouteConfig, both, [])
-    wide = write_config(tmp_path / "wide.toml", inputs, tmp_path / "o2", 2,
-                        extra=f'frozen_router = "{first / "router.safetensors"}"').read_text()
-    wide_cfg = tmp_path / "wide2.toml"
-    wide_cfg.write_text(wide.replace("hidden = 32", "hidden = 16"))
-    with pytest.raises(ConfigError, match=r"route.frozen_router': .*router.safetensors is a router for .* need"):
-        build(load_config(RouteConfig, wide_cfg, []))
+    # A frozen router keeps its own architecture (any hidden width or router format), but must fit the student.
+    from comfyui_pare.router import BlockRouter, RouterSpec, load_router, save_router
+
+    spec = load_router(first / "router.safetensors").spec
+    other = tmp_path / "other_blocks.safetensors"
+    save_router(other, BlockRouter(RouterSpec(num_blocks=spec.num_blocks - 1, dim=spec.dim, hidden=spec.hidden)))
+    wrong = write_config(tmp_path / "wrong.toml", inputs, tmp_path / "o2", 2, extra=f'frozen_router = "{other}"')
+    with pytest.raises(ConfigError, match=r"route.frozen_router': .*other_blocks.safetensors is a router for "
+                                          rf"{spec.num_blocks - 1} blocks .* this student has {spec.num_blocks}"):
+        build(load_config(RouteConfig, wrong, []))
 
 
 def test_export_records_the_budgets_it_was_validated_for(stage2):

@@ -37,7 +37,7 @@ STUDENT = PrunedWanMeta(DIMS, (BlockWidth((0,), tuple(range(64))),) * 2, kept_bl
 # What a rank holds beyond its shards while FSDP2 gathers on gloo: a block's all-gather output, its unsharded
 # parameters and gloo's buffers, for the teacher block running and the next one (measured: at most 7.4 blocks).
 GATHERED_BLOCKS = 8
-SLACK = 64 * MIB  # activations, collectives' first buffers, allocator pages (measured: < 30 MiB)
+SLACK = 64 * MIB  # activations, collectives' first buffers, allocator pages (measured: at most ~45 MiB)
 
 
 def _bytes(meta: PrunedWanMeta) -> int:
@@ -58,8 +58,10 @@ def inputs(tmp_path_factory) -> dict:
 def _run(inputs: dict, tmp_path: Path, stage: str, ranks: int) -> tuple[dict, dict[str, list[int]]]:
     """Run ``stage`` on ``ranks`` ranks (FSDP2) or in one process, watched; (resources.json, sampled peaks)."""
     out = tmp_path / stage
+    # Stage 2 under a fixed skip of block 0: two steps cannot train a router that passes the health check (a
+    # collapsed learned router ends the run); the memory is the same, the student trains under the router's gates.
     tables = ("[distill]\neval_samples = 1\n" if stage == "distill" else
-              "[route]\nhidden = 8\npin_first = 0\neval_samples = 1\neval_sigmas = 1\n")
+              '[route]\nhidden = 8\npin_first = 0\nfixed_schedule = "0-0"\neval_samples = 1\neval_sigmas = 1\n')
     cfg = tmp_path / f"{stage}.toml"
     cfg.write_text(distill_toml(inputs["teacher"], inputs["student"], inputs["samples"], out, tables, steps=2,
                                 batch_size=2, ema_decay=0.9, strategy="fsdp" if ranks > 1 else "none"))
@@ -122,8 +124,10 @@ def test_one_process_holds_the_teacher_once(inputs, tmp_path):
     t, s = inputs["T"], inputs["S"]
     base = report["host_baseline_bytes"][0]
     print(f"\none process: teacher {t / MIB:.0f} MiB, baseline {base / MIB:.0f} MiB\n{_table(report, sampled)}")
-    limit = {p: [base + t + 5 * s + SLACK] for p in PHASES}
-    limit["load"] = [base + t + s + SLACK]
+    # Twice the slack of the sharded runs: the teacher's forward runs whole here (measured: 46 MiB above the teacher
+    # and the student's training state at the optimizer step); a second teacher would still be 4x over it.
+    limit = {p: [base + t + 5 * s + 2 * SLACK] for p in PHASES}
+    limit["load"] = [base + t + s + 2 * SLACK]
     _check_phases(report, sampled, limit, PHASES)
     assert report["host_peak_bytes"][0] < t + s + 2 * s + GIB
     assert report["teacher_load"]["bytes"] == [t]

@@ -107,6 +107,30 @@ def judge(frames: torch.Tensor, obj: videos.ObjectSpec) -> Verdict:
     return Verdict(shown, right, float(err.mean()), (float(disp[0]), float(disp[1])))
 
 
+def judge_clip(frames: torch.Tensor, clip: videos.Clip) -> Verdict:
+    """Judge a one- or two-object video [3, F, H, W] against its clip (e.g. ``videos.parse_prompt``'s, jitter-free
+    starts in their lanes): each object against its own path rendered alone from its start; trajectory error and
+    displacement averaged over the objects, colour and direction right only when right for every object."""
+    parts = []
+    for obj in clip.objects:
+        c, count = centroids(colour_mask(frames, obj.colour))
+        present = count >= MIN_PIXELS
+        gt = _ground_truth_from(obj.colour, obj.shape, obj.direction, obj.start)
+        err = torch.where(present, (c - gt).norm(dim=1), torch.tensor(MISSING_PX))
+        v = judge(frames, obj)  # colour and direction as for a single object (they do not use the start)
+        parts.append(Verdict(v.colour_shown, v.direction_right, float(err.mean()), v.displacement))
+    k = len(parts)
+    return Verdict(all(p.colour_shown for p in parts), all(p.direction_right for p in parts),
+                   sum(p.trajectory_error_px for p in parts) / k,
+                   (sum(p.displacement[0] for p in parts) / k, sum(p.displacement[1] for p in parts) / k))
+
+
+@functools.lru_cache(maxsize=256)
+def _ground_truth_from(colour: str, shape: str, direction: str, start: tuple[float, float]) -> torch.Tensor:
+    ref = videos.ObjectSpec(colour, shape, direction, start)
+    return centroids(colour_mask(videos.render(videos.Clip((ref,))), colour))[0]
+
+
 @dataclass
 class Report:
     colour_rate: float
