@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import av
 import pytest
 from conftest import PINNED, REPO, comfy_install
 from PIL import Image
@@ -56,14 +57,25 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 # The folder, in a ComfyUI base directory, of the file each loader of the shipped workflows names (its first widget).
 FILE_INPUTS = {"PARELoadPrunedWan": "models/diffusion_models", "PARELoadRouter": "models/pare_routers",
                "PARELoraLoader": "models/loras", "VAELoader": "models/vae", "CLIPLoader": "models/text_encoders",
-               "CLIPVisionLoader": "models/clip_vision", "LoadImage": "input"}
+               "CLIPVisionLoader": "models/clip_vision", "LoadImage": "input", "LoadVideo": "input"}
+
+
+def write_mp4(path: Path, frames: int = 8) -> None:
+    """A small real video (MPEG-4 part 2, which every PyAV build encodes)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(frames):
+            image = Image.new("RGB", (64, 64), (30 * i % 255, 90, 160))
+            container.mux(stream.encode(av.VideoFrame.from_image(image)))
+        container.mux(stream.encode())
 
 
 def install_named_files(base: Path) -> None:
     """Stand-ins under the file names the shipped real-model workflows name (the user's Wan files), so each file
     input's value is one the server lists: front end 1.49 marks a node whose file is not listed as an error (red),
     as a user without the files would see it. Models are empty files (the page never loads them), the start frame a
-    real PNG (the page shows it)."""
+    real PNG and the control video a real MP4 (the page shows them)."""
     for path in SHIPPED:
         for node in json.loads(path.read_text())["nodes"]:
             values = node.get("widgets_values") or []
@@ -75,6 +87,8 @@ def install_named_files(base: Path) -> None:
                 continue
             if target.suffix == ".png":
                 Image.new("RGB", (64, 64), (40, 90, 160)).save(target)
+            elif target.suffix == ".mp4":
+                write_mp4(target)
             else:
                 target.touch()
 
