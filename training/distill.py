@@ -1,11 +1,11 @@
 """``python -m training distill --config cfg.toml [--resume latest]``: stage 1, the pruned student learns the
 teacher's velocity.
 
-Each step draws a global batch from the calibration samples, a flow-matching time per row (``u`` from diffusers'
-``compute_density_for_timestep_sampling``, then Wan's shift sigma = shift u / (1 + (shift - 1) u), the
+Each step draws a global batch from the calibration samples, a flow-matching time per row (``u`` from SD3's timestep
+density, ``training.flow_weights``, then Wan's shift sigma = shift u / (1 + (shift - 1) u), the
 ``FlowMatchEulerDiscreteScheduler`` shift) and fresh noise (or fixed draws with cached teacher targets:
 ``training.targets``), all from the run's generator; each rank takes its slice (the part shared with stage 2 is
-``training.stage_common``). Loss: ``compute_loss_weighting_for_sd3``-weighted MSE between student and teacher velocities
+``training.stage_common``). Loss: SD3-loss-weighted MSE between student and teacher velocities
 (``flow.salient_weight`` counts the cells where the clip's content is more, ``training.salient``), plus
 ``feature_weight`` x the mean MSE of the block outputs (every block's output state, student vs teacher), plus
 VDMini's options for depth-pruned students (``training.icmd``): ``content_weight`` (per-frame content distillation

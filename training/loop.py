@@ -3,8 +3,8 @@
 A stage supplies the trainable root module (one ``nn.Module``; stage 2 puts student and router in a
 ``ModuleDict``), the callable to run in the step (its DDP/FSDP2 wrapper) and a ``loss_fn(step, generator) ->
 (loss, metrics)`` that computes this rank's share of the global batch. The loop owns the rest: AdamW with linear
-warm-up, gradient clipping, an optional EMA of the weights (diffusers' ``EMAModel``), tqdm on rank 0, a
-``loss.csv`` + ``loss.png`` curve, ``checkpoint-<step>/`` folders and ``--resume``.
+warm-up, gradient clipping, an optional EMA of the weights (``training.ema``: diffusers' ``EMAModel`` schedule),
+tqdm on rank 0, a ``loss.csv`` + ``loss.png`` curve, ``checkpoint-<step>/`` folders and ``--resume``.
 
 Randomness comes only from ``generator``, a CPU ``torch.Generator`` seeded from the config and identical on every
 rank; it is saved in each checkpoint, so a resumed run repeats the uninterrupted one bit for bit (with
@@ -30,6 +30,7 @@ from comfyui_pare.safetensors_io import atomic_write_text
 
 from .checkpointing import CheckpointManager, resolve_resume
 from .config import ConfigError, OutputPath
+from .ema import EMA
 from .parallel import DistInfo, all_reduce_mean
 from .plots import line_chart_png
 from .resources import set_phase, summarize_steps
@@ -114,11 +115,9 @@ class Trainer:
                                            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                            weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.ema = None
+        self.ema: EMA | None = None
         if cfg.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(self.params, decay=cfg.ema_decay)
+            self.ema = EMA(self.params, decay=cfg.ema_decay)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoints = CheckpointManager(self.output_dir, info, cfg.checkpoints_total_limit)
         self.csv_path = self.output_dir / "loss.csv"

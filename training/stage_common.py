@@ -11,7 +11,6 @@ own config table.
 
 from __future__ import annotations
 
-import importlib
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from comfyui_pare.model_family import token_grid
 
 from .config import ConfigError, InputPath, OutputPath
 from .data import PreparedSample, collate, noised, with_condition
+from .flow_weights import sd3_loss_weights, timestep_density
 from .model import WanTransformer
 from .parallel import DistInfo, init_distributed, resolve_strategy, shard_frozen, warm_up
 from .resources import mark_baseline, record_load, return_freed_memory, start_run
@@ -78,20 +78,15 @@ class FlowConfig:
 
 
 def sample_sigmas(flow: FlowConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Flow-matching sigmas [batch]: diffusers' timestep density, then Wan's shift."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling  # heavy: imported when training
-
-    u = compute_density_for_timestep_sampling(flow.weighting_scheme, batch, logit_mean=flow.logit_mean,
-                                              logit_std=flow.logit_std, mode_scale=flow.mode_scale,
-                                              generator=generator)
+    """Flow-matching sigmas [batch]: SD3's timestep density (``training.flow_weights``), then Wan's shift."""
+    u = timestep_density(flow.weighting_scheme, batch, logit_mean=flow.logit_mean, logit_std=flow.logit_std,
+                         mode_scale=flow.mode_scale, generator=generator)
     return time_snr_shift(flow.shift, u.clamp(1e-5, 1.0))
 
 
 def loss_weights(flow: FlowConfig, sigma: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Per-row SD3 loss weights [B] of ``flow.weighting_scheme`` (diffusers' ``compute_loss_weighting_for_sd3``)."""
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
-
-    return compute_loss_weighting_for_sd3(flow.weighting_scheme, sigma).to(device)
+    """Per-row SD3 loss weights [B] of ``flow.weighting_scheme`` (``training.flow_weights``)."""
+    return sd3_loss_weights(flow.weighting_scheme, sigma).to(device)
 
 
 @dataclass
@@ -237,9 +232,6 @@ def load_teacher_and_samples(cfg) -> tuple[DistInfo, WanTransformer, SampleIndex
     info = init_distributed(cfg.train.device)
     return_freed_memory()
     warm_up(cfg.train.strategy, info)
-    # diffusers (timestep density, loss weights) is imported lazily so `--help` stays fast; import it before the
-    # baseline, since its ~0.1 GB belongs to the process, not to the first step.
-    importlib.import_module("diffusers.training_utils")
     mark_baseline()  # host memory before any model: what resources.json's peaks are measured against
     start_run()  # resources.json's phases: "load" from here
     tdtype = torch.bfloat16 if cfg.model.teacher_dtype == "bfloat16" else torch.float32
