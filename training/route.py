@@ -89,6 +89,9 @@ class RouteSection:
     # its deterministic decisions at its default threshold (no gate noise, no budget term), so it is trained for
     # exactly the schedule inference runs. The exported router makes the same decisions.
     frozen_router: InputPath | None = None
+    # A learned router whose output ends up constant over the held-out inputs: "fail" stops the stage before export
+    # (issue 28); "warn" logs it and exports anyway (smoke tests of the plumbing, a few steps from initialisation).
+    on_collapse: str = "fail"
 
     def validate(self) -> None:
         checks = [("budget", 0.0 < self.budget <= 1.0), ("budget_weight", self.budget_weight >= 0),
@@ -103,6 +106,8 @@ class RouteSection:
             raise ConfigError("config field 'route.fixed_schedule': 'auto' needs route.stats (calibration stats)")
         if self.fixed_schedule not in ("", "auto"):
             parse_schedule(self.fixed_schedule)  # raises naming the entry at fault
+        if self.on_collapse not in ("fail", "warn"):
+            raise ConfigError(f"config field 'route.on_collapse': {self.on_collapse!r} is not 'fail' or 'warn'")
         if self.fixed_schedule and self.frozen_router is not None:
             raise ConfigError("config fields 'route.fixed_schedule' and 'route.frozen_router' exclude each other")
 

@@ -304,3 +304,23 @@ def test_calibrate_writes_static_schedule_suggestions_the_node_parses(inputs):
         ranges = parse_schedule(s["schedule"], 6)  # the tiny teacher's 6 blocks; raises if malformed
         assert s["nominal_compute"] <= s["budget"] + 1e-9
         assert all(r.first_block >= 1 and r.last_block <= 4 for r in ranges)  # first and last block kept
+
+
+def test_a_route_run_that_ends_with_a_constant_router_stops_before_export(inputs, tmp_path, capsys, one_thread):
+    """Two steps from initialisation at the default router settings (format 2: LayerNorm'd features, rate 1e-3) leave
+    its output constant over the held-out inputs: the stage fails naming the collapse and exports nothing;
+    ``route.on_collapse = "warn"`` exports it with a warning (smoke runs of the plumbing)."""
+    def config(name: str, extra: str = "") -> Path:
+        path = write_config(tmp_path / f"{name}.toml", inputs, tmp_path / name, 2, budget=BUDGET, extra=extra)
+        text = path.read_text().replace("router_learning_rate = 0.03", "router_learning_rate = 1e-3")
+        path.write_text(text.replace("layer_norm = false", "layer_norm = true"))
+        return path
+
+    assert training_main(["route", "--config", str(config("strict"))]) != 0
+    err = capsys.readouterr().err
+    assert "stage 2 ended with a collapsed router" in err and "COLLAPSED (constant output)" in err, err[-2000:]
+    assert not (tmp_path / "strict" / "router.safetensors").exists()
+    assert training_main(["route", "--config", str(config("warn", 'on_collapse = "warn"'))]) == 0
+    assert (tmp_path / "warn" / "router.safetensors").exists()
+    assert training_main(["route", "--config", str(config("bad", 'on_collapse = "x"'))]) != 0
+    assert "route.on_collapse" in capsys.readouterr().err

@@ -39,6 +39,7 @@ class PareSettings:
     batch: int = 8
     learning_rate: float = 3e-4
     salient_weight: float = 9.0  # the teacher's object weighting, in stages 1 and 2 too (flow.salient_weight)
+    on_collapse: str = "fail"  # route.on_collapse: "warn" only for plumbing runs of a few steps
 
 
 SETTINGS = PareSettings()
@@ -104,7 +105,7 @@ def distill_config(teacher: Path, student: Path, samples: Path, out: Path, steps
 def route_config(teacher: Path, student: Path, samples: Path, stats: Path, out: Path, s: PareSettings,
                  device: str, shift: float, frozen_router: Path | None = None) -> str:
     """Stage 2's config; with ``frozen_router``, its hard-gate phase (``s.hard_gate_steps`` steps)."""
-    route = {"budget": s.budget, "stats": stats}
+    route = {"budget": s.budget, "stats": stats, "on_collapse": s.on_collapse}
     if frozen_router is not None:
         route["frozen_router"] = frozen_router
     return _toml({
