@@ -31,7 +31,7 @@ PIN = (1, 1)
 
 def load_labels(folder: Path, part: str):
 
-    tables, ts, cond, groups, meta = [], [], [], [], []
+    tables, ts, cond, groups, pooled, meta = [], [], [], [], [], []
     for k, f in enumerate(sorted(folder.glob(f"{part}_*.safetensors"))):
         t, _ = load_tensors(f)
         md = read_header(str(f))[1]
@@ -40,19 +40,23 @@ def load_labels(folder: Path, part: str):
         ts.append(t["sigmas"] * 1000)
         cond.append(t["context"][None].expand(s, -1, -1))
         groups.append(torch.full((s,), k))
+        pooled.append(torch.cat([t["token_mean"], t["token_std"]], dim=1))  # block 0's input, per step
         meta.append(md)
-    return tables, ts, cond, groups, meta
+    return tables, ts, cond, groups, pooled, meta
 
 
-def label_set(folder: Path, part: str, uncond: torch.Tensor, keep: slice = slice(None)):
+def label_set(folder: Path, part: str, uncond: torch.Tensor, keep: slice = slice(None), token_input: bool = False):
     from training.router_fit import LabelSet, step_weight
 
-    tables, ts, cond, groups, meta = (x[keep] for x in load_labels(folder, part))
+    tables, ts, cond, groups, pooled, meta = (x[keep] for x in load_labels(folder, part))
     t = torch.cat(ts)
     tab = torch.cat(tables)
     scale = tab.flatten(1).amax(1).mean()  # one global scale: keeps the steps' relative weights
+    # The patch-embedded latent does not depend on the text: the cond and the uncond row read the same statistics.
+    tokens = torch.cat(pooled) if token_input else None
     return LabelSet(tables=tab / scale, timesteps=t, cond=torch.cat(cond), uncond=uncond,
-                    weights=step_weight(t / 1000), groups=torch.cat(groups)), meta
+                    weights=step_weight(t / 1000), groups=torch.cat(groups), pooled_cond=tokens,
+                    pooled_uncond=tokens), meta
 
 
 def static_rank(path: list[dict], n: int, sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-learn-prior", action="store_true")
     p.add_argument("--clip-budget-weight", type=float, default=100.0,
                    help="per-prompt spend penalty (content moves cells more than compute)")
+    p.add_argument("--token-input", action="store_true",
+                   help="also read the pooled latent entering block 0 (both CFG rows; off: step and text only)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -101,18 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         uncond = text([""])[0]
     if any(args.labels.glob("val_*.safetensors")):
-        train, _ = label_set(args.labels, "train", uncond)
-        val, _ = label_set(args.labels, "val", uncond)
+        train, _ = label_set(args.labels, "train", uncond, token_input=args.token_input)
+        val, _ = label_set(args.labels, "val", uncond, token_input=args.token_input)
     else:  # labelling still running: the last 3 training clips validate
-        train, _ = label_set(args.labels, "train", uncond, slice(None, -3))
-        val, _ = label_set(args.labels, "train", uncond, slice(-3, None))
+        train, _ = label_set(args.labels, "train", uncond, slice(None, -3), args.token_input)
+        val, _ = label_set(args.labels, "train", uncond, slice(-3, None), args.token_input)
     log.info("labels: %d train rows, %d val rows", train.timesteps.shape[0], val.timesteps.shape[0])
     sigmas = flow_sigmas(evaluate.STEPS, SHIFT)[:-1].float()
     path = json.loads(args.static_path.read_text())["static_search_path"]
     rank = static_rank(path, n, sigmas, SHIFT)
     spec = RouterSpec(num_blocks=n, dim=meta.dims.dim, freq_dim=8, text_dim=meta.dims.text_dim, hidden=args.hidden,
                       model_fingerprint=meta.fingerprint(), prior_knots=len(sigmas), layer_norm=True,
-                      token_input=False, time_code="fourier")
+                      token_input=args.token_input, time_code="fourier")
     router = BlockRouter(spec, init_bias=0.0)
     router.set_prior(sigmas * 1000, prior_from_order(rank))
     costs = torch.tensor(block_costs(meta, 80, 16))

@@ -58,6 +58,10 @@ class LabelSet:
     uncond: torch.Tensor
     weights: torch.Tensor
     groups: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # clip id per row (health: inputs x steps)
+    # Pooled content tokens per row ([R, 2 * dim]: mean and std over tokens), cond and uncond rows; None for a
+    # router that reads no tokens.
+    pooled_cond: torch.Tensor | None = None
+    pooled_uncond: torch.Tensor | None = None
 
 
 def prior_from_order(rank: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -84,9 +88,26 @@ def mask_probabilities(p: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return torch.exp(logp @ b.T + log1m @ (1 - b).T)
 
 
-def _logits(router: BlockRouter, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    tokens = torch.zeros(t.shape[0], 1, router.spec.dim)  # a router without token input only checks the width
+def tokens_from_pooled(pooled: torch.Tensor) -> torch.Tensor:
+    """Two tokens [R, 2, dim] whose mean and population std over tokens are ``pooled`` [R, 2 * dim]'s halves, so the
+    router's own pooling reproduces the stored statistics exactly."""
+    mean, std = pooled.float().chunk(2, dim=1)
+    return torch.stack([mean + std, mean - std], dim=1)
+
+
+def _logits(router: BlockRouter, t: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+    if pooled is None or not router.spec.token_input:
+        tokens = torch.zeros(t.shape[0], 1, router.spec.dim)  # a router without token input only checks the width
+    else:
+        tokens = tokens_from_pooled(pooled)
     return router(t, tokens, text)
+
+
+def row_logits(router: BlockRouter, data: "LabelSet") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the cond rows and of the uncond rows of ``data``."""
+    unc = data.uncond[None].expand(data.timesteps.shape[0], -1, -1)
+    return (_logits(router, data.timesteps, data.cond, data.pooled_cond),
+            _logits(router, data.timesteps, unc, data.pooled_uncond))
 
 
 def fit_router(router: BlockRouter, train: LabelSet, val: LabelSet, costs: torch.Tensor, pinned: torch.Tensor,
@@ -106,13 +127,11 @@ def fit_router(router: BlockRouter, train: LabelSet, val: LabelSet, costs: torch
     if cfg.learn_prior and router.spec.prior_knots:
         groups.append({"params": [router.prior_logits], "lr": cfg.prior_learning_rate, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups)
-    uncond_tr = train.uncond[None].expand(train.timesteps.shape[0], -1, -1)
     clip_of = torch.unique(train.groups, return_inverse=True)[1]
     n_clips = int(clip_of.max()) + 1
 
     def row_errors(data: LabelSet, tau: float) -> list[torch.Tensor]:
-        unc = data.uncond[None].expand(data.timesteps.shape[0], -1, -1)
-        lc, lu = _logits(router, data.timesteps, data.cond), _logits(router, data.timesteps, unc)
+        lc, lu = row_logits(router, data)
         out = []
         for k in range(len(cfg.budgets)):
             pc = torch.sigmoid((lc[:, unpinned] - thetas[k]) / tau)
@@ -124,7 +143,7 @@ def fit_router(router: BlockRouter, train: LabelSet, val: LabelSet, costs: torch
     def hard_thresholds() -> torch.Tensor:
         """Per budget, the threshold whose hard decisions on the training rows spend closest to it (what the
         budget calibration does on other inputs)."""
-        lc, lu = _logits(router, train.timesteps, train.cond), _logits(router, train.timesteps, uncond_tr)
+        lc, lu = row_logits(router, train)
         z = torch.cat([lc[:, unpinned], lu[:, unpinned]])
         cand = torch.unique(z.flatten())
         cand = torch.cat([cand - 1e-4, cand[-1:] + 1e-4])
@@ -132,8 +151,7 @@ def fit_router(router: BlockRouter, train: LabelSet, val: LabelSet, costs: torch
         return torch.stack([cand[(spend - b).abs().argmin()] for b in cfg.budgets])
 
     def evaluate(data: LabelSet, tau: float, hard: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        unc = data.uncond[None].expand(data.timesteps.shape[0], -1, -1)
-        lc, lu = _logits(router, data.timesteps, data.cond), _logits(router, data.timesteps, unc)
+        lc, lu = row_logits(router, data)
         errs, spends = [], []
         th = hard_thresholds() if hard else thetas
         for k in range(len(cfg.budgets)):
@@ -145,7 +163,7 @@ def fit_router(router: BlockRouter, train: LabelSet, val: LabelSet, costs: torch
         return torch.stack(errs), torch.stack(spends), lc, lu
 
     with torch.no_grad():  # thresholds that spend each budget under the starting logits; the reference errors
-        lc = _logits(router, train.timesteps, train.cond)
+        lc = row_logits(router, train)[0]
         for k, b in enumerate(cfg.budgets):
             lo, hi = float(lc.min()) - 20, float(lc.max()) + 20
             for _ in range(60):
@@ -162,21 +180,20 @@ def fit_router(router: BlockRouter, train: LabelSet, val: LabelSet, costs: torch
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with torch.no_grad():
                 v_err, v_spend, lc_v, _ = evaluate(val, tau, True)
-                s_err, s_spend = evaluate(shuffled_text(val), tau, True)[:2]
+                s_err, s_spend = evaluate(shuffled_content(val), tau, True)[:2]
                 health = _val_health(router, val)
             row = {"step": step, "tau": tau, "val_hard_error_vs_start": (v_err / ref_val_hard).tolist(),
                    "val_hard_spend": v_spend.tolist(), "val_shuffled_error_vs_start": (s_err / ref_val_hard).tolist(),
                    "val_shuffled_spend": s_spend.tolist(), "thresholds": thetas.detach().tolist(), **health.to_json()}
             history.append(row)
-            logger.info("fit step %d: val error vs start %s, spend %s; text shuffled %s; live units %.2f, decision "
+            logger.info("fit step %d: val error vs start %s, spend %s; content shuffled %s; live units %.2f, decision "
                         "spread inputs %.3f, steps %.3f", step, [round(x, 3) for x in row["val_hard_error_vs_start"]],
                         [round(x, 3) for x in row["val_hard_spend"]],
                         [round(x, 3) for x in row["val_shuffled_error_vs_start"]], health.live_units,
                         health.decision_spread_inputs, health.decision_spread_steps)
         if step == cfg.steps:
             break
-        lc = _logits(router, train.timesteps, train.cond)
-        lu = _logits(router, train.timesteps, uncond_tr)
+        lc, lu = row_logits(router, train)
         loss = torch.zeros(())
         for k in range(len(cfg.budgets)):
             pc = torch.sigmoid((lc[:, unpinned] - thetas[k]) / tau)
@@ -202,12 +219,20 @@ def fit_router(router: BlockRouter, train: LabelSet, val: LabelSet, costs: torch
     return {"history": history, "thresholds": thetas.detach().tolist(), "budgets": list(cfg.budgets)}
 
 
-def shuffled_text(data: LabelSet) -> LabelSet:
-    """The control: every clip's rows read the next clip's text (content features shuffled across samples)."""
+def shuffled_content(data: LabelSet) -> LabelSet:
+    """The control: every row reads the content features (text, pooled tokens of both rows) of the same step of
+    the next clip, so only the content is shuffled, never the step."""
     ids = torch.unique(data.groups)
-    first = {int(g): int(torch.nonzero(data.groups == g)[0]) for g in ids}
-    other = torch.tensor([first[int(ids[(int(torch.nonzero(ids == g)[0]) + 1) % len(ids)])] for g in data.groups])
-    return dataclasses.replace(data, cond=data.cond[other])
+    nxt = {int(g): int(ids[(k + 1) % len(ids)]) for k, g in enumerate(ids.tolist())}
+    rows = {int(g): torch.nonzero(data.groups == g).flatten() for g in ids}
+    other = torch.empty_like(data.groups, dtype=torch.long)
+    for g, r in rows.items():
+        o = rows[nxt[g]]
+        other[r] = o[torch.arange(len(r)).clamp_max(len(o) - 1)]
+    def pick(t):
+        return None if t is None else t[other]
+    return dataclasses.replace(data, cond=data.cond[other], pooled_cond=pick(data.pooled_cond),
+                               pooled_uncond=pick(data.pooled_uncond))
 
 
 def _val_health(router: BlockRouter, val: LabelSet):
@@ -216,9 +241,12 @@ def _val_health(router: BlockRouter, val: LabelSet):
     rows = [torch.nonzero(val.groups == g).flatten() for g in ids]
     s = min(len(r) for r in rows)
     index = torch.stack([r[:s] for r in rows])  # [I, S]
-    t, text = val.timesteps[index.flatten()], val.cond[index.flatten()]
-    logits = _logits(router, t, text).reshape(len(rows), s, -1)
-    pre = router.hidden_preactivations(t, torch.zeros(t.shape[0], 1, router.spec.dim), text)
+    flat = index.flatten()
+    t, text = val.timesteps[flat], val.cond[flat]
+    pooled = None if val.pooled_cond is None else val.pooled_cond[flat]
+    logits = _logits(router, t, text, pooled).reshape(len(rows), s, -1)
+    tokens = torch.zeros(t.shape[0], 1, router.spec.dim) if pooled is None else tokens_from_pooled(pooled)
+    pre = router.hidden_preactivations(t, tokens, text)
     return health_from_logits(logits, pre)
 
 
