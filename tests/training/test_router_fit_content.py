@@ -8,7 +8,6 @@ cheap blocks of each clip, and one that does not must pay for some expensive one
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
