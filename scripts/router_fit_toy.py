@@ -74,6 +74,25 @@ def static_rank(path: list[dict], n: int, sigmas: torch.Tensor, shift: float) ->
     return rank
 
 
+def prior_router(meta, static_path: Path, hidden: int, text_input: bool, token_input: bool) -> BlockRouter:
+    """A fresh format-2 router for the toy student whose prior is the greedy static search's skip order (one knot per
+    step of the toy schedule): before fitting it *is* the searched static schedules."""
+    from training.router_fit import prior_from_order
+    from training.sampling import flow_sigmas
+    from training.toyworld import evaluate
+    from training.toyworld.teacher import SHIFT
+
+    sigmas = flow_sigmas(evaluate.STEPS, SHIFT)[:-1].float()
+    rank = static_rank(json.loads(static_path.read_text())["static_search_path"], meta.num_blocks, sigmas, SHIFT)
+    spec = RouterSpec(num_blocks=meta.num_blocks, dim=meta.dims.dim, freq_dim=8,
+                      text_dim=meta.dims.text_dim if text_input else 0, hidden=hidden,
+                      model_fingerprint=meta.fingerprint(), prior_knots=len(sigmas), layer_norm=True,
+                      token_input=token_input, time_code="fourier")
+    router = BlockRouter(spec, init_bias=0.0)
+    router.set_prior(sigmas * 1000, prior_from_order(rank))
+    return router
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--labels", type=Path, required=True)
@@ -94,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from comfyui_pare.toy_text import ToyTextEncoder
     from training.model import WanTransformer
     from training.routed import block_costs, pin_mask
-    from training.router_fit import FitConfig, fit_router, prior_from_order
-    from training.sampling import flow_sigmas
-    from training.toyworld import evaluate
-    from training.toyworld.teacher import SHIFT
+    from training.router_fit import FitConfig, fit_router
 
     t0 = time.process_time()
     student = WanTransformer.from_checkpoint(WEIGHTS / "pare_toy_student.safetensors").eval()
@@ -113,14 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         train, _ = label_set(args.labels, "train", uncond, slice(None, -3), args.token_input)
         val, _ = label_set(args.labels, "train", uncond, slice(-3, None), args.token_input)
     log.info("labels: %d train rows, %d val rows", train.timesteps.shape[0], val.timesteps.shape[0])
-    sigmas = flow_sigmas(evaluate.STEPS, SHIFT)[:-1].float()
-    path = json.loads(args.static_path.read_text())["static_search_path"]
-    rank = static_rank(path, n, sigmas, SHIFT)
-    spec = RouterSpec(num_blocks=n, dim=meta.dims.dim, freq_dim=8, text_dim=meta.dims.text_dim, hidden=args.hidden,
-                      model_fingerprint=meta.fingerprint(), prior_knots=len(sigmas), layer_norm=True,
-                      token_input=args.token_input, time_code="fourier")
-    router = BlockRouter(spec, init_bias=0.0)
-    router.set_prior(sigmas * 1000, prior_from_order(rank))
+    router = prior_router(meta, args.static_path, args.hidden, text_input=True, token_input=args.token_input)
     costs = torch.tensor(block_costs(meta, 80, 16))
     pinned = pin_mask(n, *PIN)
     cfg = FitConfig(steps=args.steps, learning_rate=args.lr, learn_prior=not args.no_learn_prior,

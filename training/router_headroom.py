@@ -162,13 +162,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def load_label_folder(folder: Path, class_key: str = "objects") -> tuple[torch.Tensor, torch.Tensor]:
-    """Tables [C, S, M, M] and classes [C] from the label files of ``scripts.router_labels_toy`` (``train_*``)."""
+def load_label_folder(folder: Path, class_key: str = "objects",
+                      parts: tuple[str, ...] = ("train", "val")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables [C, S, M, M] and classes [C] from the label files of ``scripts.router_labels_toy`` (``<part>_*``)."""
     from comfyui_pare.safetensors_io import load_tensors, read_header
 
-    files = sorted(folder.glob("train_*.safetensors"))
+    files = sorted(f for part in parts for f in folder.glob(f"{part}_*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no label files (train_*.safetensors) in {folder}")
+        raise FileNotFoundError(f"no label files ({'/'.join(parts)}_*.safetensors) in {folder}")
     tables, classes = [], []
     for f in files:
         t, _ = load_tensors(f)
