@@ -166,3 +166,25 @@ def test_oracle_tables_equal_every_mask_run_one_by_one():
             assert torch.allclose(tables[b], expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
     # The full mask is the student with every block; skipping nothing unpinned is mask M - 1.
     assert bool(run[-1].all()) and not bool(run[0, unpinned].any())
+
+
+def test_headroom_command_reads_label_files(tmp_path, capsys):
+    """``python -m training.router_headroom`` on label files shaped like ``scripts.router_labels_toy``'s (the toy
+    student's 6 routed blocks: 64 x 64 tables), and a named error for a folder without any."""
+    from pathlib import Path
+
+    from comfyui_pare.safetensors_io import save_atomic
+    from training import router_headroom
+
+    student = Path(__file__).resolve().parents[2] / "training" / "toyworld" / "weights" / "pare_toy_student.safetensors"
+    g = torch.Generator().manual_seed(0)
+    for k in range(6):
+        row = torch.rand(64, generator=g) + 0.1
+        table = (row[:, None] + row[None, :]).expand(3, -1, -1).contiguous()
+        save_atomic(tmp_path / f"train_{k:05d}.safetensors", {"tables": table}, {"objects": str(1 + k % 2)})
+    assert router_headroom.main(["--labels", str(tmp_path), "--student", str(student)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("6 clips, classes [1, 2], 3 steps")
+    assert out.count("\n| 0.") == 6
+    with pytest.raises(FileNotFoundError, match="no label files"):
+        router_headroom.main(["--labels", str(tmp_path / "empty"), "--student", str(student)])
