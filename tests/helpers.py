@@ -32,6 +32,12 @@ def write_conditioning(path: Path, text_dim: int, seed: int) -> None:
                        "clip_fea": torch.randn(257, 1280, generator=gen)}, {"format": "pt"})
 
 
+def write_conditioning_pair(folder: Path, pos: str, neg: str, text_dim: int, seeds: tuple[int, int] = (1, 2)) -> None:
+    """The positive and negative conditioning files a test workflow loads from ComfyUI's ``input`` folder."""
+    write_conditioning(folder / pos, text_dim, seed=seeds[0])
+    write_conditioning(folder / neg, text_dim, seed=seeds[1])
+
+
 def write_plan(path: Path, blocks: list[dict]) -> Path:
     path.write_text(json.dumps({"blocks": blocks}))
     return path

@@ -10,13 +10,13 @@ per-block widths of the model ComfyUI runs.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import PARELoadConditioning
 from .pack_internals import PARETestLoadUnpadded, PARETestModelWidths
+from .read_out import read_out_node
 from .ti2v import PARETestReadGrids, PARETestTI2VLatent, PARETestTokenGrid
 
 COUNTS: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
@@ -46,16 +46,8 @@ class PARETestCountBlocks(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-class PARETestReadCounts(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="PARETestReadCounts", category="testing", is_output_node=True, inputs=[
-            io.Latent.Input("samples"), io.String.Input("tag")], outputs=[io.String.Output()], not_idempotent=True)
-
-    @classmethod
-    def execute(cls, samples, tag):
-        text = json.dumps({str(k): v for k, v in sorted(COUNTS.get(tag, {}).items())})
-        return io.NodeOutput(text, ui={"text": [text]})
+PARETestReadCounts = read_out_node(
+    "PARETestReadCounts", lambda tag: {str(k): v for k, v in sorted(COUNTS.get(tag, {}).items())})
 
 
 class _Offset:

@@ -12,6 +12,8 @@ import torch
 from comfy_api.latest import io
 from comfy_extras.nodes_wan import Wan22ImageToVideoLatent
 
+from .read_out import read_out_node
+
 
 class _StubWan22VAE:
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -69,15 +71,4 @@ class PARETestTokenGrid(io.ComfyNode):
         return io.NodeOutput(m)
 
 
-class PARETestReadGrids(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="PARETestReadGrids", category="testing", is_output_node=True, inputs=[
-            io.Latent.Input("samples"), io.String.Input("tag")], outputs=[io.String.Output()], not_idempotent=True)
-
-    @classmethod
-    def execute(cls, samples, tag):
-        import json
-
-        text = json.dumps(GRIDS.get(tag, []))
-        return io.NodeOutput(text, ui={"text": [text]})
+PARETestReadGrids = read_out_node("PARETestReadGrids", lambda tag: GRIDS.get(tag, []))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import read_latent
 from graphs import out, pare_loader, sample_graph
-from helpers import write_conditioning
+from helpers import write_conditioning_pair
 from lora_files import random_lora, write_style
 
 from comfyui_pare.pruned import PrunedWanMeta, save_checkpoint
@@ -33,8 +33,7 @@ FP32_TOL = dict(rtol=1e-5, atol=2e-5)  # a few fp32 ulps after 3 sampler steps
 
 @pytest.fixture(scope="module")
 def files(comfy):
-    write_conditioning(comfy.base / "input" / POS, DIMS.text_dim, seed=1)
-    write_conditioning(comfy.base / "input" / NEG, DIMS.text_dim, seed=2)
+    write_conditioning_pair(comfy.base / "input", POS, NEG, DIMS.text_dim)
     teacher = random_wan_state_dict(DIMS, seed=7)
     sd, meta = prune_state_dict(teacher, PrunedWanMeta.teacher(DIMS), PLAN)
     assert [b.num_heads * DIMS.head_dim for b in meta.blocks] == [96, 160]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import REPO, run_latent
 from graphs import Graph, out, pare_loader, stock_loader
-from helpers import write_conditioning, write_plan, write_teacher, zeroed_teacher
+from helpers import write_conditioning_pair, write_plan, write_teacher, zeroed_teacher
 
 from comfyui_pare.pruned import PrunedWanMeta
 from comfyui_pare.router import BlockRouter, RouterSpec, save_router
@@ -38,8 +38,7 @@ SKIP = 1  # the block the static schedule and the constant router skip
 def files(comfy, tmp_path_factory):
     work = tmp_path_factory.mktemp("families")
     dm = comfy.base / "models" / "diffusion_models"
-    write_conditioning(comfy.base / "input" / POS, 4096, seed=1)
-    write_conditioning(comfy.base / "input" / NEG, 4096, seed=2)
+    write_conditioning_pair(comfy.base / "input", POS, NEG, 4096)
     teachers = {}
     for name, dims in (("ti2v", STOCK_5B), ("vace", STOCK_VACE)):
         sd = teachers[name] = write_teacher(dm / f"{name}_teacher.safetensors", dims, seed=7)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO, run_latent
 from graphs import pare_loader, sample_graph, stock_loader
-from helpers import PACK_NODES, STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, write_teacher, zeroed_teacher
+from helpers import PACK_NODES, STOCK_I2V, STOCK_T2V, write_conditioning_pair, write_plan, write_teacher, zeroed_teacher
 
 from comfyui_pare.safetensors_io import save_atomic
 from comfyui_pare.wan_reader import load_checkpoint, read_meta
@@ -27,8 +27,7 @@ def models(comfy, tmp_path_factory) -> dict[str, Path]:
     """Teachers with stock-loadable dims and their students, made with the `prune` CLI."""
     work = tmp_path_factory.mktemp("models")
     dm = comfy.base / "models" / "diffusion_models"
-    write_conditioning(comfy.base / "input" / POS, 4096, seed=1)
-    write_conditioning(comfy.base / "input" / NEG, 4096, seed=2)
+    write_conditioning_pair(comfy.base / "input", POS, NEG, 4096)
     teacher = write_teacher(dm / "stock_t2v_teacher.safetensors", STOCK_T2V, seed=3)
     write_teacher(dm / "stock_i2v_teacher.safetensors", STOCK_I2V, seed=4)
     d = STOCK_T2V

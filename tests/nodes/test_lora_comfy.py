@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import REPO, run_latent
 from graphs import pare_loader, sample_graph, stock_loader
-from helpers import STOCK_T2V, write_conditioning, write_plan, write_teacher
+from helpers import STOCK_T2V, write_conditioning_pair, write_plan, write_teacher
 from lora_files import FILE_STYLES, make_lora, write_lora
 from safetensors.torch import load_file
 
@@ -68,8 +68,7 @@ def files(comfy, tmp_path_factory) -> dict[str, str]:
     cli("lora-slice", "--model", str(dm / STUDENT), "--lora", str(loras / f["no_mod"]),
         "--out", str(loras / f["sliced"]))
     write_teacher(dm / STOCK_TEACHER, STOCK_T2V, seed=5)
-    write_conditioning(comfy.base / "input" / POS, 4096, seed=6)
-    write_conditioning(comfy.base / "input" / NEG, 4096, seed=7)
+    write_conditioning_pair(comfy.base / "input", POS, NEG, 4096, seeds=(6, 7))
     stock = make_lora(STOCK_T2V, seed=4, modulation=False)
     f["stock"] = write_lora(loras / "lora_stock_dims.safetensors", stock)
     f["stock_diffusers"] = write_lora(loras / "lora_stock_dims_diffusers.safetensors", stock, "diffusers")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import run_latent
 from graphs import pare_loader, sample_graph, stock_loader
-from helpers import STOCK_I2V, STOCK_T2V, write_conditioning, write_plan, zeroed_teacher
+from helpers import STOCK_I2V, STOCK_T2V, write_conditioning_pair, write_plan, zeroed_teacher
 from layouts import dequantize, scale_to_fp8, to_diffusers, to_per_layer, write_original, write_sharded
 from lora_files import make_lora, write_lora
 
@@ -45,8 +45,7 @@ def cli(*args: str) -> None:
 def files(comfy, tmp_path_factory):
     work = tmp_path_factory.mktemp("release")
     dm = comfy.base / "models" / "diffusion_models"
-    write_conditioning(comfy.base / "input" / POS, 4096, seed=1)
-    write_conditioning(comfy.base / "input" / NEG, 4096, seed=2)
+    write_conditioning_pair(comfy.base / "input", POS, NEG, 4096)
     teacher = random_wan_state_dict(D, seed=11)
     write_original(dm / "rel_original.safetensors", teacher)
     write_original(dm / "rel_prefixed.safetensors", teacher, prefix="model.diffusion_model.")
